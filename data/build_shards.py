@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Tokenize text documents into the binary shards read by train_gpt.py.
+
+Each shard is a 1024-byte header of 256 little-endian int32 values
+(magic, version, token count, zeros) followed by the tokens as little-endian
+uint16. Every document becomes [BOS] + sp.encode(text); documents are
+concatenated in input order, the first ``val_docs`` form the validation split
+and the rest the training split.
+
+Example:
+    python3 data/build_shards.py --input docs.jsonl \
+        --tokenizer data/tokenizers/fineweb_1024_bpe.model \
+        --out data/datasets/fineweb10B_sp1024 --val-docs 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+BOS_ID = 1
+MAX_VOCAB = 1 << 16
+MAX_SHARD_TOKENS = (1 << 31) - 1  # the count is stored in an int32 header slot
+SHARD_NAME_RE = re.compile(r"fineweb_(val|train)_\d{6}\.bin")
+
+# Documents per worker task: large enough to amortize pickling, small enough
+# that a handful of in-flight tasks per worker keeps memory bounded.
+DOCS_PER_TASK = 256
+TASKS_PER_WORKER = 4
+
+PathLike = str | os.PathLike
+
+
+def write_shard(path: PathLike, tokens: np.ndarray) -> None:
+    """Write one shard file.
+
+    The data goes to ``path + ".tmp"`` first and is renamed into place, so an
+    interrupted run never leaves a truncated file under a name the trainer
+    would load.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"shard tokens must be 1-D, got shape {tokens.shape}")
+    if len(tokens) > MAX_SHARD_TOKENS:
+        raise ValueError(f"shard has {len(tokens)} tokens; the header holds at most {MAX_SHARD_TOKENS}")
+    # A plain astype would silently wrap out-of-range ids.
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= MAX_VOCAB):
+        raise ValueError("token ids must lie in [0, 65535] to be stored as uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = SHARD_MAGIC
+    header[1] = SHARD_VERSION
+    header[2] = len(tokens)
+    tmp = f"{os.fspath(path)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2", copy=False).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _check_input_path(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}; check the --input path")
+    if path.suffix not in (".jsonl", ".txt"):
+        raise ValueError(
+            f"unsupported input {path}: use .jsonl (one JSON object with a \"text\" field per line) "
+            "or .txt (one document per file)"
+        )
+
+
+def iter_documents(paths: Iterable[PathLike]) -> Iterator[str]:
+    """Yield document texts from .jsonl files (field "text") or .txt files (one document each)."""
+    for raw_path in paths:
+        path = Path(raw_path)
+        _check_input_path(path)
+        if path.suffix == ".txt":
+            try:
+                yield path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
+            continue
+        # Binary lines split on b"\n" only, so stray \r or U+2028 inside a record
+        # cannot break it apart and the reported line numbers match `sed -n`.
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else "not valid UTF-8"
+                    raise ValueError(f"{path}:{lineno}: malformed JSON ({reason}); fix or remove that line") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(
+                        f"{path}:{lineno}: record has no string \"text\" field; each line must be an object like {{\"text\": \"...\"}}"
+                    )
+                yield record["text"]
+
+
+def _load_tokenizer(tokenizer_path: PathLike) -> spm.SentencePieceProcessor:
+    path = Path(tokenizer_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path}; pass an existing SentencePiece .model file with --tokenizer")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        detail = " ".join(str(e).split())
+        raise ValueError(f"cannot load tokenizer {path} ({detail}); pass a SentencePiece .model file") from None
+    if sp.vocab_size() > MAX_VOCAB:
+        raise ValueError(
+            f"tokenizer {path} has vocab size {sp.vocab_size()}; shards store uint16 ids, so use a vocab of at most {MAX_VOCAB}"
+        )
+    return sp
+
+
+def _encode_one(sp: spm.SentencePieceProcessor, text: str) -> np.ndarray:
+    ids = sp.encode(text)
+    out = np.empty(len(ids) + 1, dtype=np.uint16)
+    out[0] = BOS_ID
+    out[1:] = ids
+    return out
+
+
+_worker_sp: spm.SentencePieceProcessor | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_sp
+    _worker_sp = _load_tokenizer(tokenizer_path)
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    assert _worker_sp is not None, "worker used without _init_worker"
+    return [_encode_one(_worker_sp, t) for t in texts]
+
+
+def _iter_encoded(texts: Iterable[str], tokenizer_path: PathLike, workers: int) -> Iterator[np.ndarray]:
+    """Lazily encode texts in input order.
+
+    Work is fed to the pool in bounded groups because Pool.imap drains its
+    input iterable eagerly, which would pull an entire corpus into memory.
+    """
+    if workers <= 1:
+        sp = _load_tokenizer(tokenizer_path)
+        for text in texts:
+            yield _encode_one(sp, text)
+        return
+    _load_tokenizer(tokenizer_path)  # fail here, not inside every worker
+    texts = iter(texts)
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(os.fspath(tokenizer_path),)) as pool:
+        while True:
+            group = list(itertools.islice(texts, DOCS_PER_TASK * TASKS_PER_WORKER * workers))
+            if not group:
+                return
+            tasks = [group[i : i + DOCS_PER_TASK] for i in range(0, len(group), DOCS_PER_TASK)]
+            for encoded in pool.imap(_encode_batch, tasks):
+                yield from encoded
+
+
+def encode_documents(texts: Iterable[str], tokenizer_path: PathLike, workers: int = 1) -> list[np.ndarray]:
+    """Return [BOS] + sp.encode(text) as a uint16 array per text, in input order for any worker count."""
+    return list(_iter_encoded(texts, tokenizer_path, workers))
+
+
+class _ShardWriter:
+    """Packs a token stream into fixed-size shards, ignoring document boundaries."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, written: list[Path], log: Callable[[str], None]):
+        self.out_dir = out_dir
+        self.split = split
+        self.buf = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.docs = 0
+        self.tokens = 0
+        self.files: list[Path] = []
+        self.sha = hashlib.sha256()
+        self.written = written
+        self.log = log
+
+    def add(self, doc: np.ndarray) -> None:
+        self.docs += 1
+        self.tokens += len(doc)
+        pos = 0
+        while pos < len(doc):
+            n = min(len(doc) - pos, len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = doc[pos : pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def close(self) -> None:
+        if self.fill:
+            self._flush()
+
+    def _flush(self) -> None:
+        chunk = self.buf[: self.fill]
+        path = self.out_dir / f"fineweb_{self.split}_{len(self.files):06d}.bin"
+        # Record before writing so a failure mid-write is still cleaned up.
+        self.written.append(path)
+        write_shard(path, chunk)
+        self.sha.update(chunk.astype("<u2", copy=False).tobytes())
+        self.files.append(path)
+        self.log(f"shard:{path} tokens:{self.fill}")
+        self.fill = 0
+
+
+def build_shards(
+    input_paths: Sequence[PathLike],
+    tokenizer_path: PathLike,
+    out_dir: PathLike,
+    val_docs: int = 50_000,
+    shard_tokens: int = 100_000_000,
+    workers: int = 1,
+    max_docs: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Tokenize the inputs and write validation then training shards into out_dir.
+
+    Refuses an out_dir that already holds shard files, because leftovers from
+    an earlier, larger build would silently join the new dataset. On failure
+    the shards written by this call are removed, so a half-built dataset never
+    looks complete. ``log`` receives one line per shard written.
+    """
+    log = log or (lambda _line: None)
+    if val_docs < 1:
+        raise ValueError(f"--val-docs must be at least 1 (got {val_docs}); the trainer needs a validation split")
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        raise ValueError(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS}] (got {shard_tokens})")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1 (got {workers})")
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"--max-docs must be at least 1 (got {max_docs})")
+    if not input_paths:
+        raise ValueError("no input files given; pass at least one .jsonl or .txt file with --input")
+    for p in input_paths:
+        _check_input_path(Path(p))
+    _load_tokenizer(tokenizer_path)
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a directory; choose another --out")
+    existing = sorted(p.name for p in out.iterdir() if SHARD_NAME_RE.fullmatch(p.name)) if out.is_dir() else []
+    if existing:
+        raise ValueError(
+            f"{out} already holds {len(existing)} shard files (e.g. {existing[0]}); remove them or choose an empty --out "
+            "so old and new shards do not mix"
+        )
+
+    docs = iter_documents(input_paths)
+    if max_docs is not None:
+        docs = itertools.islice(docs, max_docs)
+    # Read one document past the validation split before writing anything, so
+    # an input too small for a training split fails without touching out_dir.
+    head = list(itertools.islice(docs, val_docs + 1))
+    if len(head) <= val_docs:
+        limit = f" (after --max-docs {max_docs})" if max_docs is not None else ""
+        raise ValueError(
+            f"input has only {len(head)} documents{limit} but --val-docs is {val_docs}, leaving none for training; "
+            "lower --val-docs or add more input"
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    val = _ShardWriter(out, "val", shard_tokens, written, log)
+    train = _ShardWriter(out, "train", shard_tokens, written, log)
+    try:
+        with contextlib.closing(_iter_encoded(itertools.chain(head, docs), tokenizer_path, workers)) as encoded:
+            for i, doc in enumerate(encoded):
+                if i < val_docs:
+                    val.add(doc)
+                else:
+                    if i == val_docs:
+                        val.close()
+                    train.add(doc)
+        train.close()
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+
+    return {
+        "val_docs": val.docs,
+        "val_tokens": val.tokens,
+        "train_docs": train.docs,
+        "train_tokens": train.tokens,
+        "val_files": [str(p) for p in val.files],
+        "train_files": [str(p) for p in train.files],
+        "files": [str(p) for p in val.files + train.files],
+        "val_fingerprint": val.sha.hexdigest()[:16],
+    }
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Tokenize documents into fineweb_{val,train}_NNNNNN.bin shards.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl (field \"text\") or .txt files, in order")
+    parser.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
+    parser.add_argument("--val-docs", type=_positive_int, default=50_000, help="leading documents used for validation")
+    parser.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="tokenizer processes")
+    parser.add_argument("--max-docs", type=_positive_int, default=None, help="stop after this many documents in total")
+    args = parser.parse_args(argv)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        summary = build_shards(
+            args.input, args.tokenizer, args.out, args.val_docs, args.shard_tokens, args.workers, args.max_docs, log=log
+        )
+    except (OSError, ValueError) as e:
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    for key in ("val_docs", "val_tokens", "train_docs", "train_tokens", "val_fingerprint"):
+        print(f"{key}:{summary[key]}")
+    print(f"val_files:{len(summary['val_files'])}")
+    print(f"train_files:{len(summary['train_files'])}")
+    print(f"out:{args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1019 @@
+"""Parameter Golf: train the best LM whose code + compressed weights fit in 16,000,000 bytes.
+
+Trains in <=600 s on 8xH100 and scores val_bpb (bits per byte) on the fixed FineWeb validation set.
+Model: 11-layer tied-embedding GPT (d=512, GQA 8/4, MLP 4x LeakyReLU(0.5)^2, SP8192) with depth
+recurrence of layers 3..5, gated U-net skips and a two-lane parallel-residual decoder; Muon + AdamW.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # record config, 8 GPUs
+    PRESET=smoke DATA_PATH=... TOKENIZER_PATH=... python train_gpt.py   # tiny CPU run
+
+Every knob is an env var named after its Hyperparameters field in upper case. The ones people touch:
+SEED, RUN_ID, DATA_DIR, MAX_WALLCLOCK_SECONDS, ITERATIONS, NUM_LAYERS, MODEL_DIM, MATRIX_LR,
+LOOP_START/LOOP_END/NUM_LOOPS, PARALLEL_RESIDUAL_START, COMPILE. The log (logs/<RUN_ID>.txt) ends
+with `final_<stage> val_loss:... val_bpb:...` lines.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import glob
+import hashlib
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # FlashAttention 3 (Hopper); PyTorch SDPA is the fallback everywhere else
+    from flash_attn_interface import flash_attn_func as _fa3_func
+except ImportError:
+    _fa3_func = None
+
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters
+# ------------------------------------------------------------------------------------------------
+# Defaults are the record config (SPEC 1.1: the 04-09 stack plus the two-lane parallel decoder).
+# Each field is read from the env var of the same name in upper case; nothing else reads os.environ
+# except setup_distributed().
+
+
+class ConfigError(ValueError):
+    """A user-facing mistake (env var, data, tokenizer): printed as one line, exit status 2."""
+
+
+class TrainingError(RuntimeError):
+    """The run itself failed (e.g. the loss diverged): printed as one line, exit status 3."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # --- run & paths ---
+    preset: str = ""  # "" (record config) or "smoke" (tiny CPU config); applied before env overrides
+    run_id: str = ""  # "" -> generated
+    seed: int = 1337
+    data_dir: str = "./data"
+    data_path: str = ""  # "" -> {data_dir}/datasets/fineweb10B_sp{vocab_size}
+    tokenizer_path: str = ""  # "" -> {data_dir}/tokenizers/fineweb_{vocab_size}_bpe.model
+    log_dir: str = "logs"
+    compile: bool = True  # torch.compile on CUDA; CPU never compiles
+    # --- model ---
+    vocab_size: int = 8192
+    num_layers: int = 11
+    model_dim: int = 512
+    embedding_dim: int = 0  # 0 -> model_dim; smaller adds embed_proj / head_proj
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 4
+    rope_dims: int = 16  # partial RoPE: rotated dims per head
+    rope_base: float = 10000.0
+    qk_gain_init: float = 5.0  # two-lane run; 04-09 used 5.25
+    xsa_last_n: int = 11  # exclusive self-attention on the last n physical layers
+    logit_softcap: float = 30.0
+    ln_scale: bool = True  # scale normed sublayer inputs by 1/sqrt(layer+1)
+    skip_gates_enabled: bool = True
+    tied_embed_init_std: float = 0.005
+    loop_start: int = 3  # depth recurrence: layers loop_start..loop_end run 1+num_loops times
+    loop_end: int = 5
+    num_loops: int = 2  # 0 disables recurrence
+    enable_looping_at: float = 0.35  # fraction of the training clock at which recurrence switches on
+    parallel_residual_start: int = 8  # first physical layer of the two-lane decoder; <0 or >=num_layers: off
+    # --- optimizer ---
+    matrix_lr: float = 0.022
+    tied_embed_lr: float = 0.03
+    scalar_lr: float = 0.02
+    muon_momentum: float = 0.97  # two-lane run; 04-09 used 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.095
+    embed_wd: float = 0.085
+    adam_wd: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0 disables
+    ema_decay: float = 0.997  # two-lane run; 04-09 used 0.9965
+    warmdown_frac: float = 0.72
+    min_lr: float = 0.0  # floor of the LR multiplier during warmdown
+    # --- training ---
+    train_batch_tokens: int = 786_432  # global tokens per optimizer step
+    train_seq_len: int = 2048
+    iterations: int = 20_000  # ceiling; record runs stop on the wallclock
+    max_wallclock_seconds: float = 600.0  # 0 -> no cap, schedules run on steps
+    gptq_reserve_seconds: float = 13.0  # carved out of the cap for the GPTQ Hessian pass (13.1 s measured)
+    warmup_steps: int = 20  # compile warmup steps per loop mode; state is restored afterwards
+    train_log_every: int = 100
+    val_loss_every: int = 4000  # 0: only the final eval
+    # --- evaluation ---
+    eval_seq_len: int = 2048
+    val_batch_tokens: int = 524_288  # global tokens per eval batch
+
+    @property
+    def model_dim_embed(self) -> int:
+        return self.embedding_dim or self.model_dim
+
+    @property
+    def dataset_dir(self) -> str:
+        return self.data_path or os.path.join(self.data_dir, "datasets", f"fineweb10B_sp{self.vocab_size}")
+
+    @property
+    def tokenizer_file(self) -> str:
+        return self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
+
+    @property
+    def train_budget_seconds(self) -> float:
+        """Training clock budget: the cap minus the GPTQ reserve (0 when uncapped)."""
+        return max(self.max_wallclock_seconds - self.gptq_reserve_seconds, 0.0) if self.max_wallclock_seconds > 0 else 0.0
+
+    @property
+    def looping_enabled(self) -> bool:
+        return self.num_loops > 0
+
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        """Preset first, then env overrides. Malformed values and near-miss names raise ConfigError."""
+        env = os.environ if env is None else env
+        names = {f.name.upper(): f for f in fields(cls)}
+        check_unknown_env(env, names)
+        kv = {}
+        preset = env.get("PRESET", "")
+        if preset:
+            if preset not in PRESETS:
+                raise ConfigError(f"PRESET={preset!r} is unknown; use one of {sorted(PRESETS)}")
+            kv.update(PRESETS[preset])
+        for key, f in names.items():
+            if key in env:
+                kv[f.name] = parse_env_value(key, env[key], f.type)
+        h = cls(**kv)
+        h.validate()
+        return h
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ConfigError(msg)
+        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        hd = self.model_dim // self.num_heads
+        need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= hd, f"ROPE_DIMS={self.rope_dims} must be even and <= head_dim {hd}")
+        need(0 < self.model_dim_embed <= self.model_dim, f"EMBEDDING_DIM={self.embedding_dim} must be in [0, MODEL_DIM={self.model_dim}]")
+        if self.looping_enabled:
+            need(0 <= self.loop_start <= self.loop_end < self.num_layers,
+                 f"LOOP_START={self.loop_start}/LOOP_END={self.loop_end} must satisfy 0 <= start <= end < NUM_LAYERS={self.num_layers}")
+        need(self.train_seq_len > 0 and self.train_batch_tokens % (8 * self.train_seq_len) == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len}")
+        need(self.eval_seq_len > 0 and self.val_batch_tokens >= self.eval_seq_len,
+             f"VAL_BATCH_TOKENS={self.val_batch_tokens} must be >= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(0 <= self.warmdown_frac <= 1 and 0 <= self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must lie in [0, 1]")
+        need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
+
+
+# Tiny config for CPU smoke runs and tests: every feature of the record config, at toy scale.
+PRESETS = {
+    "smoke": dict(
+        vocab_size=1024, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
+        xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_residual_start=4,
+        train_batch_tokens=8 * 1024, train_seq_len=256, eval_seq_len=256, val_batch_tokens=16 * 256,
+        iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1,
+        muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
+        tied_embed_lr=0.05,
+    ),
+}
+
+# Env vars that belong to the launcher, not to us; never flagged as near-misses.
+_FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+# Generic prefixes shared with other software; only close misspellings of these are flagged.
+_GENERIC_PREFIXES = {"MAX", "MIN", "NUM", "RUN", "LOG", "DATA", "TRAIN", "ENABLE", "MODEL", "EVAL", "VAL"}
+
+
+def parse_env_value(key: str, raw: str, typ) -> object:
+    """Cast an env string by the field's annotation; bools accept only 0/1/true/false."""
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ)
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low not in ("0", "1", "true", "false"):
+                raise ValueError
+            return low in ("1", "true")
+        return typ(raw.strip()) if typ is not str else raw
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a valid {typ.__name__}; fix or unset it") from None
+
+
+def check_unknown_env(env, known: dict) -> None:
+    """Raise on env vars that look like one of our knobs but are not (e.g. NUM_LAYER)."""
+    prefixes = {}
+    for name in known:
+        head = name.split("_")[0]
+        prefixes[head] = prefixes.get(head, 0) + 1
+    families = {p for p, n in prefixes.items() if n >= 2 and p not in _GENERIC_PREFIXES}
+    for key in env:
+        if key in known or key in _FOREIGN_ENV:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if close or key.split("_")[0] in families:
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown setting {key}={env[key]!r}{hint} (unset it or use a known knob)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed & logging
+# ------------------------------------------------------------------------------------------------
+# One process without torchrun; under torchrun NCCL on CUDA and gloo on CPU. Rank 0 logs.
+
+
+class Dist(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum(self) -> int:
+        """8 / world size, so the global batch (and the result) does not depend on the GPU count."""
+        return 8 // self.world_size
+
+
+def setup_distributed() -> Dist:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if 8 % world != 0:
+        raise ConfigError(f"WORLD_SIZE={world} must divide 8 (grad accumulation = 8 / world size)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local_rank, device)
+
+
+def all_reduce(t: Tensor, op=None) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+class Logger:
+    """Rank-0 logger: console plus logs/<run_id>.txt."""
+
+    def __init__(self, d: Dist, path: str | None):
+        self.enabled = d.is_main
+        self.path = path
+        if self.enabled and path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+def code_bytes() -> int:
+    return len(Path(__file__).read_bytes())
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+# Shards: 256 int32 header (magic, version, n) + n uint16 tokens. Every document is [BOS] + ids, so
+# the batches below carry BOS=1 at each document start (x == BOS_ID gives document boundaries).
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+BOS_ID = 1
+
+
+def read_shard(path: str) -> np.ndarray:
+    """Memory-map one shard after checking magic, version and exact file size."""
+    try:
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise ConfigError(f"cannot read shard {path}: {e}") from None
+    if header.size < HEADER_INTS:
+        raise ConfigError(f"corrupt shard {path}: file shorter than the 1024-byte header; rebuild it")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ConfigError(f"corrupt shard {path}: magic/version {header[0]}/{header[1]}, "
+                          f"expected {SHARD_MAGIC}/{SHARD_VERSION}; rebuild or re-download it")
+    n = int(header[2])
+    size = os.path.getsize(path)
+    if size != HEADER_INTS * 4 + 2 * n:
+        raise ConfigError(f"corrupt shard {path}: {size} bytes but header says {n} tokens "
+                          f"({HEADER_INTS * 4 + 2 * n} bytes); rebuild or re-download it")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def shard_paths(data_dir: str, split: str) -> list[str]:
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"data directory {data_dir} does not exist; set DATA_PATH or DATA_DIR, "
+                          f"or build shards with data/build_shards.py")
+    paths = sorted(p for p in glob.glob(os.path.join(data_dir, f"fineweb_{split}_*.bin")) if "_bytes_" not in p)
+    if not paths:
+        raise ConfigError(f"no fineweb_{split}_*.bin shards in {data_dir}; build or download them first")
+    return paths
+
+
+def load_val_tokens(data_dir: str, seq_len: int) -> Tensor:
+    """All val shards in order, truncated to U+1 tokens with U a multiple of seq_len (SPEC 1.3)."""
+    tokens = np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(data_dir, "val")])
+    usable = (tokens.size - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise ConfigError(f"validation split in {data_dir} has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1")
+    return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
+
+
+class TrainLoader:
+    """Deterministic global stream of (seq_len+1)-token windows, reshuffled every epoch by SEED.
+
+    The stream does not depend on the world size: global step s uses windows
+    [s*G, (s+1)*G) with G sequences per step, and rank r takes its contiguous share of each
+    micro-step, so ranks read disjoint windows and 1 or 8 GPUs see the same global batches.
+    """
+
+    def __init__(self, paths: list[str], seq_len: int, seed: int):
+        self.shards = [read_shard(p) for p in paths]
+        self.seq_len, self.seed = seq_len, seed
+        counts = np.array([len(s) // (seq_len + 1) for s in self.shards], dtype=np.int64)
+        if counts.sum() == 0:
+            raise ConfigError(f"training shards hold fewer than TRAIN_SEQ_LEN+1={seq_len + 1} tokens")
+        self.cum = np.concatenate([[0], np.cumsum(counts)])
+        self.next_window = 0
+        self._epoch, self._perm = -1, None
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return int(self.cum[-1])
+
+    def _window(self, k: int) -> np.ndarray:
+        epoch, idx = divmod(k, self.windows_per_epoch)
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._epoch, self._perm = epoch, rng.permutation(self.windows_per_epoch)
+        w = int(self._perm[idx])
+        s = int(np.searchsorted(self.cum, w, side="right") - 1)
+        start = (w - int(self.cum[s])) * (self.seq_len + 1)
+        return self.shards[s][start : start + self.seq_len + 1]
+
+    def next_batch(self, n_global: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+        """Next micro-step: n_global sequences across all ranks, this rank's share as (x, y)."""
+        per_rank = n_global // world
+        base = self.next_window + rank * per_rank
+        buf = np.stack([self._window(base + i) for i in range(per_rank)]).astype(np.int64)
+        self.next_window += n_global
+        t = torch.from_numpy(buf)
+        return t[:, :-1], t[:, 1:]
+
+
+def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token (base_bytes, has_leading_space, is_boundary) for the val_bpb byte count (SPEC 1.5)."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(tokenizer_path):
+        raise ConfigError(f"tokenizer {tokenizer_path} not found; set TOKENIZER_PATH or DATA_DIR")
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size} but tokenizer {tokenizer_path} has {sp.vocab_size()} "
+                          f"pieces; set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+    # Without a standalone "▁" every space becomes 3 byte-fallback tokens and bytes are over-counted (#897).
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise ConfigError(f"tokenizer {tokenizer_path} has no standalone '\u2581' piece; val_bpb would be wrong")
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    lead = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):  # one raw byte, not the 3 bytes of U+FFFD
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            lead[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return base, lead, boundary
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Bytes of each target given its previous token: the leading space is dropped after a boundary."""
+    base, lead, boundary = luts
+    return base[tgt] + (lead[tgt] & ~boundary[prev]).long()
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+# Weightless RMSNorm everywhere; matrices fp32 masters used under bf16 autocast on CUDA.
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, rope_dims: int, base: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # [T, rd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE on the first rope_dims of each head (dim i pairs with i + rope_dims/2)."""
+    rd = cos.size(-1) * 2
+    if rd == 0:
+        return x
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)  # [1,T,1,rd/2]
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c, x_pass], dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """[B,T,H,D] q with [B,T,Hkv,D] k/v -> [B,T,H,D]; FA3 when present, else SDPA with GQA."""
+    if _fa3_func is not None and q.is_cuda:
+        out = _fa3_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters, xsa: bool):
+        super().__init__()
+        d, self.nh, self.nkv = h.model_dim, h.num_heads, h.num_kv_heads
+        self.hd = d // h.num_heads
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.c_v = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.q_gain = nn.Parameter(torch.full((self.nh,), h.qk_gain_init))
+        self.xsa = xsa
+
+    def forward(self, u: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, C = u.shape
+        q = self.c_q(u).view(B, T, self.nh, self.hd)
+        k = self.c_k(u).view(B, T, self.nkv, self.hd)
+        v = self.c_v(u).view(B, T, self.nkv, self.hd)
+        q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_partial_rope(rms_norm(k), cos, sin)
+        y = causal_attention(q, k, v)  # [B,T,H,D]
+        if self.xsa:  # remove the component along the token's own value direction
+            y = y.view(B, T, self.nkv, self.nh // self.nkv, self.hd)  # [B,T,Hkv,G,D]
+            vn = F.normalize(v, dim=-1).unsqueeze(3)  # [B,T,Hkv,1,D]
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        return self.proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.fc = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
+        self.proj = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(u), 0.5).square())
+
+
+class Block(nn.Module):
+    """One physical layer; runs sequentially or as one step of the two-lane decoder."""
+
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        d = h.model_dim
+        self.attn = Attention(h, xsa=layer >= h.num_layers - h.xsa_last_n)
+        self.mlp = MLP(h)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        self.ln_s = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
+
+    def _attn(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        mix = self.resid_mix.to(x.dtype)
+        x_in = mix[0] * x + mix[1] * x0
+        return x_in, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.ln_s, cos, sin)
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x_in, a = self._attn(x, x0, cos, sin)
+        x = x_in + a
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_s)
+
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, cos, sin, resid: Tensor, post: Tensor):
+        """SPEC 2.9: attention reads lane0 (mixed with x0), MLP reads lane1; both write both lanes."""
+        _, a = self._attn(lane0, x0, cos, sin)
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * self.ln_s)
+        resid, post = resid.to(a.dtype), post.to(a.dtype)  # post[src, dst]: src 0 attn / 1 mlp
+        out0 = resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m
+        out1 = resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
+        return out0, out1
+
+
+class Schedule(NamedTuple):
+    encoder: list[int]  # physical layer of each encoder application
+    decoder: list[int]
+    n_skip: int  # decoder positions 0..n_skip-1 receive a skip (LIFO from the encoder)
+    parallel_from: int  # first decoder position of the two-lane region (len(decoder) if none)
+
+
+def layer_schedule(h: Hyperparameters, looping: bool) -> Schedule:
+    """Virtual layer order, its encoder/decoder split and where the two lanes start (SPEC 2.5, 2.9)."""
+    order = list(range(h.num_layers))
+    if looping and h.looping_enabled:
+        loop = list(range(h.loop_start, h.loop_end + 1))
+        order = order[: h.loop_start] + loop * (h.num_loops + 1) + order[h.loop_end + 1 :]
+    enc, dec = order[: len(order) // 2], order[len(order) // 2 :]
+    start = h.parallel_residual_start
+    par = next((j for j, i in enumerate(dec) if 0 <= start <= i), len(dec))
+    return Schedule(enc, dec, min(len(enc), len(dec)), par)
+
+
+class GPT(nn.Module):
+    """Tied-embedding GPT for Parameter Golf.
+
+    - weightless RMSNorm, x0 = norm(embedding) mixed into every block (resid_mix)
+    - GQA attention: QK RMSNorm, per-head q_gain, partial RoPE, XSA on the last xsa_last_n layers
+    - MLP: LeakyReLU(0.5)^2; learned attn/mlp output scales; layerwise 1/sqrt(l+1) input scale
+    - U-net skips (LIFO) with sigmoid gates; depth recurrence of loop_start..loop_end
+    - two-lane parallel residual decoder from parallel_residual_start, output = mean of lanes
+    - optional embed_proj/head_proj when embedding_dim < model_dim; logit softcap
+    """
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.h = h
+        d, e, L = h.model_dim, h.model_dim_embed, h.num_layers
+        self.tok_emb = nn.Embedding(h.vocab_size, e)
+        self.embed_proj = nn.Linear(e, d, bias=False) if e < d else None
+        self.head_proj = nn.Linear(d, e, bias=False) if e < d else None
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(L))
+        self.schedules = {mode: layer_schedule(h, mode) for mode in (False, True)}
+        n_skip = max(s.n_skip for s in self.schedules.values())
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if h.skip_gates_enabled else None
+        self.parallel_resid_lambdas = nn.Parameter(torch.full((L, 2), 1.1))
+        self.parallel_post_lambdas = nn.Parameter(torch.ones(L, 2, 2))
+        cos, sin = rotary_tables(max(h.train_seq_len, h.eval_seq_len), h.rope_dims, h.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.looping_active = False
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """tok_emb ~ N(0, 0.005^2); q/k/v/fc and projections orthogonal; output projections zero."""
+        nn.init.normal_(self.tok_emb.weight, std=self.h.tied_embed_init_std)
+        for name, p in self.named_parameters():
+            if name.endswith(("c_q.weight", "c_k.weight", "c_v.weight", "fc.weight", "_proj.weight")):
+                nn.init.orthogonal_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.zeros_(p)
+
+    def _merge_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
+        s = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + s
+        return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        """Final normed hidden state [B,T,embedding_dim] (the input of the tied output head)."""
+        T = ids.size(1)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_emb(ids)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        x0 = x = rms_norm(x)
+        sched = self.schedules[self.looping_active]
+        skips = []
+        for i in sched.encoder:
+            x = self.blocks[i](x, x0, cos, sin)
+            skips.append(x)
+        lanes = None
+        for j, i in enumerate(sched.decoder):
+            if j == sched.parallel_from:
+                lanes = (x, x)
+            if j < sched.n_skip and skips:
+                skip = skips.pop()
+                if lanes is None:
+                    x = self._merge_skip(x, skip, j)
+                else:
+                    lanes = (self._merge_skip(lanes[0], skip, j), lanes[1])
+            if lanes is None:
+                x = self.blocks[i](x, x0, cos, sin)
+            else:
+                lanes = self.blocks[i].forward_lanes(*lanes, x0, cos, sin, self.parallel_resid_lambdas[i],
+                                                     self.parallel_post_lambdas[i])
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
+        x = rms_norm(x)
+        return self.head_proj(x) if self.head_proj is not None else x
+
+    def logits(self, ids: Tensor) -> Tensor:
+        z = F.linear(self.hidden(ids), self.tok_emb.weight)  # tied head
+        c = self.h.logit_softcap
+        return c * torch.tanh(z.float() / c)
+
+    def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
+        """Per-target NLL in nats, [B,T] float32."""
+        z = self.logits(ids)
+        return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        z = self.logits(ids)
+        return F.cross_entropy(z.flatten(0, 1), targets.flatten())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer
+# ------------------------------------------------------------------------------------------------
+# Muon (MuonEq-R) for block matrices, AdamW for the tied embedding and the control tensors.
+# Routing is one table; every parameter has exactly one owner (asserted).
+
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
+                    "parallel_resid_lambdas", "parallel_post_lambdas")
+
+
+def param_group(name: str, p: Tensor) -> str:
+    """'embed' | 'scalar' | 'muon' for a named parameter."""
+    if name == "tok_emb.weight":
+        return "embed"
+    if p.ndim < 2 or any(pat in name for pat in CONTROL_PATTERNS):
+        return "scalar"
+    return "muon"
+
+
+# Classic Muon quintic coefficients (Keller Jordan, modded-nanogpt).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Tensor, steps: int) -> Tensor:
+    """Approximate polar factor U V^T of g ([..., r, c]); bf16 on CUDA, fp32 elsewhere."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum -> row normalisation (MuonEq-R) -> Newton-Schulz -> decoupled WD + update.
+
+    Matrices are sharded round-robin over ranks; each rank orthogonalises its share (batched per
+    shape) and one all-reduce of the flat update gives every rank every update.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.rank, self.world_size = backend_steps, rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+            sizes = [p.numel() for p in params]
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            flat = torch.zeros(int(offsets[-1]), device=params[0].device, dtype=torch.float32)
+            mine = [i for i in range(len(params)) if i % self.world_size == self.rank]
+            by_shape: dict[tuple, list[int]] = {}
+            for i in mine:
+                by_shape.setdefault(tuple(params[i].shape), []).append(i)
+            for idx in by_shape.values():
+                us = []
+                for i in idx:
+                    p = params[i]
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(mu).add_(p.grad)
+                    u = p.grad.add(buf, alpha=mu)
+                    us.append(u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7))
+                out = newton_schulz(torch.stack(us), self.backend_steps)
+                for i, o in zip(idx, out):
+                    flat[offsets[i] : offsets[i + 1]] = o.flatten().float()
+            if self.world_size > 1:
+                all_reduce(flat)
+            for i, p in enumerate(params):
+                r, c = p.shape
+                p.mul_(1 - lr * wd)
+                p.add_(flat[offsets[i] : offsets[i + 1]].view_as(p), alpha=-lr * math.sqrt(max(1.0, r / c)))
+
+
+def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.optim.Optimizer]:
+    groups: dict[str, list[Tensor]] = {"embed": [], "scalar": [], "muon": []}
+    for name, p in model.named_parameters():
+        groups[param_group(name, p)].append(p)
+    owned = sum(len(v) for v in groups.values())
+    assert owned == len(list(model.parameters())), "every parameter must have exactly one optimizer"
+    adam_kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=d.device.type == "cuda")
+    adam = torch.optim.AdamW(
+        [dict(params=groups["embed"], lr=h.tied_embed_lr, weight_decay=h.embed_wd),
+         dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd)], **adam_kw)
+    muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+                weight_decay=h.muon_wd, rank=d.rank, world_size=d.world_size)
+    for opt in (adam, muon):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [adam, muon]
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """1 until 1-warmdown_frac of training, then linear to 0, floored at min_lr (SPEC 3.6)."""
+    if warmdown_frac <= 0 or frac < 1 - warmdown_frac:
+        return 1.0
+    return max((1 - frac) / warmdown_frac, min_lr)
+
+
+def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+    t = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - t) * h.muon_momentum_warmup_start + t * h.muon_momentum
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+# val_bpb = sum(nll nats) / (ln 2 * sum(target bytes)); sums in float64, all-reduced across ranks.
+
+
+class EvalResult(NamedTuple):
+    val_loss: float
+    val_bpb: float
+    tokens: int
+    bytes: int
+
+
+def bpb_from_sums(nll_sum: float, n_tokens: int, n_bytes: int) -> EvalResult:
+    return EvalResult(nll_sum / n_tokens, nll_sum / (math.log(2) * n_bytes), int(n_tokens), int(n_bytes))
+
+
+def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous share of n items for this rank (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def autocast_ctx(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def eval_val(h: Hyperparameters, model: nn.Module, d: Dist, val_tokens: Tensor, luts) -> EvalResult:
+    """Non-overlapping eval_seq_len windows; each target scored once with its in-window prefix."""
+    T = h.eval_seq_len
+    n_seq = (val_tokens.numel() - 1) // T
+    lo, hi = rank_range(n_seq, d.rank, d.world_size)
+    per_batch = max(h.val_batch_tokens // (d.world_size * T), 1)
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # nll, tokens, bytes
+    luts = tuple(t.to(d.device) for t in luts)
+    was_training = model.training
+    model.eval()
+    for s in range(lo, hi, per_batch):
+        e = min(s + per_batch, hi)
+        chunk = val_tokens[s * T : e * T + 1].to(d.device)
+        x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
+        with autocast_ctx(d.device):
+            nll = model.token_nll(x, y)
+        sums[0] += nll.double().sum()
+        sums[1] += y.numel()
+        sums[2] += target_bytes(x, y, luts).sum()
+    model.train(was_training)
+    all_reduce(sums)
+    return bpb_from_sums(sums[0].item(), int(sums[1].item()), int(sums[2].item()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+# Timed region = the sum of training-step durations; compile warmup (state restored afterwards)
+# and validation are excluded. The loop stops once every rank agrees the budget is spent.
+
+
+def set_looping(model: GPT, on: bool) -> None:
+    model.looping_active = on
+
+
+class Trainer:
+    def __init__(self, h: Hyperparameters, d: Dist, log: Logger, model: GPT, train_paths: list[str]):
+        self.h, self.d, self.log, self.base = h, d, log, model
+        self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if (h.compile and d.device.type == "cuda") else model
+        self.opts = build_optimizers(h, model, d)
+        self.loader = TrainLoader(train_paths, h.train_seq_len, h.seed)
+        self.params = list(model.parameters())
+        self.ema = [t.detach().float().clone() for t in model.state_dict().values()]
+        self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # global sequences per micro-step
+
+    def train_step(self, step: int, lr_mult: float) -> Tensor:
+        h, d = self.h, self.d
+        accum = d.grad_accum
+        loss_sum = torch.zeros((), device=d.device)
+        for _ in range(accum):
+            x, y = self.loader.next_batch(self.seqs_per_micro * d.world_size, d.rank, d.world_size)
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            with autocast_ctx(d.device):
+                loss = self.compiled(x, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        self._reduce_grads()
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
+        mu = muon_momentum_at(step, h)
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+                if "momentum" in g:
+                    g["momentum"] = mu
+            opt.step()
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        return loss_sum / accum
+
+    def _reduce_grads(self) -> None:
+        """Average gradients over ranks with one flat all-reduce."""
+        if self.d.world_size == 1:
+            return
+        grads = [p.grad for p in self.params]
+        flat = torch.cat([g.flatten() for g in grads])
+        all_reduce(flat)
+        flat /= self.d.world_size
+        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        torch._foreach_lerp_(self.ema, [t.float() for t in self.base.state_dict().values()], 1 - self.h.ema_decay)
+
+    def apply_ema(self) -> None:
+        sd = self.base.state_dict()
+        self.base.load_state_dict({k: e.to(v.dtype) for (k, v), e in zip(sd.items(), self.ema)}, strict=True)
+
+    def warmup(self) -> None:
+        """Compile both loop modes on real steps, then restore model, optimizers and loader."""
+        h = self.h
+        if h.warmup_steps <= 0:
+            return
+        model_state = copy.deepcopy(self.base.state_dict())
+        opt_states = [copy.deepcopy(o.state_dict()) for o in self.opts]
+        t0 = time.perf_counter()
+        for mode in ([False, True] if h.looping_enabled else [False]):
+            set_looping(self.base, mode)
+            for s in range(h.warmup_steps):
+                self.train_step(s, 1.0)
+        self.base.load_state_dict(model_state)
+        for o, s in zip(self.opts, opt_states):
+            o.load_state_dict(s)
+        set_looping(self.base, False)
+        self.loader.next_window = 0
+        self.log(f"warmup_steps:{h.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s (state restored)")
+
+    def sync_time(self) -> float:
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def run(self, val_fn) -> int:
+        h, d, log = self.h, self.d, self.log
+        budget = h.train_budget_seconds
+        tokens_per_step = h.train_batch_tokens
+        train_time, step = 0.0, 0
+        while step < h.iterations:
+            frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
+            if h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0:
+                r = val_fn(self.base)
+                log(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} train_time:{train_time * 1000:.0f}ms")
+            t0 = self.sync_time()  # timed region: one optimizer step
+            loss = self.train_step(step, lr_multiplier(frac, h.warmdown_frac, h.min_lr))
+            self.update_ema()
+            train_time += self.sync_time() - t0
+            step += 1
+            frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
+            flags = torch.tensor([float(budget > 0 and train_time >= budget),
+                                  float(h.looping_enabled and frac >= h.enable_looping_at),
+                                  float(not torch.isfinite(loss).item())], device=d.device)
+            stop, loop_on, bad = (bool(v) for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
+            if bad:
+                raise TrainingError(f"non-finite train loss at step {step}; lower MATRIX_LR/TIED_EMBED_LR or check the data")
+            if loop_on and not self.base.looping_active:
+                set_looping(self.base, True)
+                log(f"looping:on step:{step} frac:{frac:.3f} schedule:{self.base.schedules[True].encoder}+{self.base.schedules[True].decoder}")
+            if step % h.train_log_every == 0 or step == 1 or stop or step == h.iterations:
+                avg = train_time / step
+                eta = (budget - train_time) if budget > 0 else avg * (h.iterations - step)
+                log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_time * 1000:.0f}ms "
+                    f"step_avg:{avg * 1000:.2f}ms tok/s:{tokens_per_step / avg:.0f} eta:{max(eta, 0):.0f}s")
+            if stop:
+                break
+        log(f"train_steps:{step} train_time:{train_time * 1000:.0f}ms budget:{budget:.1f}s")
+        return step
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def log_header(h: Hyperparameters, d: Dist, log: Logger) -> None:
+    log(f"run_id:{h.run_id}")
+    defaults = Hyperparameters()
+    for f in fields(h):
+        log(f"hp {f.name}:{getattr(h, f.name)}", console=False)
+    overrides = [f"{f.name}={getattr(h, f.name)}" for f in fields(h) if getattr(h, f.name) != getattr(defaults, f.name)]
+    log(f"overrides: {' '.join(overrides) or 'none'}")
+    log(f"derived grad_accum_steps:{d.grad_accum} data_path:{h.dataset_dir} tokenizer_path:{h.tokenizer_file} "
+        f"train_budget:{h.train_budget_seconds:.1f}s world_size:{d.world_size}")
+    log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{d.device}"
+        + (f" gpu:{torch.cuda.get_device_name(d.device)}" if d.device.type == "cuda" else "")
+        + f" attention:{'fa3' if _fa3_func is not None and d.device.type == 'cuda' else 'sdpa'}")
+    src = Path(__file__).read_bytes()
+    log(f"code bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()[:16]}")
+
+
+def timed_eval(stage: str, h, model, d, val_tokens, luts, log) -> EvalResult:
+    t0 = time.perf_counter()
+    r = eval_val(h, model, d, val_tokens, luts)
+    log(f"final_{stage} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{(time.perf_counter() - t0) * 1000:.0f}ms")
+    return r
+
+
+def train_and_eval(h: Hyperparameters, d: Dist) -> dict:
+    log = Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
+    log_header(h, d, log)
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    luts = build_byte_luts(h.tokenizer_file, h.vocab_size)
+    val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
+    if int(val_tokens.max()) >= h.vocab_size:
+        raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
+    val_bytes = int(target_bytes(val_tokens[:-1], val_tokens[1:], luts).sum())
+    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{val_bytes}")
+    train_paths = shard_paths(h.dataset_dir, "train")
+    model = GPT(h).to(d.device)
+    log(f"model_params:{count_params(model)}")
+    for mode, s in model.schedules.items():
+        log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
+    trainer = Trainer(h, d, log, model, train_paths)
+    eval_fn = lambda m: eval_val(h, m, d, val_tokens, luts)  # noqa: E731
+    trainer.warmup()
+    steps = trainer.run(eval_fn)
+    trainer.apply_ema()
+    r = timed_eval("pre_quant", h, model, d, val_tokens, luts, log)
+    return dict(steps=steps, pre_quant=r)
+
+
+def main() -> int:
+    d = None
+    try:
+        h = Hyperparameters.from_env()
+        d = setup_distributed()
+        run_id = h.run_id or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+        if d.world_size > 1:  # every rank must log to the same file name
+            obj = [run_id]
+            dist.broadcast_object_list(obj, src=0)
+            run_id = obj[0]
+        h = dataclasses.replace(h, run_id=run_id)
+        train_and_eval(h, d)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
