@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import glob
 import hashlib
 import math
@@ -60,62 +59,62 @@ class Hyperparameters:
     # --- run & paths ---
     preset: str = ""  # "" (record config) or "smoke" (tiny CPU config); applied before env overrides
     run_id: str = ""  # "" -> generated
-    seed: int = 1337
-    data_dir: str = "./data"
+    seed: int = 1337  # init seed and training-data order
+    data_dir: str = "./data"  # root holding datasets/ and tokenizers/
     data_path: str = ""  # "" -> {data_dir}/datasets/fineweb10B_sp{vocab_size}
     tokenizer_path: str = ""  # "" -> {data_dir}/tokenizers/fineweb_{vocab_size}_bpe.model
-    log_dir: str = "logs"
+    log_dir: str = "logs"  # logs/<run_id>.txt
     compile: bool = True  # torch.compile on CUDA; CPU never compiles
     # --- model ---
-    vocab_size: int = 8192
-    num_layers: int = 11
-    model_dim: int = 512
+    vocab_size: int = 8192  # must equal the tokenizer's piece count
+    num_layers: int = 11  # physical blocks
+    model_dim: int = 512  # residual width d
     embedding_dim: int = 0  # 0 -> model_dim; smaller adds embed_proj / head_proj
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: int = 4
+    num_heads: int = 8  # query heads (head_dim = model_dim / num_heads)
+    num_kv_heads: int = 4  # GQA key/value heads
+    mlp_mult: int = 4  # MLP hidden = mlp_mult * model_dim
     rope_dims: int = 16  # partial RoPE: rotated dims per head
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # RoPE frequency base
     qk_gain_init: float = 5.0  # two-lane run; 04-09 used 5.25
     xsa_last_n: int = 11  # exclusive self-attention on the last n physical layers
-    logit_softcap: float = 30.0
+    logit_softcap: float = 30.0  # logits = c * tanh(z / c)
     ln_scale: bool = True  # scale normed sublayer inputs by 1/sqrt(layer+1)
-    skip_gates_enabled: bool = True
-    tied_embed_init_std: float = 0.005
+    skip_gates_enabled: bool = True  # sigmoid gates on the U-net skips
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding
     loop_start: int = 3  # depth recurrence: layers loop_start..loop_end run 1+num_loops times
-    loop_end: int = 5
+    loop_end: int = 5  # last looped layer (inclusive)
     num_loops: int = 2  # 0 disables recurrence
     enable_looping_at: float = 0.35  # fraction of the training clock at which recurrence switches on
     parallel_residual_start: int = 8  # first physical layer of the two-lane decoder; <0 or >=num_layers: off
     # --- optimizer ---
-    matrix_lr: float = 0.022
-    tied_embed_lr: float = 0.03
-    scalar_lr: float = 0.02
+    matrix_lr: float = 0.022  # Muon LR for block matrices
+    tied_embed_lr: float = 0.03  # AdamW LR for the tied embedding
+    scalar_lr: float = 0.02  # AdamW LR for control tensors (scales, gains, mixes, gates, lanes)
     muon_momentum: float = 0.97  # two-lane run; 04-09 used 0.99
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 5
-    muon_wd: float = 0.095
-    embed_wd: float = 0.085
-    adam_wd: float = 0.02
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
+    muon_momentum_warmup_start: float = 0.92  # momentum at step 0, linear to MUON_MOMENTUM
+    muon_momentum_warmup_steps: int = 1500  # steps of the momentum warmup
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_wd: float = 0.095  # decoupled weight decay of Muon matrices
+    embed_wd: float = 0.085  # AdamW weight decay of the embedding
+    adam_wd: float = 0.02  # AdamW weight decay of control tensors
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip_norm: float = 0.3  # 0 disables
     ema_decay: float = 0.997  # two-lane run; 04-09 used 0.9965
-    warmdown_frac: float = 0.72
+    warmdown_frac: float = 0.72  # final fraction of training with linearly decaying LR
     min_lr: float = 0.0  # floor of the LR multiplier during warmdown
     # --- training ---
     train_batch_tokens: int = 786_432  # global tokens per optimizer step
-    train_seq_len: int = 2048
+    train_seq_len: int = 2048  # tokens per training sequence
     iterations: int = 20_000  # ceiling; record runs stop on the wallclock
     max_wallclock_seconds: float = 600.0  # 0 -> no cap, schedules run on steps
     gptq_reserve_seconds: float = 13.0  # carved out of the cap for the GPTQ Hessian pass (13.1 s measured)
     warmup_steps: int = 20  # compile warmup steps per loop mode; state is restored afterwards
-    train_log_every: int = 100
+    train_log_every: int = 100  # steps between train-loss log lines
     val_loss_every: int = 4000  # 0: only the final eval
     # --- evaluation ---
-    eval_seq_len: int = 2048
+    eval_seq_len: int = 2048  # tokens per eval window (also sets the val truncation)
     val_batch_tokens: int = 524_288  # global tokens per eval batch
 
     @property
@@ -174,6 +173,8 @@ class Hyperparameters:
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len}")
         need(self.eval_seq_len > 0 and self.val_batch_tokens >= self.eval_seq_len,
              f"VAL_BATCH_TOKENS={self.val_batch_tokens} must be >= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.max_wallclock_seconds <= 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
+             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must exceed GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} (or be 0 for no cap)")
         need(0 <= self.warmdown_frac <= 1 and 0 <= self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must lie in [0, 1]")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
 
@@ -183,10 +184,10 @@ PRESETS = {
     "smoke": dict(
         vocab_size=1024, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
         xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_residual_start=4,
-        train_batch_tokens=8 * 1024, train_seq_len=256, eval_seq_len=256, val_batch_tokens=16 * 256,
+        train_batch_tokens=8 * 512, train_seq_len=256, eval_seq_len=256, val_batch_tokens=16 * 256,
         iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1,
         muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
-        tied_embed_lr=0.05,
+        tied_embed_lr=0.05, ema_decay=0.95,
     ),
 }
 
@@ -210,6 +211,17 @@ def parse_env_value(key: str, raw: str, typ) -> object:
         raise ConfigError(f"{key}={raw!r} is not a valid {typ.__name__}; fix or unset it") from None
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: one typo (NUM_LAYER for NUM_LAYERS) is distance 1."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
 def check_unknown_env(env, known: dict) -> None:
     """Raise on env vars that look like one of our knobs but are not (e.g. NUM_LAYER)."""
     prefixes = {}
@@ -220,7 +232,7 @@ def check_unknown_env(env, known: dict) -> None:
     for key in env:
         if key in known or key in _FOREIGN_ENV:
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        close = [name for name in known if edit_distance(key, name) <= 1]
         if close or key.split("_")[0] in families:
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown setting {key}={env[key]!r}{hint} (unset it or use a known knob)")
@@ -861,6 +873,9 @@ class Trainer:
         """Average gradients over ranks with one flat all-reduce."""
         if self.d.world_size == 1:
             return
+        for p in self.params:  # a parameter unused in this loop mode still joins the reduction
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params]
         flat = torch.cat([g.flatten() for g in grads])
         all_reduce(flat)
@@ -943,8 +958,8 @@ class Trainer:
 def log_header(h: Hyperparameters, d: Dist, log: Logger) -> None:
     log(f"run_id:{h.run_id}")
     defaults = Hyperparameters()
-    for f in fields(h):
-        log(f"hp {f.name}:{getattr(h, f.name)}", console=False)
+    for name in sorted(f.name for f in fields(h)):
+        log(f"hp {name}:{getattr(h, name)}", console=False)
     overrides = [f"{f.name}={getattr(h, f.name)}" for f in fields(h) if getattr(h, f.name) != getattr(defaults, f.name)]
     log(f"overrides: {' '.join(overrides) or 'none'}")
     log(f"derived grad_accum_steps:{d.grad_accum} data_path:{h.dataset_dir} tokenizer_path:{h.tokenizer_file} "
