@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import json
 import math
 import os
 import sys
@@ -113,6 +114,15 @@ class Hyperparameters:
     warmup_steps: int = 20  # compile warmup steps per loop mode; state is restored afterwards
     train_log_every: int = 100  # steps between train-loss log lines
     val_loss_every: int = 4000  # 0: only the final eval
+    # --- quantization & artifact ---
+    gptq_enabled: bool = True  # 0: round-to-nearest with the same SDClip scales (ablation)
+    gptq_calibration_batches: int = 64  # training micro-batches per rank for the GPTQ Hessians (04-09)
+    matrix_bits: int = 6  # block matrices and embed/head projections
+    matrix_clip_sigmas: float = 12.85  # SDClip k: step = k*std(row)/R, the artifact-size dial
+    embed_bits: int = 8  # tied embedding
+    embed_clip_sigmas: float = 20.0
+    artifact_path: str = ""  # "" -> {log_dir}/{run_id}.ptz
+    eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
     # --- evaluation ---
     eval_seq_len: int = 2048  # tokens per eval window (also sets the val truncation)
     val_batch_tokens: int = 524_288  # global tokens per eval batch
@@ -128,6 +138,10 @@ class Hyperparameters:
     @property
     def tokenizer_file(self) -> str:
         return self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
+
+    @property
+    def artifact_file(self) -> str:
+        return self.artifact_path or os.path.join(self.log_dir, f"{self.run_id}.ptz")
 
     @property
     def train_budget_seconds(self) -> float:
@@ -176,6 +190,8 @@ class Hyperparameters:
         need(self.max_wallclock_seconds <= 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must exceed GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} (or be 0 for no cap)")
         need(0 <= self.warmdown_frac <= 1 and 0 <= self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must lie in [0, 1]")
+        need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8,
+             f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must lie in [2, 8]")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
 
 
@@ -185,7 +201,7 @@ PRESETS = {
         vocab_size=1024, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
         xsa_last_n=6, loop_start=2, loop_end=3, num_loops=1, parallel_residual_start=4,
         train_batch_tokens=8 * 512, train_seq_len=256, eval_seq_len=256, val_batch_tokens=16 * 256,
-        iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1,
+        iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1, gptq_calibration_batches=8,
         muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
         tied_embed_lr=0.05, ema_decay=0.95,
     ),
@@ -771,6 +787,254 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
+# Quantization & serialization
+# ------------------------------------------------------------------------------------------------
+# Block matrices and embed/head projections: GPTQ int6 (SDClip k=12.85); tied embedding: GPTQ int8
+# (k=20) with the Hessian of the head input; control tensors: fp16 passthrough. The codes go into a
+# pickle-free container, byte-shuffled and brotli-11 compressed. Counted bytes = packed code + file.
+
+ARTIFACT_MAGIC = b"PGQ1"
+SHUFFLE_MAGIC = b"BSHF"
+SIZE_LIMIT = 16_000_000
+_DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def quant_spec(name: str, p: Tensor, h: Hyperparameters) -> tuple[int, float] | None:
+    """(bits, clip_sigmas) for quantized tensors, None for fp16 passthrough (control tensors)."""
+    group = param_group(name, p)
+    if group == "embed":
+        return h.embed_bits, h.embed_clip_sigmas
+    return (h.matrix_bits, h.matrix_clip_sigmas) if group == "muon" else None
+
+
+def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
+    """Per-row step k*std(row)/R as fp16 (never 0): k sets the code entropy, hence the size."""
+    std = w.float().std(dim=1, correction=0)
+    scale = clip_sigmas * std / (2 ** (bits - 1) - 1)
+    return scale.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half()
+
+
+def quantize_rtn(w: Tensor, scales: Tensor, bits: int) -> Tensor:
+    r = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w.float() / scales.float()[:, None]), -r, r).to(torch.int8)
+
+
+def dequantize(q: Tensor, scales: Tensor) -> Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+def gptq_quantize(w: Tensor, hess: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
+    """GPTQ (act-order, 1% damping, Cholesky of H^-1, 128-column blocks) with fixed SDClip scales.
+
+    Each column is rounded, and its error, weighted by the inverse Hessian, is pushed onto the
+    columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised.
+    """
+    r = 2 ** (bits - 1) - 1
+    scales = sdclip_scales(w, bits, clip_sigmas)
+    s = scales.float()
+    H = hess.double().clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H[perm][:, perm])), upper=True).float()
+    W = w.float()[:, perm].clone()
+    W[:, dead[perm]] = 0.0
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        err = torch.zeros(W.size(0), i2 - i1, device=W.device)
+        for j in range(i1, i2):
+            Q[:, j] = torch.clamp(torch.round(W[:, j] / s), -r, r)
+            err[:, j - i1] = (W[:, j] - Q[:, j] * s) / U[j, j]
+            W[:, j + 1 : i2] -= err[:, j - i1 : j - i1 + 1] * U[j, j + 1 : i2]
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)].to(torch.int8), scales
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tensor]:
+    """H = sum X^T X of each quantized matrix's input over calibration batches (training data only).
+
+    The tied embedding acts as the output head, so its X is the head input (final-norm output).
+    Looped layers see every pass. Divided by the batch count; only the damping sees the scale.
+    """
+    hess: dict[str, Tensor] = {}
+
+    def add(name: str, x: Tensor):
+        x = x.detach().flatten(0, -2).float()
+        hess[name] = hess.get(name, 0) + x.T @ x
+
+    hooks = [mod.register_forward_pre_hook(lambda m, a, n=f"{name}.weight": add(n, a[0]))
+             for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and quant_spec(f"{name}.weight", mod.weight, h)]
+    n = 0
+    try:
+        for x in batches:
+            with autocast_ctx(x.device):
+                add("tok_emb.weight", model.hidden(x))
+            n += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: v / n for k, v in hess.items()}
+
+
+def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] | None) -> tuple[dict, dict]:
+    """State dict -> (tensors, meta) for the artifact; GPTQ when hessians are given, else RTN."""
+    tensors, meta = {}, {}
+    for name, p in model.state_dict().items():
+        spec = quant_spec(name, p, h)
+        if spec is None:
+            tensors[name] = p.detach().half().cpu()
+            meta[name] = dict(kind="fp16", dtype=str(p.dtype).removeprefix("torch."))
+            continue
+        bits, clip = spec
+        if hessians is not None:
+            q, s = gptq_quantize(p.detach(), hessians[name], bits, clip)
+        else:
+            s = sdclip_scales(p.detach(), bits, clip)
+            q = quantize_rtn(p.detach(), s, bits)
+        tensors[name + ".q"], tensors[name + ".scale"] = q.cpu(), s.cpu()
+        meta[name] = dict(kind="int", bits=bits, dtype=str(p.dtype).removeprefix("torch."))
+    return tensors, meta
+
+
+def dequantize_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
+    out = {}
+    for name, m in meta.items():
+        if (name + ".q" if m["kind"] == "int" else name) not in tensors:
+            raise ValueError(f"tensor {name} listed in the metadata is missing")
+        t = dequantize(tensors[name + ".q"], tensors[name + ".scale"]) if m["kind"] == "int" else tensors[name]
+        out[name] = t.to(_DTYPES[m["dtype"]])
+    return out
+
+
+def serialize_tensors(tensors: dict[str, Tensor], meta: dict) -> bytes:
+    """PGQ1 | uint32 header length | JSON header (names, dtypes, shapes, offsets, meta) | raw bytes."""
+    entries, chunks, offset = [], [], 0
+    for name, t in tensors.items():
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        entries.append(dict(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), offset=offset, nbytes=len(raw)))
+        chunks.append(raw)
+        offset += len(raw)
+    header = json.dumps(dict(tensors=entries, meta=meta, body_nbytes=offset), separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(chunks)
+
+
+def deserialize_tensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
+    """Inverse of serialize_tensors; any inconsistency raises ValueError (never executes code)."""
+    if data[:4] != ARTIFACT_MAGIC:
+        raise ValueError("not a PGQ1 artifact (bad magic)")
+    n = int.from_bytes(data[4:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + n])
+        body = memoryview(data)[8 + n :]
+        if len(body) != header["body_nbytes"]:
+            raise ValueError(f"truncated or padded: body has {len(body)} bytes, header says {header['body_nbytes']}")
+        tensors = {}
+        for e in header["tensors"]:
+            dtype = _DTYPES[e["dtype"]]
+            raw = bytearray(body[e["offset"] : e["offset"] + e["nbytes"]])
+            if len(raw) != e["nbytes"] or e["nbytes"] != math.prod(e["shape"]) * dtype.itemsize:
+                raise ValueError(f"tensor {e['name']}: {len(raw)} bytes do not match shape {e['shape']} {e['dtype']}")
+            tensors[e["name"]] = torch.frombuffer(raw, dtype=dtype).reshape(e["shape"]) if raw else torch.zeros(e["shape"], dtype=dtype)
+        return tensors, header["meta"]
+    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt header ({type(e).__name__}: {e})") from None
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """Group byte lanes (e.g. the low and high bytes of fp16) so the compressor sees runs of alike bytes."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return SHUFFLE_MAGIC + bytes([stride]) + b"".join(arr[i::stride].tobytes() for i in range(stride))
+
+
+def byte_unshuffle(data: bytes) -> bytes:
+    if data[:4] != SHUFFLE_MAGIC:
+        return data
+    stride, payload = data[4], np.frombuffer(data, dtype=np.uint8, offset=5)
+    out, pos = np.empty_like(payload), 0
+    for i in range(stride):
+        lane = out[i::stride]
+        lane[:] = payload[pos : pos + lane.size]
+        pos += lane.size
+    return out.tobytes()
+
+
+def _brotli():
+    try:
+        import brotli
+    except ImportError:
+        raise ConfigError("brotli is not installed; pip install brotli") from None
+    return brotli
+
+
+def compress_artifact(data: bytes) -> bytes:
+    return _brotli().compress(byte_shuffle(data), quality=11)
+
+
+def decompress_artifact(blob: bytes) -> bytes:
+    brotli = _brotli()
+    try:
+        return byte_unshuffle(brotli.decompress(blob))
+    except brotli.error:
+        raise ValueError("brotli stream invalid (truncated or corrupted)") from None
+
+
+# Shapes an artifact must agree on with the model it is loaded into.
+SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "mlp_mult",
+              "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start")
+
+
+def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, looping: bool) -> int:
+    config = {k: getattr(h, k) for k in SHAPE_KEYS}
+    blob = compress_artifact(serialize_tensors(tensors, dict(state=meta, config=config, looping=looping)))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(blob)
+    os.replace(path + ".tmp", path)
+    return os.path.getsize(path)
+
+
+def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], bool]:
+    """Read, decompress and dequantize an artifact: (state dict for a model built from h, looping)."""
+    try:
+        tensors, meta = deserialize_tensors(decompress_artifact(Path(path).read_bytes()))
+    except OSError as e:
+        raise ConfigError(f"cannot read artifact {path}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"corrupt artifact {path}: {e}") from None
+    if not {"config", "state", "looping"} <= meta.keys():
+        raise ConfigError(f"corrupt artifact {path}: metadata lacks config/state/looping")
+    for k, v in meta["config"].items():
+        if getattr(h, k) != v:
+            raise ConfigError(f"artifact {path} was made with {k.upper()}={v} but this run has {k.upper()}={getattr(h, k)}; "
+                              f"set {k.upper()}={v}")
+    return dequantize_state(tensors, meta["state"]), bool(meta["looping"])
+
+
+# Self-extracting code: raw LZMA2 + base85, run with exec (the 04-09 record's wrapper format).
+_PACK_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"'
+_PACK_TAIL = b'"),format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\n'
+
+
+def pack_source(src: bytes) -> bytes:
+    """The counted form of the code: behaves identically, ships readable source inside."""
+    import base64
+    import lzma
+
+    raw = lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    return _PACK_HEAD + base64.b85encode(raw) + _PACK_TAIL
+
+
+def counted_code_bytes() -> int:
+    """Size of the packed wrapper of this file (or of this file itself when it is the wrapper)."""
+    src = Path(__file__).read_bytes()
+    return len(src) if src.startswith(_PACK_HEAD) else len(pack_source(src))
+
+
+# ------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------
 # val_bpb = sum(nll nats) / (ln 2 * sum(target bytes)); sums in float64, all-reduced across ranks.
@@ -947,7 +1211,13 @@ class Trainer:
             if stop:
                 break
         log(f"train_steps:{step} train_time:{train_time * 1000:.0f}ms budget:{budget:.1f}s")
-        return step
+        return train_time
+
+    def calibration_batches(self):
+        """GPTQ calibration input: the next training windows (never validation data)."""
+        for _ in range(self.h.gptq_calibration_batches):
+            x, _ = self.loader.next_batch(self.seqs_per_micro * self.d.world_size, self.d.rank, self.d.world_size)
+            yield x.to(self.d.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -978,7 +1248,30 @@ def timed_eval(stage: str, h, model, d, val_tokens, luts, log) -> EvalResult:
     return r
 
 
-def train_and_eval(h: Hyperparameters, d: Dist) -> dict:
+def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, train_time: float) -> None:
+    """Hessians on training data (inside the training budget), then quantize and write on rank 0."""
+    model = trainer.base
+    hessians = None
+    if h.gptq_enabled:
+        t0 = trainer.sync_time()
+        hessians = collect_hessians(model, trainer.calibration_batches(), h)
+        for v in hessians.values():
+            all_reduce(v).div_(d.world_size)
+        end = train_time + trainer.sync_time() - t0
+        log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)}")
+    if d.is_main:
+        t0 = time.perf_counter()
+        tensors, meta = quantize_state(model, h, hessians)
+        kinds = [f"int{m['bits']}" if m["kind"] == "int" else m["kind"] for m in meta.values()]
+        log("quantized " + " ".join(f"{k}:{kinds.count(k)}" for k in sorted(set(kinds)))
+            + f" method:{'gptq' if hessians else 'rtn'} quant_time:{time.perf_counter() - t0:.1f}s")
+        write_artifact(h.artifact_file, tensors, meta, h, model.looping_active)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def train_and_eval(h: Hyperparameters, d: Dist) -> int:
+    """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized eval. Exit status."""
     log = Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
     log_header(h, d, log)
     torch.manual_seed(h.seed)
@@ -992,18 +1285,38 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> dict:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
     val_bytes = int(target_bytes(val_tokens[:-1], val_tokens[1:], luts).sum())
     log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{val_bytes}")
-    train_paths = shard_paths(h.dataset_dir, "train")
-    model = GPT(h).to(d.device)
-    log(f"model_params:{count_params(model)}")
-    for mode, s in model.schedules.items():
-        log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
-    trainer = Trainer(h, d, log, model, train_paths)
-    eval_fn = lambda m: eval_val(h, m, d, val_tokens, luts)  # noqa: E731
-    trainer.warmup()
-    steps = trainer.run(eval_fn)
-    trainer.apply_ema()
-    r = timed_eval("pre_quant", h, model, d, val_tokens, luts, log)
-    return dict(steps=steps, pre_quant=r)
+    stage = lambda name, m: timed_eval(name, h, m, d, val_tokens, luts, log)  # noqa: E731
+    pre = None
+    artifact = h.eval_artifact or h.artifact_file
+    if not h.eval_artifact:
+        model = GPT(h).to(d.device)
+        log(f"model_params:{count_params(model)}")
+        for mode, s in model.schedules.items():
+            log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
+        trainer = Trainer(h, d, log, model, shard_paths(h.dataset_dir, "train"))
+        trainer.warmup()
+        train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
+        trainer.apply_ema()
+        pre = stage("pre_quant", model)
+        make_artifact(h, d, log, trainer, train_time)
+        del trainer, model
+    eval_model = GPT(h).to(d.device)
+    state, looping = load_artifact(artifact, h)
+    try:
+        eval_model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"artifact {artifact} does not fit this model: {str(e).splitlines()[-1].strip()}") from None
+    set_looping(eval_model, looping)
+    total = counted_code_bytes() + os.path.getsize(artifact)
+    log(f"artifact bytes_code:{counted_code_bytes()} bytes_model:{os.path.getsize(artifact)} bytes_total:{total} "
+        f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:1 path:{artifact}")
+    quant = stage("quantized", eval_model)
+    if pre is not None:
+        log(f"quant_gap val_bpb:{quant.val_bpb - pre.val_bpb:+.8f}")
+    if total > SIZE_LIMIT:
+        log(f"OVER_LIMIT by {total - SIZE_LIMIT} bytes: lower MATRIX_CLIP_SIGMAS/bits or shrink the model")
+        return 4
+    return 0
 
 
 def main() -> int:
@@ -1017,8 +1330,7 @@ def main() -> int:
             dist.broadcast_object_list(obj, src=0)
             run_id = obj[0]
         h = dataclasses.replace(h, run_id=run_id)
-        train_and_eval(h, d)
-        return 0
+        return train_and_eval(h, d)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

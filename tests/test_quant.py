@@ -1,0 +1,227 @@
+"""Artifact: SDClip/RTN/GPTQ, the pickle-free container, compression, accounting and round trips."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO, SP1024, TINY, clean_environ, tiny_env
+
+CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
+
+
+def qmax(bits):
+    return 2 ** (bits - 1) - 1
+
+
+def correlated_inputs(n, d, seed):
+    """Activation-like rows: random mixing, a 100x decaying spectrum, uneven channel scales."""
+    g = torch.Generator().manual_seed(seed)
+    root = torch.randn(d, d, generator=g) / d**0.5 * torch.logspace(0, -2, d).sqrt()[None, :]
+    return (torch.randn(n, d, generator=g) @ root.T) * torch.exp(0.5 * torch.randn(d, generator=g))
+
+
+def reference_gptq(w, h, scales, bits):
+    """Unblocked float64 GPTQ with act-order via explicit inverse-Hessian downdates."""
+    r = qmax(bits)
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    w, h = w.double()[:, perm].clone(), h.double()[perm][:, perm]
+    hinv = torch.linalg.inv(h + 0.01 * h.diagonal().mean() * torch.eye(h.size(0), dtype=torch.float64))
+    s, q = scales.double(), torch.zeros_like(w)
+    for j in range(w.size(1)):
+        q[:, j] = torch.clamp(torch.round(w[:, j] / s), -r, r)
+        err = (w[:, j] - q[:, j] * s) / hinv[j, j]
+        w[:, j + 1 :] -= err[:, None] * hinv[j, j + 1 :][None, :]
+        hinv = hinv - hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
+    return q[:, torch.argsort(perm)].to(torch.int8)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_rtn_range_and_error_bound(bits):
+    w = torch.randn(64, 300)
+    s = tg.sdclip_scales(w, bits, 3.0)
+    q = tg.quantize_rtn(w, s, bits)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= qmax(bits)
+    inside = (w / s.float()[:, None]).abs() <= qmax(bits)
+    err = (w - tg.dequantize(q, s)).abs()
+    assert torch.all(err[inside] <= (s.float()[:, None] / 2).expand_as(w)[inside] + 1e-6)
+    torch.testing.assert_close(s.float(), (3.0 * w.std(dim=1, correction=0) / qmax(bits)).half().float())
+
+
+def test_gptq_matches_unblocked_reference():
+    x = correlated_inputs(1024, 80, seed=3)
+    w = torch.randn(24, 80, generator=torch.Generator().manual_seed(4))
+    q, s = tg.gptq_quantize(w, x.T @ x, 4, 3.0, block=32)
+    assert (q == reference_gptq(w, x.T @ x, s, 4)).float().mean() >= 0.99  # fp32 vs fp64 boundary flips only
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_gptq_with_diagonal_hessian_is_rtn(bits):
+    """A diagonal H has a diagonal inverse: nothing propagates, so GPTQ must equal RTN exactly."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(48, 300, generator=g)
+    for h in (3.7 * torch.eye(300), torch.diag(torch.rand(300, generator=g) + 0.1)):
+        q, s = tg.gptq_quantize(w, h, bits, 3.0)
+        assert torch.equal(q, tg.quantize_rtn(w, s, bits))
+
+
+def test_gptq_dead_columns_get_code_zero():
+    x = correlated_inputs(2048, 64, seed=5)
+    x[:, [5, 40]] = 0.0
+    q, _ = tg.gptq_quantize(torch.randn(32, 64), x.T @ x, 6, 12.85)
+    assert torch.all(q[:, [5, 40]] == 0)
+
+
+def test_container_round_trip_and_errors():
+    tensors = {"a": torch.randint(-31, 32, (5, 7), dtype=torch.int8), "b": torch.randn(3).half(),
+               "c": torch.randn(2, 2), "d": torch.randn(4).bfloat16(), "e": torch.zeros(0, 3).half(), "f": torch.tensor(2.5)}
+    blob = tg.serialize_tensors(tensors, {"x": 1})
+    out, meta = tg.deserialize_tensors(blob)
+    assert meta == {"x": 1} and out.keys() == tensors.keys()
+    assert all(out[k].dtype == t.dtype and torch.equal(out[k], t) for k, t in tensors.items())
+    with pytest.raises(ValueError, match="bad magic"):
+        tg.deserialize_tensors(b"XXXX" + blob[4:])
+    for cut in (3, 9, 40, len(blob) - 1):
+        with pytest.raises(ValueError):
+            tg.deserialize_tensors(blob[:cut])
+    assert tg.decompress_artifact(tg.compress_artifact(blob)) == blob
+    assert tg.byte_unshuffle(tg.byte_shuffle(blob[:-1])) == blob[:-1]
+    with pytest.raises(ValueError, match="brotli"):
+        tg.decompress_artifact(tg.compress_artifact(blob)[:-10])
+
+
+def test_pack_source_behaves_identically(tmp_path):
+    packed = tg.pack_source(b"import sys\nprint('packed', __name__, len(sys.argv))\n")
+    (tmp_path / "p.py").write_bytes(packed)
+    out = subprocess.run([sys.executable, str(tmp_path / "p.py"), "a"], capture_output=True, text=True)
+    assert out.stdout == "packed __main__ 2\n"
+    assert tg.counted_code_bytes() == len(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
+
+
+def test_default_routing_matches_the_65536_passthrough_rule():
+    """Every quantized tensor is > 65,536 elements and every passthrough tensor <= 65,536."""
+    h = tg.Hyperparameters()
+    for name, p in tg.GPT(h).state_dict().items():
+        assert (tg.quant_spec(name, p, h) is None) == (p.numel() <= 65_536), name
+    assert tg.quant_spec("tok_emb.weight", torch.zeros(8192, 512), h) == (8, 20.0)
+
+
+# --- on a tiny model trained on real text --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(dataset):
+    h = tg.Hyperparameters(**{**TINY, "iterations": 40, "model_dim": 128, "gptq_calibration_batches": 8})
+    torch.manual_seed(0)
+    tr = tg.Trainer(h, CPU, tg.Logger(CPU, None), tg.GPT(h), tg.shard_paths(str(dataset), "train"))
+    tr.run(lambda m: None)
+    tr.apply_ema()
+    hess = tg.collect_hessians(tr.base, tr.calibration_batches(), h)
+    val = tg.load_val_tokens(str(dataset), h.eval_seq_len)[: 200 * 64 + 1]
+    return h, tr.base, hess, val
+
+
+def test_hessians_cover_every_quantized_tensor(trained):
+    h, model, hess, _ = trained
+    names = {n for n, p in model.state_dict().items() if tg.quant_spec(n, p, h)}
+    assert hess.keys() == names and hess["tok_emb.weight"].shape == (128, 128)
+
+
+def test_gptq_lowers_layer_output_error_on_real_activations(trained, dataset):
+    h, model, hess, _ = trained
+    x = next(iter(tg.TrainLoader(tg.shard_paths(str(dataset), "train"), 64, seed=99).next_batch(16, 0, 1)))
+    acts = {}
+    hook = model.blocks[1].mlp.proj.register_forward_pre_hook(lambda m, a: acts.update(x=a[0].flatten(0, 1)))
+    with torch.no_grad():
+        model.hidden(x)
+    hook.remove()
+    w, X = model.blocks[1].mlp.proj.weight.detach(), acts["x"]
+    q, s = tg.gptq_quantize(w, hess["blocks.1.mlp.proj.weight"], 4, 4.0)
+    err = lambda qq: torch.linalg.norm((w - tg.dequantize(qq, s)) @ X.T)  # noqa: E731
+    ratio = float(err(q) / err(tg.quantize_rtn(w, s, 4)))
+    print(f"held-out output error GPTQ/RTN int4: {ratio:.3f}")
+    assert ratio < 0.9
+
+
+def test_quantization_gap_gptq_below_rtn_at_4_bits(trained):
+    h, model, hess, val = trained
+    h4 = dataclasses.replace(h, matrix_bits=4, matrix_clip_sigmas=5.0)
+    luts = tg.build_byte_luts(str(SP1024), 1024)
+    pre = tg.eval_val(h4, model, CPU, val, luts).val_bpb
+    gaps = {}
+    for method, hs in (("gptq", hess), ("rtn", None)):
+        tensors, meta = tg.quantize_state(model, h4, hs)
+        q = tg.GPT(h4)
+        q.load_state_dict(tg.dequantize_state(tensors, meta), strict=True)
+        q.looping_active = model.looping_active
+        gaps[method] = tg.eval_val(h4, q, CPU, val, luts).val_bpb - pre
+    print(f"int4 quant gap: gptq {gaps['gptq']:+.4f} rtn {gaps['rtn']:+.4f} ratio {gaps['gptq'] / gaps['rtn']:.2f}")
+    assert gaps["rtn"] > 0 and gaps["gptq"] < 0.8 * gaps["rtn"]
+
+
+def test_artifact_round_trip_is_bit_exact(trained, tmp_path):
+    h, model, hess, _ = trained
+    tensors, meta = tg.quantize_state(model, h, hess)
+    path = str(tmp_path / "m.ptz")
+    size = tg.write_artifact(path, tensors, meta, h, looping=True)
+    assert size == os.path.getsize(path)
+    state, looping = tg.load_artifact(path, h)
+    expect = tg.dequantize_state(tensors, meta)
+    assert looping and state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], expect[k]) and state[k].dtype == torch.float32 for k in state)
+    # bad inputs: shape mismatch, truncation, garbage
+    with pytest.raises(tg.ConfigError, match="NUM_LAYERS=4 but this run has NUM_LAYERS=5"):
+        tg.load_artifact(path, dataclasses.replace(h, num_layers=5))
+    blob = open(path, "rb").read()
+    for name, data in (("cut", blob[: len(blob) // 2]), ("junk", b"\0" * 100)):
+        bad = tmp_path / f"{name}.ptz"
+        bad.write_bytes(data)
+        with pytest.raises(tg.ConfigError, match=f"corrupt artifact {bad}"):
+            tg.load_artifact(str(bad), h)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+def run(env, tmp_path):
+    env = {**clean_environ(), **env, "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+
+
+def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
+    env = tiny_env(iterations=8, data_path=str(dataset), tokenizer_path=str(SP1024), run_id="e2e",
+                   gptq_calibration_batches=4)
+    r = run(env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(l for l in r.stdout.splitlines() if l.startswith("artifact "))
+    kv = dict(t.split(":", 1) for t in line.split()[1:])
+    artifact = tmp_path / "logs" / "e2e.ptz"
+    assert int(kv["bytes_model"]) == artifact.stat().st_size
+    assert int(kv["bytes_code"]) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
+    assert int(kv["bytes_total"]) == int(kv["bytes_model"]) + int(kv["bytes_code"])
+    assert "gptq_hessian_end:" in r.stdout and "quant_gap val_bpb:" in r.stdout
+    quantized = next(l for l in r.stdout.splitlines() if l.startswith("final_quantized"))
+    # re-score the saved artifact without training
+    again = run({**env, "EVAL_ARTIFACT": str(artifact), "RUN_ID": "rescore"}, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "final_pre_quant" not in again.stdout
+    requant = next(l for l in again.stdout.splitlines() if l.startswith("final_quantized"))
+    assert requant.split("eval_time")[0] == quantized.split("eval_time")[0]
+    # wrong shapes: one-line error naming the file and the mismatch
+    bad = run({**env, "EVAL_ARTIFACT": str(artifact), "NUM_LAYERS": "5"}, tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(artifact) in bad.stderr
+
+
+def test_over_limit_exits_nonzero_after_evals(dataset, tmp_path, monkeypatch, capsys):
+    """Over the limit: every eval still runs and is logged, then exit status 4 (limit lowered here)."""
+    monkeypatch.setattr(tg, "SIZE_LIMIT", 10_000)
+    h = tg.Hyperparameters(**{**TINY, "iterations": 2, "data_path": str(dataset), "tokenizer_path": str(SP1024),
+                              "run_id": "big", "log_dir": str(tmp_path), "gptq_calibration_batches": 2})
+    assert tg.train_and_eval(h, CPU) == 4
+    log = (tmp_path / "big.txt").read_text()
+    assert "final_quantized" in log and "OVER_LIMIT by" in log
+    assert log.index("final_quantized") < log.index("OVER_LIMIT")
