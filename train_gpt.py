@@ -120,7 +120,7 @@ class Hyperparameters:
     matrix_bits: int = 6  # block matrices and embed/head projections
     matrix_clip_sigmas: float = 12.85  # SDClip k: step = k*std(row)/R, the artifact-size dial
     embed_bits: int = 8  # tied embedding
-    embed_clip_sigmas: float = 20.0
+    embed_clip_sigmas: float = 20.0  # SDClip k of the embedding
     artifact_path: str = ""  # "" -> {log_dir}/{run_id}.ptz
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
     # --- evaluation ---

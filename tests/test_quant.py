@@ -211,6 +211,16 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
     assert "final_pre_quant" not in again.stdout
     requant = next(l for l in again.stdout.splitlines() if l.startswith("final_quantized"))
     assert requant.split("eval_time")[0] == quantized.split("eval_time")[0]
+    # the packed (counted) form of the script behaves identically and counts itself
+    packed = tmp_path / "packed" / "train_gpt.py"
+    subprocess.run([sys.executable, str(REPO / "tools" / "pack_code.py"), "--out", str(packed)], check=True)
+    env_p = {**clean_environ(), **env, "EVAL_ARTIFACT": str(artifact), "RUN_ID": "packed",
+             "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(packed)], env=env_p, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert next(l for l in p.stdout.splitlines() if l.startswith("final_quantized")).split("eval_time")[0] == \
+        quantized.split("eval_time")[0]
+    assert f"bytes_code:{packed.stat().st_size} " in p.stdout and packed.stat().st_size == int(kv["bytes_code"])
     # wrong shapes: one-line error naming the file and the mismatch
     bad = run({**env, "EVAL_ARTIFACT": str(artifact), "NUM_LAYERS": "5"}, tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(artifact) in bad.stderr
