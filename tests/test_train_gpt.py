@@ -154,6 +154,9 @@ def test_embedding_projections():
     assert model.logits(ids).shape == (2, 16, 1024)
     groups = {n: tg.param_group(n, p) for n, p in model.named_parameters()}
     assert groups["embed_proj.weight"] == groups["head_proj.weight"] == "muon"
+    h = tiny(embedding_dim=32)  # quantized like block matrices, never fp16 passthrough
+    assert tg.quant_spec("embed_proj.weight", model.embed_proj.weight, h) == (h.matrix_bits, h.matrix_clip_sigmas)
+    assert tg.quant_spec("head_proj.weight", model.head_proj.weight, h) == (h.matrix_bits, h.matrix_clip_sigmas)
 
 
 def test_initial_loss_is_log_vocab():
