@@ -317,10 +317,6 @@ class Logger:
                 f.write(msg + "\n")
 
 
-def code_bytes() -> int:
-    return len(Path(__file__).read_bytes())
-
-
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
@@ -1106,7 +1102,7 @@ class Trainer:
         self.loader = TrainLoader(train_paths, h.train_seq_len, h.seed)
         self.params = list(model.parameters())
         self.ema = [t.detach().float().clone() for t in model.state_dict().values()]
-        self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # global sequences per micro-step
+        self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # sequences per rank per micro-step
 
     def train_step(self, step: int, lr_mult: float) -> Tensor:
         h, d = self.h, self.d
@@ -1307,8 +1303,9 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     except RuntimeError as e:
         raise ConfigError(f"artifact {artifact} does not fit this model: {str(e).splitlines()[-1].strip()}") from None
     set_looping(eval_model, looping)
-    total = counted_code_bytes() + os.path.getsize(artifact)
-    log(f"artifact bytes_code:{counted_code_bytes()} bytes_model:{os.path.getsize(artifact)} bytes_total:{total} "
+    code, model_bytes = counted_code_bytes(), os.path.getsize(artifact)
+    total = code + model_bytes
+    log(f"artifact bytes_code:{code} bytes_model:{model_bytes} bytes_total:{total} "
         f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:1 path:{artifact}")
     quant = stage("quantized", eval_model)
     if pre is not None:
