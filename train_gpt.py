@@ -803,15 +803,20 @@ def quant_spec(name: str, p: Tensor, h: Hyperparameters) -> tuple[int, float] | 
     return (h.matrix_bits, h.matrix_clip_sigmas) if group == "muon" else None
 
 
+def qmax(bits: int) -> int:
+    """Largest code of a symmetric signed `bits`-bit grid: 31 for int6, 127 for int8."""
+    return 2 ** (bits - 1) - 1
+
+
 def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     """Per-row step k*std(row)/R as fp16 (never 0): k sets the code entropy, hence the size."""
     std = w.float().std(dim=1, correction=0)
-    scale = clip_sigmas * std / (2 ** (bits - 1) - 1)
+    scale = clip_sigmas * std / qmax(bits)
     return scale.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half()
 
 
 def quantize_rtn(w: Tensor, scales: Tensor, bits: int) -> Tensor:
-    r = 2 ** (bits - 1) - 1
+    r = qmax(bits)
     return torch.clamp(torch.round(w.float() / scales.float()[:, None]), -r, r).to(torch.int8)
 
 
@@ -825,7 +830,7 @@ def gptq_quantize(w: Tensor, hess: Tensor, bits: int, clip_sigmas: float, block:
     Each column is rounded, and its error, weighted by the inverse Hessian, is pushed onto the
     columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised.
     """
-    r = 2 ** (bits - 1) - 1
+    r = qmax(bits)
     scales = sdclip_scales(w, bits, clip_sigmas)
     s = scales.float()
     H = hess.double().clone()
@@ -1104,13 +1109,18 @@ class Trainer:
         self.ema = [t.detach().float().clone() for t in model.state_dict().values()]
         self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # sequences per rank per micro-step
 
+    def next_micro_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's share of the next micro-step of the global stream, on the device."""
+        d = self.d
+        x, y = self.loader.next_batch(self.seqs_per_micro * d.world_size, d.rank, d.world_size)
+        return x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+
     def train_step(self, step: int, lr_mult: float) -> Tensor:
         h, d = self.h, self.d
         accum = d.grad_accum
         loss_sum = torch.zeros((), device=d.device)
         for _ in range(accum):
-            x, y = self.loader.next_batch(self.seqs_per_micro * d.world_size, d.rank, d.world_size)
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            x, y = self.next_micro_batch()
             with autocast_ctx(d.device):
                 loss = self.compiled(x, y)
             (loss / accum).backward()
@@ -1212,8 +1222,7 @@ class Trainer:
     def calibration_batches(self):
         """GPTQ calibration input: the next training windows (never validation data)."""
         for _ in range(self.h.gptq_calibration_batches):
-            x, _ = self.loader.next_batch(self.seqs_per_micro * self.d.world_size, self.d.rank, self.d.world_size)
-            yield x.to(self.d.device)
+            yield self.next_micro_batch()[0]
 
 
 # ------------------------------------------------------------------------------------------------
