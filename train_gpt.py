@@ -125,7 +125,20 @@ class Hyperparameters:
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
     # --- evaluation ---
     eval_seq_len: int = 2048  # tokens per eval window (also sets the val truncation)
-    val_batch_tokens: int = 524_288  # global tokens per eval batch
+    val_batch_tokens: int = 524_288  # global tokens per eval batch (524288/8/2048 = 32 windows per rank)
+    sliding_window_enabled: bool = True  # stage final_sliding: overlapping windows, stride EVAL_STRIDE
+    eval_stride: int = 64  # sliding/TTT: later windows score only their last EVAL_STRIDE targets
+    ttt_enabled: bool = True  # stage final_ttt: legal score-first test-time training (the score)
+    ttt_chunk_tokens: int = 32_768  # TTT: score a chunk, then train on it; multiple of EVAL_SEQ_LEN
+    ttt_epochs: int = 3  # TTT: passes over each scored chunk
+    ttt_lr: float = 0.005  # TTT: SGD LR, cosine over chunks
+    ttt_momentum: float = 0.9  # TTT: SGD momentum
+    ttt_grad_clip: float = 1.0  # TTT: global grad-norm clip; 0 disables
+    ttt_batch_seqs: int = 32  # TTT: global sequences per SGD step, split across ranks
+    ttt_freeze_blocks: int = 0  # TTT: the first n physical blocks stay fixed
+    ttt_hash_embed: bool = False  # TTT: add a zero-init bigram hash embedding trained only during TTT
+    ttt_hash_buckets: int = 16_384  # TTT: buckets of the bigram hash embedding
+    eval_nll_dir: str = ""  # dir: each stage writes <stage>.npy (float32 NLL per target) + bytes.npy
 
     @property
     def model_dim_embed(self) -> int:
@@ -192,6 +205,12 @@ class Hyperparameters:
         need(0 <= self.warmdown_frac <= 1 and 0 <= self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must lie in [0, 1]")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8,
              f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must lie in [2, 8]")
+        need(0 < self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must lie in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
+        need(self.ttt_chunk_tokens > 0 and self.ttt_chunk_tokens % self.eval_seq_len == 0,
+             f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a positive multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.ttt_epochs >= 0 and self.ttt_batch_seqs > 0 and self.ttt_hash_buckets > 0,
+             "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
+        need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
 
 
@@ -203,7 +222,7 @@ PRESETS = {
         train_batch_tokens=8 * 512, train_seq_len=256, eval_seq_len=256, val_batch_tokens=16 * 256,
         iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1, gptq_calibration_batches=8,
         muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
-        tied_embed_lr=0.05, ema_decay=0.95,
+        tied_embed_lr=0.05, ema_decay=0.95, ttt_chunk_tokens=4096,
     ),
 }
 
@@ -296,6 +315,20 @@ def all_reduce(t: Tensor, op=None) -> Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
+
+
+def reduce_grads(params: list[Tensor], world_size: int, average: bool) -> None:
+    """Sum (or average) gradients over ranks with one flat all-reduce."""
+    if world_size == 1:
+        return
+    for p in params:  # a parameter without a gradient here still joins the reduction
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = all_reduce(torch.cat([g.flatten() for g in grads]))
+    if average:
+        flat /= world_size
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 class Logger:
@@ -552,6 +585,12 @@ class Block(nn.Module):
         return out0, out1
 
 
+def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
+    """Bucket of (previous, current) input token; the first position of a window pairs with 0 (pad)."""
+    prev = F.pad(ids[:, :-1], (1, 0))
+    return ((prev * 1_000_003) ^ (ids * 8191)) % buckets
+
+
 class Schedule(NamedTuple):
     encoder: list[int]  # physical layer of each encoder application
     decoder: list[int]
@@ -600,6 +639,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.looping_active = False
+        self.hash_embed: nn.Embedding | None = None  # TTT_HASH_EMBED attaches it at eval; never in the artifact
         self._init_weights()
 
     @torch.no_grad()
@@ -623,6 +663,8 @@ class GPT(nn.Module):
         T = ids.size(1)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_emb(ids)
+        if self.hash_embed is not None:
+            x = x + self.hash_embed(bigram_hash(ids, self.hash_embed.num_embeddings))
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         x0 = x = rms_norm(x)
@@ -1039,6 +1081,13 @@ def counted_code_bytes() -> int:
 # Evaluation
 # ------------------------------------------------------------------------------------------------
 # val_bpb = sum(nll nats) / (ln 2 * sum(target bytes)); sums in float64, all-reduced across ranks.
+# Target i is token i+1 of the validation stream. Every stage scores windows of EVAL_SEQ_LEN tokens:
+# the first window scores all its targets, each later one (EVAL_STRIDE on) only its last EVAL_STRIDE,
+# so every target is scored exactly once, from tokens of its own window up to itself (SPEC 5.2).
+# The plain eval is the case stride = EVAL_SEQ_LEN. TTT (SPEC 5.3) scores each chunk's windows
+# before it trains on that chunk, so a score never depends on the token it scores or later ones.
+
+EVAL_LIMIT_SECONDS = 600.0
 
 
 class EvalResult(NamedTuple):
@@ -1063,29 +1112,172 @@ def autocast_ctx(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def window_starts(total: int, seq_len: int, stride: int) -> np.ndarray:
+    """Window starts 0, stride, ... kept while a window has targets past its seq_len-stride context."""
+    return np.arange(0, max(total - (seq_len - stride), 1), stride, dtype=np.int64)
+
+
+def first_scored(starts: np.ndarray, seq_len: int, stride: int) -> np.ndarray:
+    """Index of the first target each window scores."""
+    return np.where(starts == 0, 0, starts + seq_len - stride)
+
+
+def ttt_chunk_bounds(total: int, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray]:
+    """Window starts and, per chunk c, the window range [b[c], b[c+1]) whose first target is in c."""
+    starts = window_starts(total, h.eval_seq_len, h.eval_stride)
+    chunk = first_scored(starts, h.eval_seq_len, h.eval_stride) // h.ttt_chunk_tokens
+    n_chunks = -(-total // h.ttt_chunk_tokens)
+    return starts, np.searchsorted(chunk, np.arange(n_chunks + 1))
+
+
+def eval_batch_windows(h: Hyperparameters, world_size: int) -> int:
+    return max(h.val_batch_tokens // (world_size * h.eval_seq_len), 1)
+
+
 @torch.no_grad()
-def eval_val(h: Hyperparameters, model: nn.Module, d: Dist, val_tokens: Tensor, luts) -> EvalResult:
-    """Non-overlapping eval_seq_len windows; each target scored once with its in-window prefix."""
-    T = h.eval_seq_len
-    n_seq = (val_tokens.numel() - 1) // T
-    lo, hi = rank_range(n_seq, d.rank, d.world_size)
-    per_batch = max(h.val_batch_tokens // (d.world_size * T), 1)
-    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # nll, tokens, bytes
-    luts = tuple(t.to(d.device) for t in luts)
-    was_training = model.training
-    model.eval()
-    for s in range(lo, hi, per_batch):
-        e = min(s + per_batch, hi)
-        chunk = val_tokens[s * T : e * T + 1].to(d.device)
-        x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
-        with autocast_ctx(d.device):
-            nll = model.token_nll(x, y)
+def score_windows(scorer, tokens: Tensor, starts: Tensor, ctx: int, seq_len: int, per_batch: int,
+                  luts, sums: Tensor, nll_out: Tensor | None) -> None:
+    """Add the scored targets of these windows to sums (nll, tokens, bytes) and nll_out.
+
+    Batches are padded to per_batch windows (one compiled shape); masks instead of boolean
+    indexing keep the loop free of host-device syncs.
+    """
+    total = tokens.numel() - 1
+    pos = torch.arange(seq_len, device=tokens.device)
+    for b in range(0, starts.numel(), per_batch):
+        ws = starts[b : b + per_batch]
+        n = ws.numel()
+        ws = F.pad(ws, (0, per_batch - n))
+        idx = ws[:, None] + pos
+        scored = (idx < total) & ((pos >= ctx) | (ws[:, None] == 0))
+        scored[n:] = False
+        idx = idx.clamp(max=total - 1)
+        x, y = tokens[idx], tokens[idx + 1]
+        nll = torch.where(scored, scorer(x, y).float(), 0.0)
         sums[0] += nll.double().sum()
-        sums[1] += y.numel()
-        sums[2] += target_bytes(x, y, luts).sum()
-    model.train(was_training)
+        sums[1] += scored.sum()
+        sums[2] += torch.where(scored, target_bytes(x, y, luts), 0).sum()
+        if nll_out is not None:
+            nll_out.scatter_add_(0, idx.flatten(), nll.flatten())
+
+
+def finish_eval(sums: Tensor, nll_out: Tensor | None) -> tuple[EvalResult, Tensor | None]:
     all_reduce(sums)
-    return bpb_from_sums(sums[0].item(), int(sums[1].item()), int(sums[2].item()))
+    if nll_out is not None:
+        all_reduce(nll_out)  # each target was scored on exactly one rank, zeros elsewhere
+    return bpb_from_sums(sums[0].item(), int(sums[1].item()), int(sums[2].item())), nll_out
+
+
+def eval_windows(h: Hyperparameters, scorer, d: Dist, tokens: Tensor, luts, stride: int,
+                 collect: bool = False) -> tuple[EvalResult, Tensor | None]:
+    """Sliding-window eval (stride = EVAL_SEQ_LEN: plain non-overlapping eval); windows split by rank.
+
+    scorer(x, y) -> per-target NLL [B, T]; collect=True also returns every target's NLL in stream order.
+    """
+    T, total = h.eval_seq_len, tokens.numel() - 1
+    starts = window_starts(total, T, stride)
+    lo, hi = rank_range(len(starts), d.rank, d.world_size)
+    starts = torch.from_numpy(starts[lo:hi]).to(tokens.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    nll_out = torch.zeros(total, device=tokens.device) if collect else None
+    luts = tuple(t.to(tokens.device) for t in luts)
+    score_windows(scorer, tokens, starts, T - stride, T, eval_batch_windows(h, d.world_size), luts, sums, nll_out)
+    return finish_eval(sums, nll_out)
+
+
+def eval_val(h: Hyperparameters, model: nn.Module, d: Dist, val_tokens: Tensor, luts) -> EvalResult:
+    """Plain eval: non-overlapping EVAL_SEQ_LEN windows."""
+    return eval_windows(h, model.token_nll, d, val_tokens.to(d.device), luts, h.eval_seq_len)[0]
+
+
+def prepare_ttt(model: GPT, h: Hyperparameters) -> None:
+    """Freeze the first TTT_FREEZE_BLOCKS blocks; attach the zero-init hash embedding (identity until trained)."""
+    for i, block in enumerate(model.blocks):
+        block.requires_grad_(i >= h.ttt_freeze_blocks)
+    if h.ttt_hash_embed:
+        model.hash_embed = nn.Embedding(h.ttt_hash_buckets, h.model_dim_embed, device=model.tok_emb.weight.device)
+        nn.init.zeros_(model.hash_embed.weight)
+
+
+def ttt_step_shares(h: Hyperparameters, d: Dist) -> list[tuple[int, int, int]]:
+    """(first seq, this rank's seqs, global seqs) of each SGD step over one chunk's sequences."""
+    n_seq, out = h.ttt_chunk_tokens // h.eval_seq_len, []
+    for s in range(0, n_seq, h.ttt_batch_seqs):
+        n = min(h.ttt_batch_seqs, n_seq - s)
+        a, b = rank_range(n, d.rank, d.world_size)
+        out.append((s + a, b - a, n))
+    return out
+
+
+def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: Tensor, luts,
+             collect: bool = False, log=None) -> tuple[EvalResult, Tensor | None]:
+    """Score-first TTT: for each chunk, score its windows with the current weights, then (except
+    for the last chunk) train on the chunk's tokens for TTT_EPOCHS with SGD, cosine LR over chunks.
+
+    The loss of each step is the global mean over its sequences, so any world size gives the same
+    update. Mutates the model: run it last.
+    """
+    T, C, total = h.eval_seq_len, h.ttt_chunk_tokens, tokens.numel() - 1
+    starts_np, bounds = ttt_chunk_bounds(total, h)
+    starts = torch.from_numpy(starts_np).to(tokens.device)
+    n_chunks = len(bounds) - 1
+    luts = tuple(t.to(tokens.device) for t in luts)
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    nll_out = torch.zeros(total, device=tokens.device) if collect else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    per_batch, steps = eval_batch_windows(h, d.world_size), ttt_step_shares(h, d)
+    t0, log_every = time.perf_counter(), max(n_chunks // 10, 1)
+    for c in range(n_chunks):
+        lo, hi = rank_range(int(bounds[c + 1] - bounds[c]), d.rank, d.world_size)
+        score_windows(scorer, tokens, starts[bounds[c] + lo : bounds[c] + hi], T - h.eval_stride, T,
+                      per_batch, luts, sums, nll_out)
+        if log is not None and ((c + 1) % log_every == 0 or c == n_chunks - 1):
+            r = bpb_from_sums(*all_reduce(sums.clone()).tolist())
+            log(f"ttt_progress chunk:{c + 1}/{n_chunks} val_bpb:{r.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
+        if c == n_chunks - 1 or h.ttt_epochs == 0 or not params:
+            continue
+        for g in opt.param_groups:
+            g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        for _ in range(h.ttt_epochs):
+            for first, n, n_global in steps:
+                if n > 0:
+                    seg = tokens[c * C + first * T : c * C + (first + n) * T + 1]
+                    with autocast_ctx(tokens.device):
+                        loss = loss_fn(seg[:-1].view(n, T), seg[1:].view(n, T))
+                    (loss * (n / n_global)).backward()
+                reduce_grads(params, d.world_size, average=False)
+                if h.ttt_grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    return finish_eval(sums, nll_out)
+
+
+def eval_callables(h: Hyperparameters, model: GPT, d: Dist):
+    """(scorer, loss_fn): compiled on CUDA, the plain model methods elsewhere."""
+    if h.compile and d.device.type == "cuda":
+        return (torch.compile(model.token_nll, dynamic=False, fullgraph=True),
+                torch.compile(model, dynamic=False, fullgraph=True))
+    return model.token_nll, model
+
+
+def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> float:
+    """Compile every eval shape on random tokens (never validation data); no state is changed."""
+    if not (h.compile and d.device.type == "cuda"):
+        return 0.0
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(h.seed)
+    x = torch.randint(0, h.vocab_size, (eval_batch_windows(h, d.world_size), h.eval_seq_len + 1), generator=gen).to(d.device)
+    with torch.no_grad(), autocast_ctx(d.device):
+        scorer(x[:, :-1], x[:, 1:])
+    if h.ttt_enabled and h.ttt_epochs > 0:
+        for n in sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}):
+            with autocast_ctx(d.device):
+                loss_fn(x[:n, :-1], x[:n, 1:]).backward()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1125,7 +1317,7 @@ class Trainer:
                 loss = self.compiled(x, y)
             (loss / accum).backward()
             loss_sum += loss.detach()
-        self._reduce_grads()
+        reduce_grads(self.params, self.d.world_size, average=True)
         if h.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
         mu = muon_momentum_at(step, h)
@@ -1138,19 +1330,6 @@ class Trainer:
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         return loss_sum / accum
-
-    def _reduce_grads(self) -> None:
-        """Average gradients over ranks with one flat all-reduce."""
-        if self.d.world_size == 1:
-            return
-        for p in self.params:  # a parameter unused in this loop mode still joins the reduction
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
-        flat = torch.cat([g.flatten() for g in grads])
-        all_reduce(flat)
-        flat /= self.d.world_size
-        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -1246,11 +1425,15 @@ def log_header(h: Hyperparameters, d: Dist, log: Logger) -> None:
     log(f"code bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()[:16]}")
 
 
-def timed_eval(stage: str, h, model, d, val_tokens, luts, log) -> EvalResult:
+def timed_eval(stage: str, h: Hyperparameters, d: Dist, log: Logger, fn) -> tuple[EvalResult, float]:
+    """Run fn(collect) -> (EvalResult, per-target NLL); log final_<stage>; dump the NLL if asked."""
     t0 = time.perf_counter()
-    r = eval_val(h, model, d, val_tokens, luts)
-    log(f"final_{stage} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{(time.perf_counter() - t0) * 1000:.0f}ms")
-    return r
+    r, nll = fn(bool(h.eval_nll_dir))
+    dt = time.perf_counter() - t0
+    log(f"final_{stage} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{dt * 1000:.0f}ms")
+    if nll is not None and d.is_main:
+        np.save(os.path.join(h.eval_nll_dir, f"{stage}.npy"), nll.cpu().numpy())
+    return r, dt
 
 
 def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, train_time: float) -> None:
@@ -1276,7 +1459,7 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
 
 
 def train_and_eval(h: Hyperparameters, d: Dist) -> int:
-    """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized eval. Exit status."""
+    """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
     log = Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
     log_header(h, d, log)
     torch.manual_seed(h.seed)
@@ -1288,9 +1471,12 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
     if int(val_tokens.max()) >= h.vocab_size:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
-    val_bytes = int(target_bytes(val_tokens[:-1], val_tokens[1:], luts).sum())
-    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{val_bytes}")
-    stage = lambda name, m: timed_eval(name, h, m, d, val_tokens, luts, log)  # noqa: E731
+    val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts)
+    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())}")
+    if h.eval_nll_dir and d.is_main:
+        os.makedirs(h.eval_nll_dir, exist_ok=True)
+        np.save(os.path.join(h.eval_nll_dir, "bytes.npy"), val_target_bytes.numpy().astype(np.int32))
+    val_tokens = val_tokens.to(d.device)
     pre = None
     artifact = h.eval_artifact or h.artifact_file
     if not h.eval_artifact:
@@ -1302,9 +1488,12 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
         trainer.warmup()
         train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
         trainer.apply_ema()
-        pre = stage("pre_quant", model)
+        pre, _ = timed_eval("pre_quant", h, d, log,
+                            lambda c: eval_windows(h, model.token_nll, d, val_tokens, luts, h.eval_seq_len, c))
         make_artifact(h, d, log, trainer, train_time)
         del trainer, model
+    # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
+    t0 = time.perf_counter()
     eval_model = GPT(h).to(d.device)
     state, looping = load_artifact(artifact, h)
     try:
@@ -1312,13 +1501,29 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     except RuntimeError as e:
         raise ConfigError(f"artifact {artifact} does not fit this model: {str(e).splitlines()[-1].strip()}") from None
     set_looping(eval_model, looping)
+    if h.ttt_enabled:
+        prepare_ttt(eval_model, h)
+    scorer, loss_fn = eval_callables(h, eval_model, d)
+    times = {"load": time.perf_counter() - t0}
     code, model_bytes = counted_code_bytes(), os.path.getsize(artifact)
     total = code + model_bytes
     log(f"artifact bytes_code:{code} bytes_model:{model_bytes} bytes_total:{total} "
         f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:1 path:{artifact}")
-    quant = stage("quantized", eval_model)
+    times["warmup"] = eval_warmup(h, eval_model, scorer, loss_fn, d)
+    log(f"eval_warmup time:{times['warmup']:.1f}s tokens:synthetic")
+    quant, times["quantized"] = timed_eval("quantized", h, d, log,
+                                           lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_seq_len, c))
     if pre is not None:
         log(f"quant_gap val_bpb:{quant.val_bpb - pre.val_bpb:+.8f}")
+    if h.sliding_window_enabled:
+        _, times["sliding"] = timed_eval("sliding", h, d, log,
+                                         lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_stride, c))
+    if h.ttt_enabled:
+        _, times["ttt"] = timed_eval("ttt", h, d, log,
+                                     lambda c: eval_ttt(h, eval_model, scorer, loss_fn, d, val_tokens, luts, c, log))
+    used = sum(times.values())
+    log(f"eval_budget used:{used:.1f}s limit:{EVAL_LIMIT_SECONDS:.0f}s stages:{'+'.join(times)}"
+        + ("" if used <= EVAL_LIMIT_SECONDS else " OVER_BUDGET"))
     if total > SIZE_LIMIT:
         log(f"OVER_LIMIT by {total - SIZE_LIMIT} bytes: lower MATRIX_CLIP_SIGMAS/bits or shrink the model")
         return 4
