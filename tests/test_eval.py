@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, SP1024, TINY, tiny_env
+from conftest import FINEWEB, REPO, SP1024, TINY, tiny_env
 
 sys.path.insert(0, str(REPO / "tools"))
 import causality_check as cc  # noqa: E402
@@ -212,8 +212,18 @@ def test_causality_check_catches_a_leak(stage):
 
 
 @pytest.fixture(scope="module")
-def eval_run(dataset, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evalrun")
+def small_dataset(shared_data, tmp_path_factory):
+    """4 validation documents (~15k tokens) keep the end-to-end eval runs short."""
+    import build_shards
+
+    out = tmp_path_factory.mktemp("sp1024_small")
+    build_shards.build_shards([FINEWEB], SP1024, out, val_docs=4, shard_tokens=300_000, max_docs=60)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_run(small_dataset, tmp_path_factory):
+    tmp, dataset = tmp_path_factory.mktemp("evalrun"), small_dataset
     env = tiny_env(iterations=8, data_path=str(dataset), tokenizer_path=str(SP1024), run_id="ev",
                    sliding_window_enabled=1, ttt_enabled=1, ttt_hash_embed=1, ttt_lr=0.02,
                    eval_nll_dir=str(tmp / "nll"))
@@ -227,9 +237,9 @@ def logged(stdout: str, stage: str) -> dict:
     return {k: float(v.rstrip("ms")) for k, v in (kv.split(":") for kv in line.split()[1:])}
 
 
-def test_nll_dump_recomputes_logged_bpb(eval_run, dataset):
+def test_nll_dump_recomputes_logged_bpb(eval_run, small_dataset):
     tmp, _, out = eval_run
-    val = tg.load_val_tokens(str(dataset), TINY["eval_seq_len"])
+    val = tg.load_val_tokens(str(small_dataset), TINY["eval_seq_len"])
     luts = tg.build_byte_luts(str(SP1024), 1024)
     nbytes = np.load(tmp / "nll" / "bytes.npy")
     assert np.array_equal(nbytes, tg.target_bytes(val[:-1], val[1:], luts).numpy())
@@ -250,7 +260,7 @@ def test_eval_budget_line_sums_the_stages(eval_run):
     assert "ttt_progress chunk:" in out
 
 
-def test_causality_tool_on_saved_artifact(eval_run, dataset):
+def test_causality_tool_on_saved_artifact(eval_run):
     tmp, env, _ = eval_run
     import subprocess
     from conftest import clean_environ
