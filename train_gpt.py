@@ -14,6 +14,8 @@ with `final_<stage> val_loss:... val_bpb:...` lines.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import copy
 import dataclasses
 import glob
@@ -1297,15 +1299,31 @@ class Trainer:
         self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if (h.compile and d.device.type == "cuda") else model
         self.opts = build_optimizers(h, model, d)
         self.loader = TrainLoader(train_paths, h.train_seq_len, h.seed)
+        self.prefetch = concurrent.futures.ThreadPoolExecutor(1)  # batches are read while the GPU computes
+        self.pending: collections.deque = collections.deque()
         self.params = list(model.parameters())
         self.ema = [t.detach().float().clone() for t in model.state_dict().values()]
         self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # sequences per rank per micro-step
 
-    def next_micro_batch(self) -> tuple[Tensor, Tensor]:
-        """This rank's share of the next micro-step of the global stream, on the device."""
+    def _read_batch(self) -> tuple[Tensor, Tensor]:
         d = self.d
         x, y = self.loader.next_batch(self.seqs_per_micro * d.world_size, d.rank, d.world_size)
-        return x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        if d.device.type == "cuda":  # pinned memory makes the copy below asynchronous
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def next_micro_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's share of the next micro-step of the global stream, on the device."""
+        while len(self.pending) < 2:  # one worker thread keeps the stream order
+            self.pending.append(self.prefetch.submit(self._read_batch))
+        x, y = self.pending.popleft().result()
+        return x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+
+    def rewind_loader(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+        self.loader.next_window = 0
 
     def train_step(self, step: int, lr_mult: float) -> Tensor:
         h, d = self.h, self.d
@@ -1355,7 +1373,7 @@ class Trainer:
         for o, s in zip(self.opts, opt_states):
             o.load_state_dict(s)
         set_looping(self.base, False)
-        self.loader.next_window = 0
+        self.rewind_loader()
         self.log(f"warmup_steps:{h.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s (state restored)")
 
     def sync_time(self) -> float:
@@ -1379,9 +1397,9 @@ class Trainer:
             train_time += self.sync_time() - t0
             step += 1
             frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
-            flags = torch.tensor([float(budget > 0 and train_time >= budget),
-                                  float(h.looping_enabled and frac >= h.enable_looping_at),
-                                  float(not torch.isfinite(loss).item())], device=d.device)
+            flags = torch.stack([torch.tensor(float(budget > 0 and train_time >= budget), device=d.device),
+                                 torch.tensor(float(h.looping_enabled and frac >= h.enable_looping_at), device=d.device),
+                                 (~torch.isfinite(loss)).float()])  # one device->host read per step, below
             stop, loop_on, bad = (bool(v) for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
             if bad:
                 raise TrainingError(f"non-finite train loss at step {step}; lower MATRIX_LR/TIED_EMBED_LR or check the data")
