@@ -224,7 +224,7 @@ PRESETS = {
         train_batch_tokens=8 * 512, train_seq_len=256, eval_seq_len=256, val_batch_tokens=16 * 256,
         iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1, gptq_calibration_batches=8,
         muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
-        tied_embed_lr=0.05, ema_decay=0.95, ttt_chunk_tokens=4096,
+        tied_embed_lr=0.05, ema_decay=0.95, eval_stride=128, ttt_chunk_tokens=8192, ttt_epochs=1,
     ),
 }
 
@@ -1270,13 +1270,13 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
         return 0.0
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(h.seed)
-    x = torch.randint(0, h.vocab_size, (eval_batch_windows(h, d.world_size), h.eval_seq_len + 1), generator=gen).to(d.device)
+    x, y = torch.randint(0, h.vocab_size, (2, eval_batch_windows(h, d.world_size), h.eval_seq_len), generator=gen).to(d.device)
     with torch.no_grad(), autocast_ctx(d.device):
-        scorer(x[:, :-1], x[:, 1:])
+        scorer(x, y)
     if h.ttt_enabled and h.ttt_epochs > 0:
         for n in sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}):
             with autocast_ctx(d.device):
-                loss_fn(x[:n, :-1], x[:n, 1:]).backward()
+                loss_fn(x[:n], y[:n]).backward()
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
