@@ -2,6 +2,8 @@
 # ./run.sh           set up and run the main job: the record config on every visible GPU (torchrun),
 #                    or the tiny smoke preset on CPU using ../shared/data. Env vars pass through.
 # ./run.sh test ...  set up and run the test suite; extra args go to pytest.
+# ./run.sh sweep FILE [...]  one main-job run per line of env overrides, then a summary table
+#                    (tools/sweep.py --help).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -14,8 +16,17 @@ if [[ "${1:-}" == "test" ]]; then
     python3 -m pip install -r requirements.txt pytest
     exec python3 -m pytest -q tests "$@"
 fi
+if [[ "${1:-}" == "sweep" ]]; then
+    shift
+    if ! python3 -c "import torch, numpy, sentencepiece, brotli" 2>/dev/null; then
+        python3 -m pip install -r requirements.txt
+    fi
+    repo=$PWD
+    cd "$OLDPWD"  # FILE and --out are relative to where ./run.sh was called
+    exec python3 "$repo/tools/sweep.py" "$@"
+fi
 if [[ $# -gt 0 ]]; then
-    echo "usage: ./run.sh [test [pytest args...]]  (configure the main job with env vars)" >&2
+    echo "usage: ./run.sh [test [pytest args...] | sweep FILE [options]]  (configure the main job with env vars)" >&2
     exit 2
 fi
 

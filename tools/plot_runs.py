@@ -1,0 +1,85 @@
+"""Plot training loss and val_bpb of one or several runs from their logs to a PNG.
+
+    python tools/plot_runs.py logs/a.txt logs/b.txt --out curves.png [--x step|time]
+
+Left: train_loss per logged step. Right: the periodic `step:.. val_bpb` points as lines, and each
+final_<stage> val_bpb as a marker at the last step (the score, the last stage, is filled).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runlog  # noqa: E402
+
+
+def curves(r: runlog.RunLog, x: str = "step") -> dict:
+    """The series plotted for one run: train (xs, losses), val (xs, bpbs), finals [(stage, x, bpb)]."""
+    xi = 0 if x == "step" else 2
+    vxi = 0 if x == "step" else 3
+    end = (r.train_steps if x == "step" else r.train_time_s)
+    if end is None:  # unfinished training: the last logged point
+        end = r.train_points[-1][xi] if r.train_points else 0
+    return {
+        "train": ([p[xi] for p in r.train_points], [p[1] for p in r.train_points]),
+        "val": ([p[vxi] for p in r.val_points], [p[2] for p in r.val_points]),
+        "finals": [(s.name, end, s.val_bpb) for s in r.stages.values()],
+    }
+
+
+def plot(runs: list[runlog.RunLog], out: Path, x: str = "step") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = "osD^v<>p*h"
+    for i, r in enumerate(runs):
+        c = curves(r, x)
+        color = f"C{i % 10}"
+        name = r.run_id or Path(r.path).stem
+        ax_loss.plot(*c["train"], color=color, label=name)
+        if c["val"][0]:
+            ax_bpb.plot(*c["val"], color=color, marker=".", label=f"{name} (live weights)")
+        for j, (stage, xs, bpb) in enumerate(c["finals"]):
+            last = j == len(c["finals"]) - 1
+            ax_bpb.scatter([xs], [bpb], marker=markers[j % len(markers)], edgecolors=color,
+                           facecolors=color if last else "none", label=f"{name} final_{stage}")
+    xlabel = "step" if x == "step" else "training time (s)"
+    ax_loss.set(xlabel=xlabel, ylabel="train_loss (nats/token)", title="training loss")
+    ax_bpb.set(xlabel=xlabel, ylabel="val_bpb", title="validation bits per byte")
+    for ax in (ax_loss, ax_bpb):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("logs", nargs="+")
+    ap.add_argument("--out", required=True, help="PNG path")
+    ap.add_argument("--x", choices=("step", "time"), default="step")
+    a = ap.parse_args()
+    try:
+        runs = [runlog.read_log(p) for p in a.logs]
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    empty = [r.path for r in runs if not r.train_points and not r.stages]
+    if empty:
+        print(f"error: {empty[0]} has no train_loss or final_<stage> lines to plot", file=sys.stderr)
+        return 2
+    print(f"plot:{plot(runs, Path(a.out), a.x)} runs:{len(runs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
