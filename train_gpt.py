@@ -89,6 +89,16 @@ class Hyperparameters:
     num_loops: int = 2  # 0 disables recurrence
     enable_looping_at: float = 0.35  # fraction of the training clock at which recurrence switches on
     parallel_residual_start: int = 8  # first physical layer of the two-lane decoder; <0 or >=num_layers: off
+    # --- studies: embedding & head ---
+    resid_mix_enabled: bool = True  # 0 drops the x0 pathway (resid_mix) from every block
+    num_extra_embeds: int = 0  # k extra RMS-normed token tables, mixed into every block input by resid_mix
+    embed_rotation_rank: int = 0  # r>0: x -> x + B(A x) after the embedding and before the head, B = 0 at init
+    head_kind: str = "tied"  # tied | factorized (d->r->vocab) | mos (mixture of softmaxes) | simplex
+    head_rank: int = 128  # bottleneck r of the factorized, mos and simplex heads
+    head_experts: int = 2  # mixture components of the mos head
+    embed_bits_tiers: str = ""  # per-row embedding bits by row rank, e.g. 1024:8,rest:5 (ROWS:BITS[:CLIP])
+    embed_tier_rank: str = "freq"  # row ranking of the tiers: freq (token count) | damage (count x grad norm)
+    embed_sparsity: float = 0.0  # f>0: keep the top (1-f) magnitudes per embedding row, stored as bitmap + fp16
     # --- optimizer ---
     matrix_lr: float = 0.022  # Muon LR for block matrices
     tied_embed_lr: float = 0.03  # AdamW LR for the tied embedding
@@ -214,6 +224,18 @@ class Hyperparameters:
              "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
+        need(self.head_kind in HEAD_KINDS, f"HEAD_KIND={self.head_kind!r} is unknown; use one of {'|'.join(HEAD_KINDS)}")
+        need(self.head_rank > 0 and self.head_experts > 0, f"HEAD_RANK={self.head_rank} and HEAD_EXPERTS={self.head_experts} must be positive")
+        need(0 <= self.embed_rotation_rank <= self.model_dim, f"EMBED_ROTATION_RANK={self.embed_rotation_rank} must lie in [0, MODEL_DIM]")
+        need(self.num_extra_embeds >= 0 and (self.resid_mix_enabled or not self.num_extra_embeds),
+             f"NUM_EXTRA_EMBEDS={self.num_extra_embeds} must be >= 0 and needs RESID_MIX_ENABLED=1 (its lambdas live in resid_mix)")
+        need(0 <= self.embed_sparsity < 1 and round((1 - self.embed_sparsity) * self.model_dim_embed) >= 1,
+             f"EMBED_SPARSITY={self.embed_sparsity} must lie in [0, 1) and keep at least one value per row")
+        need(self.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={self.embed_tier_rank!r} must be freq or damage")
+        if self.embed_bits_tiers:
+            need(self.gptq_enabled and not self.embed_sparsity,
+                 "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 (rows are ranked in the calibration pass) and EMBED_SPARSITY=0")
+            parse_tiers(self.embed_bits_tiers, self.vocab_size, self.embed_clip_sigmas)
 
 
 # Tiny config for CPU smoke runs and tests: every feature of the record config, at toy scale.
@@ -517,6 +539,27 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return y.transpose(1, 2)
 
 
+HEAD_KINDS = ("tied", "factorized", "mos", "simplex")
+
+
+class LowRankResidual(nn.Module):
+    """x -> x + B(A x) with B = 0 at init: a learned basis rotation that starts as the exact identity."""
+
+    def __init__(self, d: int, r: int):
+        super().__init__()
+        self.a = nn.Linear(d, r, bias=False)
+        self.b = nn.Linear(r, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.b(self.a(x))
+
+
+def sparsify_rows_(w: Tensor, sparsity: float) -> Tensor:
+    """Keep the round((1-sparsity)*cols) largest magnitudes of each row, zero the rest (in place)."""
+    drop = w.size(1) - round((1 - sparsity) * w.size(1))
+    return w.scatter_(1, w.abs().topk(drop, dim=1, largest=False).indices, 0.0)
+
+
 class Attention(nn.Module):
     def __init__(self, h: Hyperparameters, xsa: bool):
         super().__init__()
@@ -564,12 +607,17 @@ class Block(nn.Module):
         self.mlp = MLP(h)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        # rows: weight of x, of x0, of each extra embedding (SPEC 2.4); None drops the x0 pathway
+        self.resid_mix = nn.Parameter(torch.cat([torch.ones(1, d), torch.zeros(1 + h.num_extra_embeds, d)])) if h.resid_mix_enabled else None
         self.ln_s = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
 
-    def _attn(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        mix = self.resid_mix.to(x.dtype)
-        x_in = mix[0] * x + mix[1] * x0
+    def _attn(self, x: Tensor, x0, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        x_in = x
+        if self.resid_mix is not None:  # x0: the normed embedding, or a tuple with the extra embeddings
+            mix = self.resid_mix.to(x.dtype)
+            x_in = mix[0] * x
+            for j, e in enumerate(x0 if isinstance(x0, tuple) else (x0,), 1):
+                x_in = x_in + mix[j] * e
         return x_in, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.ln_s, cos, sin)
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -621,6 +669,8 @@ class GPT(nn.Module):
     - U-net skips (LIFO) with sigmoid gates; depth recurrence of loop_start..loop_end
     - two-lane parallel residual decoder from parallel_residual_start, output = mean of lanes
     - optional embed_proj/head_proj when embedding_dim < model_dim; logit softcap
+    - studies (all off by default): low-rank rotations at both ends, extra token tables, no x0,
+      factorized / mixture-of-softmaxes / simplex heads, a row-sparse embedding
     """
 
     def __init__(self, h: Hyperparameters):
@@ -640,19 +690,38 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(max(h.train_seq_len, h.eval_seq_len), h.rope_dims, h.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        r, kind = h.embed_rotation_rank, h.head_kind
+        self.in_rot, self.out_rot = (LowRankResidual(d, r), LowRankResidual(d, r)) if r else (None, None)
+        self.extra_embeds = nn.ModuleList(nn.Embedding(h.vocab_size, d) for _ in range(h.num_extra_embeds)) or None
+        if kind != "tied":
+            self.head_down = nn.Linear(e, h.head_rank * (h.head_experts if kind == "mos" else 1), bias=False)
+            self.head_out = nn.Linear(h.head_rank, h.vocab_size, bias=False)
+            self.head_gate = nn.Linear(e, h.head_experts, bias=False) if kind == "mos" else None
         self.looping_active = False
         self.hash_embed: nn.Embedding | None = None  # TTT_HASH_EMBED attaches it at eval; never in the artifact
         self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """tok_emb ~ N(0, 0.005^2); q/k/v/fc and projections orthogonal; output projections zero."""
+        """Token tables ~ N(0, 0.005^2); q/k/v/fc, projections, head_down, rotation A orthogonal;
+        output projections, rotation B and the mos gate zero (the rotations start as the identity)."""
         nn.init.normal_(self.tok_emb.weight, std=self.h.tied_embed_init_std)
         for name, p in self.named_parameters():
-            if name.endswith(("c_q.weight", "c_k.weight", "c_v.weight", "fc.weight", "_proj.weight")):
+            if name.endswith(("c_q.weight", "c_k.weight", "c_v.weight", "fc.weight", "_proj.weight", "head_down.weight", "rot.a.weight")):
                 nn.init.orthogonal_(p)
-            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight", "rot.b.weight", "head_gate.weight")):
                 nn.init.zeros_(p)
+            elif name.startswith(("extra_embeds.", "head_out.")):
+                nn.init.normal_(p, std=self.h.tied_embed_init_std)
+        self.constrain_()
+
+    @torch.no_grad()
+    def constrain_(self, ema: list[Tensor] | None = None) -> None:
+        """Re-apply the EMBED_SPARSITY row mask to the live embedding, or to its entry of an EMA list
+        (state_dict order): after every optimizer step and every EMA update, so nothing leaks back."""
+        if self.h.embed_sparsity > 0:
+            w = self.tok_emb.weight if ema is None else ema[list(self.state_dict()).index("tok_emb.weight")]
+            sparsify_rows_(w, self.h.embed_sparsity)
 
     def _merge_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
         s = self.skip_weights[j].to(x.dtype) * skip
@@ -661,7 +730,7 @@ class GPT(nn.Module):
         return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
     def hidden(self, ids: Tensor) -> Tensor:
-        """Final normed hidden state [B,T,embedding_dim] (the input of the tied output head)."""
+        """The head input [B,T,embedding_dim]: final normed state after out_rot and head_proj."""
         T = ids.size(1)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_emb(ids)
@@ -669,7 +738,11 @@ class GPT(nn.Module):
             x = x + self.hash_embed(bigram_hash(ids, self.hash_embed.num_embeddings))
         if self.embed_proj is not None:
             x = self.embed_proj(x)
+        if self.in_rot is not None:
+            x = self.in_rot(x)
         x0 = x = rms_norm(x)
+        if self.extra_embeds is not None:
+            x0 = (x0, *(rms_norm(t(ids)) for t in self.extra_embeds))
         sched = self.schedules[self.looping_active]
         skips = []
         for i in sched.encoder:
@@ -692,13 +765,36 @@ class GPT(nn.Module):
                                                      self.parallel_post_lambdas[i])
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
+        return self.head_input(x)
+
+    def head_input(self, x: Tensor) -> Tensor:
+        """A residual-stream vector -> the head's input (final norm, output rotation, head_proj)."""
         x = rms_norm(x)
+        if self.out_rot is not None:
+            x = self.out_rot(x)
         return self.head_proj(x) if self.head_proj is not None else x
 
+    def head_logits(self, x: Tensor) -> Tensor:
+        """Head input -> fp32 scores whose log_softmax is the model's distribution over the vocab.
+
+        mos returns log sum_k pi_k softmax_k (already normalized, so log_softmax leaves it as is);
+        the experts are tanh(P_k x) (Yang et al. 2018, "Breaking the softmax bottleneck").
+        """
+        c, kind = self.h.logit_softcap, self.h.head_kind
+        cap = lambda z: c * torch.tanh(z.float() / c)  # noqa: E731
+        if kind == "tied":
+            return cap(F.linear(x, self.tok_emb.weight))
+        u = self.head_down(x)
+        if kind == "factorized":
+            return cap(self.head_out(u))
+        if kind == "simplex":  # a point of the r-simplex, then the output projection
+            return cap(self.head_out(torch.softmax(u.float(), dim=-1)))
+        z = cap(self.head_out(torch.tanh(u.unflatten(-1, (self.h.head_experts, -1)))))  # [B,T,K,V]
+        log_pi = F.log_softmax(self.head_gate(x).float(), dim=-1)  # [B,T,K]
+        return torch.logsumexp(log_pi[..., None] + F.log_softmax(z, dim=-1), dim=-2)
+
     def logits(self, ids: Tensor) -> Tensor:
-        z = F.linear(self.hidden(ids), self.tok_emb.weight)  # tied head
-        c = self.h.logit_softcap
-        return c * torch.tanh(z.float() / c)
+        return self.head_logits(self.hidden(ids))
 
     def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Per-target NLL in nats, [B,T] float32."""
@@ -721,12 +817,12 @@ def count_params(model: nn.Module) -> int:
 # Routing is one table; every parameter has exactly one owner (asserted).
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
-                    "parallel_resid_lambdas", "parallel_post_lambdas")
+                    "parallel_resid_lambdas", "parallel_post_lambdas", "head_gate")
 
 
 def param_group(name: str, p: Tensor) -> str:
-    """'embed' | 'scalar' | 'muon' for a named parameter."""
-    if name == "tok_emb.weight":
+    """'embed' | 'scalar' | 'muon' for a named parameter (token tables and the untied head_out: embed)."""
+    if name.startswith(("tok_emb.", "extra_embeds.", "head_out.")):
         return "embed"
     if p.ndim < 2 or any(pat in name for pat in CONTROL_PATTERNS):
         return "scalar"
@@ -836,15 +932,51 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 ARTIFACT_MAGIC = b"PGQ1"
 SHUFFLE_MAGIC = b"BSHF"
 SIZE_LIMIT = 16_000_000
-_DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def quant_spec(name: str, p: Tensor, h: Hyperparameters) -> tuple[int, float] | None:
-    """(bits, clip_sigmas) for quantized tensors, None for fp16 passthrough (control tensors)."""
+    """(bits, clip_sigmas) for quantized tensors, None for fp16 passthrough (control tensors, and
+    rotation matrices of <= 65,536 elements, the passthrough size of the baseline)."""
     group = param_group(name, p)
     if group == "embed":
         return h.embed_bits, h.embed_clip_sigmas
-    return (h.matrix_bits, h.matrix_clip_sigmas) if group == "muon" else None
+    small_rot = "_rot." in name and p.numel() <= 65_536
+    return (h.matrix_bits, h.matrix_clip_sigmas) if group == "muon" and not small_rot else None
+
+
+def parse_tiers(spec: str, vocab: int, clip: float) -> list[tuple[int, int, float]]:
+    """'1024:8,4096:6,rest:4' -> [(end_rank, bits, clip)]: cumulative row-rank ends, optional :CLIP."""
+    tiers, start = [], 0
+    try:
+        for part in spec.split(","):
+            f = part.strip().split(":")
+            end = vocab if f[0] == "rest" else int(f[0])
+            tiers.append((end, int(f[1]), float(f[2]) if len(f) > 2 else clip))
+            if not (start < end <= vocab and 2 <= tiers[-1][1] <= 8 and len(f) <= 3 and tiers[-1][2] > 0):
+                raise ValueError
+            start = end
+        if start != vocab:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ConfigError(f"EMBED_BITS_TIERS={spec!r} is malformed: use increasing ROWS:BITS[:CLIP] entries "
+                          f"(bits 2..8, rows <= VOCAB_SIZE={vocab}) ending with rest:BITS, e.g. 1024:8,rest:5") from None
+    return tiers
+
+
+def embed_row_tiers(h: Hyperparameters, stats: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-row (bits, clip) of the embedding: rows ranked by token count, or by count x mean
+    gradient norm (the "damage" score), best first; ties keep token-id order."""
+    if "tok_emb.weight.freq" not in stats:
+        raise ValueError("EMBED_BITS_TIERS needs the row statistics of the GPTQ calibration pass")
+    score = stats["tok_emb.weight.freq"].double()
+    if h.embed_tier_rank == "damage":
+        score = score * stats["tok_emb.weight.gnorm"].double()
+    order = torch.argsort(score.cpu(), descending=True, stable=True)
+    bits, clip, start = torch.zeros(h.vocab_size, dtype=torch.long), torch.zeros(h.vocab_size), 0
+    for end, b, c in parse_tiers(h.embed_bits_tiers, h.vocab_size, h.embed_clip_sigmas):
+        bits[order[start:end]], clip[order[start:end]], start = b, c, end
+    return bits, clip
 
 
 def qmax(bits: int) -> int:
@@ -859,8 +991,13 @@ def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     return scale.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half()
 
 
-def quantize_rtn(w: Tensor, scales: Tensor, bits: int) -> Tensor:
-    r = qmax(bits)
+def qmax_rows(bits, device=None) -> Tensor:
+    """qmax as a float column [1,1], or [rows,1] for per-row bits."""
+    return torch.as_tensor(qmax(bits), dtype=torch.float32, device=device).reshape(-1, 1)
+
+
+def quantize_rtn(w: Tensor, scales: Tensor, bits) -> Tensor:
+    r = qmax_rows(bits, w.device)
     return torch.clamp(torch.round(w.float() / scales.float()[:, None]), -r, r).to(torch.int8)
 
 
@@ -868,13 +1005,14 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
     return q.float() * scales.float()[:, None]
 
 
-def gptq_quantize(w: Tensor, hess: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
+def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128) -> tuple[Tensor, Tensor]:
     """GPTQ (act-order, 1% damping, Cholesky of H^-1, 128-column blocks) with fixed SDClip scales.
 
     Each column is rounded, and its error, weighted by the inverse Hessian, is pushed onto the
-    columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised.
+    columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised. bits and
+    clip_sigmas may be per-row tensors (embedding bit tiers).
     """
-    r = qmax(bits)
+    r = qmax_rows(bits, w.device)[:, 0]
     scales = sdclip_scales(w, bits, clip_sigmas)
     s = scales.float()
     H = hess.double().clone()
@@ -901,10 +1039,14 @@ def gptq_quantize(w: Tensor, hess: Tensor, bits: int, clip_sigmas: float, block:
 def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tensor]:
     """H = sum X^T X of each quantized matrix's input over calibration batches (training data only).
 
-    The tied embedding acts as the output head, so its X is the head input (final-norm output).
-    Looped layers see every pass. Divided by the batch count; only the damping sees the scale.
+    The tied embedding acts as the output head, so its X is the head input (final-norm output);
+    an untied embedding is a lookup (diagonal H: GPTQ = RTN) and gets none. Looped layers see every
+    pass. Divided by the batch count; only the damping sees the scale. With EMBED_BITS_TIERS it also
+    holds the embedding's per-row token counts ("tok_emb.weight.freq") and, for damage ranking, the
+    per-row norms of the next-token loss gradient ("tok_emb.weight.gnorm").
     """
     hess: dict[str, Tensor] = {}
+    damage = bool(h.embed_bits_tiers) and h.embed_tier_rank == "damage"
 
     def add(name: str, x: Tensor):
         x = x.detach().flatten(0, -2).float()
@@ -916,8 +1058,19 @@ def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tenso
     n = 0
     try:
         for x in batches:
-            with autocast_ctx(x.device):
-                add("tok_emb.weight", model.hidden(x))
+            with autocast_ctx(x.device), torch.set_grad_enabled(damage):
+                hid = model.hidden(x)
+                if h.head_kind == "tied":
+                    add("tok_emb.weight", hid)
+                if h.head_kind != "tied" or damage:  # runs the head's hooks
+                    z = model.head_logits(hid)
+                if damage:
+                    F.cross_entropy(z[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+            if h.embed_bits_tiers:
+                hess["tok_emb.weight.freq"] = hess.get("tok_emb.weight.freq", 0) + torch.bincount(x.flatten(), minlength=h.vocab_size).float()
+            if damage:
+                hess["tok_emb.weight.gnorm"] = hess.get("tok_emb.weight.gnorm", 0) + model.tok_emb.weight.grad.float().norm(dim=1)
+                model.zero_grad(set_to_none=True)
             n += 1
     finally:
         for hook in hooks:
@@ -926,33 +1079,69 @@ def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tenso
 
 
 def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] | None) -> tuple[dict, dict]:
-    """State dict -> (tensors, meta) for the artifact; GPTQ when hessians are given, else RTN."""
-    tensors, meta = {}, {}
+    """State dict -> (tensors, meta) for the artifact; GPTQ where a Hessian is given, else RTN.
+
+    A sparse embedding (EMBED_SPARSITY) is stored as a row-major bitmap of its nonzeros plus their
+    fp16 values; a tiered one (EMBED_BITS_TIERS) stores its per-row bit widths beside the codes.
+    """
+    tensors, meta, stats = {}, {}, hessians or {}
     for name, p in model.state_dict().items():
+        p, dtype = p.detach(), str(p.dtype).removeprefix("torch.")
+        if name == "tok_emb.weight" and h.embed_sparsity > 0:
+            mask = (p != 0).cpu()
+            tensors[name + ".mask"] = torch.from_numpy(np.packbits(mask.numpy(), axis=1))
+            tensors[name + ".values"] = p.cpu()[mask].half()
+            meta[name] = dict(kind="sparse", cols=p.size(1), dtype=dtype, sparsity=1 - mask.sum().item() / mask.numel())
+            continue
         spec = quant_spec(name, p, h)
         if spec is None:
-            tensors[name] = p.detach().half().cpu()
-            meta[name] = dict(kind="fp16", dtype=str(p.dtype).removeprefix("torch."))
+            tensors[name] = p.half().cpu()
+            meta[name] = dict(kind="fp16", dtype=dtype)
             continue
         bits, clip = spec
-        if hessians is not None:
-            q, s = gptq_quantize(p.detach(), hessians[name], bits, clip)
+        if name == "tok_emb.weight" and h.embed_bits_tiers:
+            bits, clip = (t.to(p.device) for t in embed_row_tiers(h, stats))
+            tensors[name + ".bits"] = bits.to(torch.int8).cpu()
+        if name in stats:
+            q, s = gptq_quantize(p, stats[name], bits, clip)
         else:
-            s = sdclip_scales(p.detach(), bits, clip)
-            q = quantize_rtn(p.detach(), s, bits)
+            s = sdclip_scales(p, bits, clip)
+            q = quantize_rtn(p, s, bits)
         tensors[name + ".q"], tensors[name + ".scale"] = q.cpu(), s.cpu()
-        meta[name] = dict(kind="int", bits=bits, dtype=str(p.dtype).removeprefix("torch."))
+        meta[name] = dict(kind="int", bits=int(torch.as_tensor(bits).max()), dtype=dtype)
     return tensors, meta
 
 
 def dequantize_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
     out = {}
     for name, m in meta.items():
-        if (name + ".q" if m["kind"] == "int" else name) not in tensors:
+        if name + {"int": ".q", "sparse": ".mask"}.get(m["kind"], "") not in tensors:
             raise ValueError(f"tensor {name} listed in the metadata is missing")
-        t = dequantize(tensors[name + ".q"], tensors[name + ".scale"]) if m["kind"] == "int" else tensors[name]
+        if m["kind"] == "sparse":
+            mask = torch.from_numpy(np.unpackbits(tensors[name + ".mask"].numpy(), axis=1, count=m["cols"]).astype(bool))
+            t = torch.zeros(mask.shape).masked_scatter_(mask, tensors[name + ".values"].float())
+        else:
+            t = dequantize(tensors[name + ".q"], tensors[name + ".scale"]) if m["kind"] == "int" else tensors[name]
         out[name] = t.to(_DTYPES[m["dtype"]])
     return out
+
+
+def quant_report(tensors: dict[str, Tensor], meta: dict, h: Hyperparameters) -> list[str]:
+    """Log lines: stored (pre-compression) bytes per top-level module, and the embedding's
+    effective sparsity or bit tiers as stored."""
+    groups: dict[str, int] = {}
+    for name, t in tensors.items():
+        groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + t.numel() * t.element_size()
+    lines = ["stored_bytes " + " ".join(f"{k}:{v}" for k, v in groups.items())]
+    m = meta.get("tok_emb.weight", {})
+    if m.get("kind") == "sparse":
+        lines.append(f"embed_sparsity target:{h.embed_sparsity} effective:{m['sparsity']:.6f} "
+                     f"kept_per_row:{round((1 - h.embed_sparsity) * m['cols'])} values:{tensors['tok_emb.weight.values'].numel()}")
+    if "tok_emb.weight.bits" in tensors:
+        b = tensors["tok_emb.weight.bits"].long()
+        lines.append(f"embed_tiers spec:{h.embed_bits_tiers} rank:{h.embed_tier_rank} rows_by_bits:"
+                     + ",".join(f"{k}:{int((b == k).sum())}" for k in sorted(set(b.tolist()), reverse=True)))
+    return lines
 
 
 def serialize_tensors(tensors: dict[str, Tensor], meta: dict) -> bytes:
@@ -1027,13 +1216,16 @@ def decompress_artifact(blob: bytes) -> bytes:
         raise ValueError("brotli stream invalid (truncated or corrupted)") from None
 
 
-# Shapes an artifact must agree on with the model it is loaded into.
+# Shapes an artifact must agree on with the model it is loaded into; stored only where they differ
+# from the defaults (a missing key reads as the default).
 SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "mlp_mult",
-              "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start")
+              "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start",
+              "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts")
+_DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
 
 
 def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, looping: bool) -> int:
-    config = {k: getattr(h, k) for k in SHAPE_KEYS}
+    config = {k: getattr(h, k) for k in SHAPE_KEYS if getattr(h, k) != _DEFAULTS[k]}
     blob = compress_artifact(serialize_tensors(tensors, dict(state=meta, config=config, looping=looping)))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -1052,7 +1244,8 @@ def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], boo
         raise ConfigError(f"corrupt artifact {path}: {e}") from None
     if not {"config", "state", "looping"} <= meta.keys():
         raise ConfigError(f"corrupt artifact {path}: metadata lacks config/state/looping")
-    for k, v in meta["config"].items():
+    for k in SHAPE_KEYS:
+        v = meta["config"].get(k, _DEFAULTS[k])
         if getattr(h, k) != v:
             raise ConfigError(f"artifact {path} was made with {k.upper()}={v} but this run has {k.upper()}={getattr(h, k)}; "
                               f"set {k.upper()}={v}")
@@ -1345,6 +1538,7 @@ class Trainer:
                 if "momentum" in g:
                     g["momentum"] = mu
             opt.step()
+        self.base.constrain_()
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         return loss_sum / accum
@@ -1352,6 +1546,7 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         torch._foreach_lerp_(self.ema, [t.float() for t in self.base.state_dict().values()], 1 - self.h.ema_decay)
+        self.base.constrain_(self.ema)
 
     def apply_ema(self) -> None:
         sd = self.base.state_dict()
@@ -1472,6 +1667,8 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
         log("quantized " + " ".join(f"{k}:{kinds.count(k)}" for k in sorted(set(kinds)))
             + f" method:{'gptq' if hessians else 'rtn'} quant_time:{time.perf_counter() - t0:.1f}s")
         write_artifact(h.artifact_file, tensors, meta, h, model.looping_active)
+        for line in quant_report(tensors, meta, h):
+            log(line)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
