@@ -319,6 +319,28 @@ def test_refuses_code_that_did_not_produce_the_logs(logs, tmp_path):
     _refuse(logs, tmp_path, r"was produced by code bytes:\d+ sha256:\w+ but .*; pass --code", code=code)
 
 
+def test_logs_of_the_packed_wrapper_are_accepted(packed, logs, tmp_path):
+    """A run launched from the packed train_gpt.py logs the wrapper's size and hash."""
+    wrapper = (packed / "train_gpt.py").read_bytes()
+    line = f"code bytes:{len(wrapper)} sha256:{records.sha256(wrapper)[:16]}"
+    ran = [edited(p, tmp_path / p.name, lambda t: re.sub(r"^code bytes:.*$", line, t, flags=re.M)) for p in logs]
+    out = records.pack([str(p) for p in ran], packed / "train_gpt.py", META, tmp_path / "rec")
+    assert (out / "train_gpt.py").read_bytes() == wrapper
+    assert "the hash of train_gpt.py, the file that ran" in (out / "README.md").read_text()
+
+
+def test_significance_cli_on_a_records_folder(packed):
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "significance.py"), str(packed),
+                          "--reference-bpb", "4.6", "--margin-nats", "0.01"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    sub = json.loads((packed / "submission.json").read_text())
+    direct = sig.one_sample_improvement([s["val_bpb"] for s in sub["per_seed"]], 4.6,
+                                        0.01 * runlog.nats_to_bpb_factor(sub["val_tokens"], sub["val_bytes"]))
+    line = next(l for l in res.stdout.splitlines() if l.startswith("bpb "))
+    assert f"p:{direct.p:.3g} " in line and line.endswith("clears_p<0.01:" + ("yes" if direct.p < 0.01 else "no"))
+    assert "one-sample" in res.stdout
+
+
 def test_refuses_existing_folder(packed, logs, tmp_path):
     with pytest.raises(records.PackError, match="already exists"):
         records.pack([str(p) for p in logs], REPO / "train_gpt.py", META, packed.parent.parent)
