@@ -1635,7 +1635,7 @@ def log_header(h: Hyperparameters, d: Dist, log: Logger) -> None:
         + (f" gpu:{torch.cuda.get_device_name(d.device)}" if d.device.type == "cuda" else "")
         + f" attention:{'fa3' if _fa3_func is not None and d.device.type == 'cuda' else 'sdpa'}")
     src = Path(__file__).read_bytes()
-    log(f"code bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()[:16]}")
+    log(f"code bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()}")
 
 
 def timed_eval(stage: str, h: Hyperparameters, d: Dist, log: Logger, fn) -> tuple[EvalResult, float]:
@@ -1659,7 +1659,7 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
         for v in hessians.values():
             all_reduce(v).div_(d.world_size)
         end = train_time + trainer.sync_time() - t0
-        log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)}")
+        log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)} calib_data:train")
     if d.is_main:
         t0 = time.perf_counter()
         tensors, meta = quantize_state(model, h, hessians)
