@@ -224,17 +224,16 @@ class Hyperparameters:
              "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
-        need(self.head_kind in HEAD_KINDS, f"HEAD_KIND={self.head_kind!r} is unknown; use one of {'|'.join(HEAD_KINDS)}")
-        need(self.head_rank > 0 and self.head_experts > 0, f"HEAD_RANK={self.head_rank} and HEAD_EXPERTS={self.head_experts} must be positive")
+        need(self.head_kind in HEAD_KINDS, f"HEAD_KIND={self.head_kind!r} must be one of {'|'.join(HEAD_KINDS)}")
+        need(min(self.head_rank, self.head_experts) > 0, "HEAD_RANK and HEAD_EXPERTS must be positive")
         need(0 <= self.embed_rotation_rank <= self.model_dim, f"EMBED_ROTATION_RANK={self.embed_rotation_rank} must lie in [0, MODEL_DIM]")
         need(self.num_extra_embeds >= 0 and (self.resid_mix_enabled or not self.num_extra_embeds),
-             f"NUM_EXTRA_EMBEDS={self.num_extra_embeds} must be >= 0 and needs RESID_MIX_ENABLED=1 (its lambdas live in resid_mix)")
+             f"NUM_EXTRA_EMBEDS={self.num_extra_embeds} must be >= 0 and needs RESID_MIX_ENABLED=1")
         need(0 <= self.embed_sparsity < 1 and round((1 - self.embed_sparsity) * self.model_dim_embed) >= 1,
-             f"EMBED_SPARSITY={self.embed_sparsity} must lie in [0, 1) and keep at least one value per row")
+             f"EMBED_SPARSITY={self.embed_sparsity} must lie in [0, 1) and keep a value per row")
         need(self.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={self.embed_tier_rank!r} must be freq or damage")
-        if self.embed_bits_tiers:
-            need(self.gptq_enabled and not self.embed_sparsity,
-                 "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 (rows are ranked in the calibration pass) and EMBED_SPARSITY=0")
+        if self.embed_bits_tiers:  # rows are ranked in the GPTQ calibration pass
+            need(self.gptq_enabled and not self.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
             parse_tiers(self.embed_bits_tiers, self.vocab_size, self.embed_clip_sigmas)
 
 
@@ -959,8 +958,8 @@ def parse_tiers(spec: str, vocab: int, clip: float) -> list[tuple[int, int, floa
         if start != vocab:
             raise ValueError
     except (ValueError, IndexError):
-        raise ConfigError(f"EMBED_BITS_TIERS={spec!r} is malformed: use increasing ROWS:BITS[:CLIP] entries "
-                          f"(bits 2..8, rows <= VOCAB_SIZE={vocab}) ending with rest:BITS, e.g. 1024:8,rest:5") from None
+        raise ConfigError(f"EMBED_BITS_TIERS={spec!r}: use increasing ROWS:BITS[:CLIP] (bits 2..8, rows <= "
+                          f"VOCAB_SIZE={vocab}) ending with rest:BITS, e.g. 1024:8,rest:5") from None
     return tiers
 
 

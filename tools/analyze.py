@@ -113,13 +113,13 @@ def spectra(model: tg.GPT) -> dict[str, list[float]]:
     for name in ("embed_proj", "head_proj", "head_down", "head_out", "head_gate"):
         mod = getattr(model, name, None)
         if mod is not None:
-            mats[name] = mod.weight.detach()
+            mats[name] = mod.weight.detach().double()
     for name in ("in_rot", "out_rot"):
         rot = getattr(model, name)
         if rot is not None:
-            ba = rot.b.weight.detach() @ rot.a.weight.detach()
-            mats[f"{name} BA"], mats[f"{name} I+BA"] = ba, torch.eye(ba.size(0)) + ba
-    return {k: torch.linalg.svdvals(v.double()).tolist() for k, v in mats.items()}
+            ba = rot.b.weight.detach().double() @ rot.a.weight.detach().double()
+            mats[f"{name} BA"], mats[f"{name} I+BA"] = ba, torch.eye(ba.size(0), dtype=ba.dtype) + ba
+    return {k: torch.linalg.svdvals(v).tolist() for k, v in mats.items()}
 
 
 def spectrum_summary(sv: list[float]) -> dict:
