@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh           set up and run the main job: the record config on every visible GPU (torchrun),
-#                    or the tiny smoke preset on CPU using ../shared/data. Env vars pass through.
+#                    downloading the published data first if missing, or without a GPU the tiny smoke
+#                    preset on CPU, on data found on this machine (no network needed). Env vars pass through.
 # ./run.sh test ...  set up and run the test suite; extra args go to pytest.
 # ./run.sh sweep FILE [...]  one main-job run per line of env overrides, then a summary table
 #                    (tools/sweep.py --help).
@@ -30,12 +31,28 @@ if [[ $# -gt 0 ]]; then
     exit 2
 fi
 
-if ! python3 -c "import torch, numpy, sentencepiece, brotli" 2>/dev/null; then
-    python3 -m pip install -r requirements.txt
+CORE="torch numpy sentencepiece brotli"
+if ! python3 -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+        $CORE huggingface_hub matplotlib; then
+    # Few retries: on a machine without network this should fail in seconds, not minutes.
+    if ! python3 -m pip install --retries 1 --timeout 15 -r requirements.txt; then
+        if ! python3 -c "import ${CORE// /, }" 2>/dev/null; then
+            echo "error: packages from requirements.txt are missing and pip could not install them (no network?); install them, then run again" >&2
+            exit 2
+        fi
+        echo "run.sh: pip could not install everything in requirements.txt; training does not need the rest, going on" >&2
+    fi
 fi
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" | tail -n 1)
 
 if (( NGPU >= 1 )); then
+    # Download the published shards and tokenizer when they are missing (or TRAIN_SHARDS asks for more).
+    DATA_ROOT=${DATA_DIR:-./data}
+    VOCAB=${VOCAB_SIZE:-8192}
+    if [[ -z "${DATA_PATH+set}" ]] && [[ -n "${TRAIN_SHARDS:-}" || ! -f "$DATA_ROOT/datasets/fineweb10B_sp$VOCAB/fineweb_val_000000.bin" \
+            || ! -f "${TOKENIZER_PATH:-$DATA_ROOT/tokenizers/fineweb_${VOCAB}_bpe.model}" ]]; then
+        python3 data/download_fineweb.py --variant "sp$VOCAB" --train-shards "${TRAIN_SHARDS:-80}" --data-dir "$DATA_ROOT"
+    fi
     NPROC=$NGPU
     while (( 8 % NPROC != 0 )); do NPROC=$((NPROC - 1)); done  # grad accumulation is 8 / world size
     if (( NPROC != NGPU )); then
@@ -44,18 +61,29 @@ if (( NGPU >= 1 )); then
     exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py
 fi
 
-# No GPU: tiny smoke run on a dataset built once from the shared sample corpora.
+# No GPU: the tiny smoke preset on CPU. Data, first found: DATA_PATH (+ TOKENIZER_PATH) if set; the
+# sample corpora in ../shared/data beside the repo; else a corpus built once, offline, from the
+# documentation of this Python installation (LOCAL_CORPUS_DOCS=N limits it to N documents).
 SHARED=../shared/data
-SMOKE=data/datasets/smoke_sp1024
-TOKENIZER=$SHARED/tokenizers/fineweb_1024_bpe.model
-if [[ -z "${DATA_PATH+set}" && ! -f "$SMOKE/fineweb_val_000000.bin" ]]; then
-    if [[ ! -d "$SHARED" ]]; then
-        echo "error: no GPU and no $SHARED (shared data beside the repo) to build the smoke dataset from" >&2
-        exit 2
+if [[ -n "${DATA_PATH+set}" ]]; then
+    SMOKE=$DATA_PATH
+    TOKENIZER=${TOKENIZER_PATH-}
+elif [[ -d "$SHARED/corpus" && -f "$SHARED/tokenizers/fineweb_1024_bpe.model" ]]; then
+    SMOKE=data/datasets/smoke_sp1024
+    TOKENIZER=$SHARED/tokenizers/fineweb_1024_bpe.model
+    echo "corpus source:$SHARED/corpus (FineWeb sample + enwiki sample) tokenizer:$TOKENIZER dataset:$SMOKE"
+    if [[ ! -f "$SMOKE/fineweb_val_000000.bin" ]]; then
+        python3 data/build_shards.py \
+            --input "$SHARED/corpus/fineweb_docs_sample200.jsonl" "$SHARED/corpus/enwiki_2015_wikiextractor_sample.jsonl" \
+            --tokenizer "$TOKENIZER" --out "$SMOKE" --val-docs 50 --max-docs 1200
     fi
-    python3 data/build_shards.py \
-        --input "$SHARED/corpus/fineweb_docs_sample200.jsonl" "$SHARED/corpus/enwiki_2015_wikiextractor_sample.jsonl" \
-        --tokenizer "$TOKENIZER" --out "$SMOKE" --val-docs 50 --max-docs 1200
+else
+    SUFFIX=${LOCAL_CORPUS_DOCS:+_docs$LOCAL_CORPUS_DOCS}
+    SMOKE=data/datasets/pydocs_sp1024$SUFFIX
+    TOKENIZER=data/tokenizers/pydocs_1024_bpe$SUFFIX.model
+    python3 data/local_corpus.py --vocab-size 1024 --out "$SMOKE" --tokenizer "$TOKENIZER" \
+        ${LOCAL_CORPUS_DOCS:+--max-docs "$LOCAL_CORPUS_DOCS"}
 fi
-export PRESET="${PRESET-smoke}" DATA_PATH="${DATA_PATH-$SMOKE}" TOKENIZER_PATH="${TOKENIZER_PATH-$TOKENIZER}"
+unset LOCAL_CORPUS_DOCS
+export PRESET="${PRESET-smoke}" DATA_PATH="$SMOKE" TOKENIZER_PATH="${TOKENIZER_PATH-$TOKENIZER}"
 exec python3 train_gpt.py

@@ -5,12 +5,15 @@ Each shard is a 1024-byte header of 256 little-endian int32 values
 (magic, version, token count, zeros) followed by the tokens as little-endian
 uint16. Every document becomes [BOS] + sp.encode(text); documents are
 concatenated in input order, the first ``val_docs`` form the validation split
-and the rest the training split.
+and the rest the training split. With --vocab-size instead of --tokenizer, a
+new tokenizer is first trained on the same documents (data/train_tokenizer.py).
 
-Example:
+Examples:
     python3 data/build_shards.py --input docs.jsonl \
         --tokenizer data/tokenizers/fineweb_1024_bpe.model \
         --out data/datasets/fineweb10B_sp1024 --val-docs 50000
+    python3 data/build_shards.py --input data/docs_selected.jsonl --vocab-size 16384 \
+        --tokenizer-train-docs 5000000 --workers 16
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import multiprocessing
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -37,6 +41,8 @@ BOS_ID = 1
 MAX_VOCAB = 1 << 16
 MAX_SHARD_TOKENS = (1 << 31) - 1  # the count is stored in an int32 header slot
 SHARD_NAME_RE = re.compile(r"fineweb_(val|train)_\d{6}\.bin")
+DATA_DIR = Path(__file__).resolve().parent
+PROGRESS_SECONDS = 10.0
 
 # Documents per worker task: large enough to amortize pickling, small enough
 # that a handful of in-flight tasks per worker keeps memory bounded.
@@ -181,6 +187,28 @@ def encode_documents(texts: Iterable[str], tokenizer_path: PathLike, workers: in
     return list(_iter_encoded(texts, tokenizer_path, workers))
 
 
+def token_fingerprint(chunks: Iterable[np.ndarray]) -> str:
+    """First 16 hex digits of the sha256 of the tokens as little-endian uint16 (one split)."""
+    sha = hashlib.sha256()
+    for chunk in chunks:
+        sha.update(np.asarray(chunk).astype("<u2", copy=False).tobytes())
+    return sha.hexdigest()[:16]
+
+
+def text_fingerprint(texts: Iterable[str]) -> str:
+    """First 16 hex digits of a sha256 over the documents' UTF-8 text, each length-prefixed.
+
+    It does not depend on the tokenizer, so exports of the same documents at different vocab
+    sizes must agree on it.
+    """
+    sha = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        sha.update(len(data).to_bytes(8, "little"))
+        sha.update(data)
+    return sha.hexdigest()[:16]
+
+
 class _ShardWriter:
     """Packs a token stream into fixed-size shards, ignoring document boundaries."""
 
@@ -224,6 +252,40 @@ class _ShardWriter:
         self.fill = 0
 
 
+def check_out_dir(out_dir: PathLike) -> None:
+    """Refuse an output directory that already holds shards: old and new shards would mix."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a directory; choose another --out")
+    existing = sorted(p.name for p in out.iterdir() if SHARD_NAME_RE.fullmatch(p.name)) if out.is_dir() else []
+    if existing:
+        raise ValueError(
+            f"{out} already holds {len(existing)} shard files (e.g. {existing[0]}); remove them or choose an empty --out "
+            "so old and new shards do not mix"
+        )
+
+
+class _Progress:
+    """Emits a throughput line at most every PROGRESS_SECONDS."""
+
+    def __init__(self, log: Callable[[str], None], seconds: float = PROGRESS_SECONDS):
+        self.log, self.seconds = log, seconds
+        self.t0 = self.last = time.perf_counter()
+        self.docs = self.tokens = 0
+
+    def add(self, n_tokens: int) -> None:
+        self.docs += 1
+        self.tokens += n_tokens
+        if self.docs % 64 == 0 and time.perf_counter() - self.last >= self.seconds:
+            self.last = time.perf_counter()
+            self.log(f"progress {self.rates()}")
+
+    def rates(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return (f"docs:{self.docs} tokens:{self.tokens} seconds:{dt:.1f} docs/s:{self.docs / dt:.0f} "
+                f"tokens/s:{self.tokens / dt:.0f}")
+
+
 def build_shards(
     input_paths: Sequence[PathLike],
     tokenizer_path: PathLike,
@@ -237,9 +299,12 @@ def build_shards(
     """Tokenize the inputs and write validation then training shards into out_dir.
 
     Refuses an out_dir that already holds shard files, because leftovers from
-    an earlier, larger build would silently join the new dataset. On failure
-    the shards written by this call are removed, so a half-built dataset never
-    looks complete. ``log`` receives one line per shard written.
+    an earlier, larger build would silently join the new dataset, and an input
+    with no more than val_docs documents, because a validation split smaller
+    than asked for would change the metric without notice. On failure the
+    shards written by this call are removed, so a half-built dataset never
+    looks complete. ``log`` receives one line per shard written and periodic
+    ``progress`` lines.
     """
     log = log or (lambda _line: None)
     if val_docs < 1:
@@ -255,16 +320,8 @@ def build_shards(
     for p in input_paths:
         _check_input_path(Path(p))
     _load_tokenizer(tokenizer_path)
-
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a directory; choose another --out")
-    existing = sorted(p.name for p in out.iterdir() if SHARD_NAME_RE.fullmatch(p.name)) if out.is_dir() else []
-    if existing:
-        raise ValueError(
-            f"{out} already holds {len(existing)} shard files (e.g. {existing[0]}); remove them or choose an empty --out "
-            "so old and new shards do not mix"
-        )
+    check_out_dir(out)
 
     docs = iter_documents(input_paths)
     if max_docs is not None:
@@ -278,11 +335,13 @@ def build_shards(
             f"input has only {len(head)} documents{limit} but --val-docs is {val_docs}, leaving none for training; "
             "lower --val-docs or add more input"
         )
+    val_text = text_fingerprint(head[:val_docs])
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     val = _ShardWriter(out, "val", shard_tokens, written, log)
     train = _ShardWriter(out, "train", shard_tokens, written, log)
+    progress = _Progress(log)
     try:
         with contextlib.closing(_iter_encoded(itertools.chain(head, docs), tokenizer_path, workers)) as encoded:
             for i, doc in enumerate(encoded):
@@ -292,12 +351,14 @@ def build_shards(
                     if i == val_docs:
                         val.close()
                     train.add(doc)
+                progress.add(len(doc))
         train.close()
     except BaseException:
         for path in written:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         raise
+    log(f"done {progress.rates()} workers:{workers}")
 
     return {
         "val_docs": val.docs,
@@ -308,10 +369,11 @@ def build_shards(
         "train_files": [str(p) for p in train.files],
         "files": [str(p) for p in val.files + train.files],
         "val_fingerprint": val.sha.hexdigest()[:16],
+        "val_text_fingerprint": val_text,
     }
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
@@ -321,33 +383,63 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def default_paths(vocab_size: int) -> tuple[Path, Path]:
+    """Where train_gpt.py looks for VOCAB_SIZE=vocab_size with the default DATA_DIR: (shards, tokenizer)."""
+    return (DATA_DIR / "datasets" / f"fineweb10B_sp{vocab_size}",
+            DATA_DIR / "tokenizers" / f"fineweb_{vocab_size}_bpe.model")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import train_tokenizer as tt
+
     parser = argparse.ArgumentParser(description="Tokenize documents into fineweb_{val,train}_NNNNNN.bin shards.")
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl (field \"text\") or .txt files, in order")
-    parser.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
-    parser.add_argument("--val-docs", type=_positive_int, default=50_000, help="leading documents used for validation")
-    parser.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="tokenizer processes")
-    parser.add_argument("--max-docs", type=_positive_int, default=None, help="stop after this many documents in total")
+    tok = parser.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", metavar="MODEL", help="existing SentencePiece .model file")
+    tok.add_argument("--vocab-size", type=positive_int, metavar="V", help="train a new BPE tokenizer of V pieces on the input first")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: data/datasets/fineweb10B_sp<V>)")
+    parser.add_argument("--tokenizer-out", metavar="MODEL", help="with --vocab-size: where to save it (default: data/tokenizers/fineweb_<V>_bpe.model)")
+    parser.add_argument("--tokenizer-train-docs", type=positive_int, default=None, help="with --vocab-size: train on the first N documents (default: all)")
+    parser.add_argument("--max-sentence-length", type=positive_int, default=tt.DEFAULT_MAX_SENTENCE_BYTES,
+                        help="with --vocab-size: longer documents are not trained on (SentencePiece default)")
+    parser.add_argument("--val-docs", type=positive_int, default=50_000, help="leading documents used for validation")
+    parser.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
+    parser.add_argument("--max-docs", type=positive_int, default=None, help="stop after this many documents in total")
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
         print(line, flush=True)
 
     try:
-        summary = build_shards(
-            args.input, args.tokenizer, args.out, args.val_docs, args.shard_tokens, args.workers, args.max_docs, log=log
-        )
+        if args.vocab_size:
+            out, model = default_paths(args.vocab_size)
+            out, model = Path(args.out or out), Path(args.tokenizer_out or model)
+            # Every refusal build_shards would make comes before the training time is spent.
+            tt.check_new_model_path(model)
+            check_out_dir(out)
+            docs = lambda: itertools.islice(iter_documents(args.input), args.max_docs)  # noqa: E731
+            n_head = sum(1 for _ in itertools.islice(docs(), args.val_docs + 1))
+            if n_head <= args.val_docs:
+                raise ValueError(f"input has only {n_head} documents but --val-docs is {args.val_docs}, leaving none for "
+                                 "training; lower --val-docs or add more input")
+            proto = tt.train_tokenizer(docs(), args.vocab_size, args.tokenizer_train_docs, args.max_sentence_length, log=log)
+            tt.save_model(proto, model)
+            log(f"tokenizer:{model} vocab_size:{args.vocab_size}")
+        else:
+            model = Path(args.tokenizer)
+            out = Path(args.out) if args.out else default_paths(_load_tokenizer(model).vocab_size())[0]
+        summary = build_shards(args.input, model, out, args.val_docs, args.shard_tokens, args.workers, args.max_docs, log=log)
     except (OSError, ValueError) as e:
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
-    for key in ("val_docs", "val_tokens", "train_docs", "train_tokens", "val_fingerprint"):
+    for key in ("val_docs", "val_tokens", "train_docs", "train_tokens", "val_fingerprint", "val_text_fingerprint"):
         print(f"{key}:{summary[key]}")
     print(f"val_files:{len(summary['val_files'])}")
     print(f"train_files:{len(summary['train_files'])}")
-    print(f"out:{args.out}")
+    print(f"out:{out}")
+    print(f"tokenizer:{model}")
     return 0
 
 
