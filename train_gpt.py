@@ -741,7 +741,7 @@ class GPT(nn.Module):
             x = self.in_rot(x)
         x0 = x = rms_norm(x)
         if self.extra_embeds is not None:
-            x0 = (x0, *(rms_norm(t(ids)) for t in self.extra_embeds))
+            x0 = (x0, *[rms_norm(t(ids)) for t in self.extra_embeds])
         sched = self.schedules[self.looping_active]
         skips = []
         for i in sched.encoder:

@@ -375,3 +375,13 @@ def test_analysis_writes_report_and_png(analyzed):
                     "## Embedding rows by training-token frequency"):
         assert heading in md
     assert (tmp / "out" / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analysis_bad_input_is_one_line_error(analyzed, capsys):
+    import analyze
+
+    _, tmp, _, _ = analyzed
+    assert analyze.main([str(tmp / "missing.ptz"), "--log", str(tmp / "an.txt")]) == 2
+    assert analyze.main([str(tmp / "an.ptz"), "--log", str(tmp / "an.txt"), "--set", "NUM_LAYERS=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "missing.ptz not found" in err[0] and "set NUM_LAYERS=4" in err[1]

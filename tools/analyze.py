@@ -48,6 +48,8 @@ def config_from_log(path: str) -> dict[str, str]:
 
 def load_model(path: str, h: tg.Hyperparameters) -> tuple[tg.GPT, dict | None, dict | None]:
     """(model in eval mode, raw artifact tensors, artifact meta); the last two are None for a checkpoint."""
+    if not Path(path).is_file():
+        raise tg.ConfigError(f"{path} not found; pass an artifact (.ptz) or a torch.save state dict")
     model = tg.GPT(h)
     data = Path(path).read_bytes()
     tensors = meta = None
@@ -56,7 +58,10 @@ def load_model(path: str, h: tg.Hyperparameters) -> tuple[tg.GPT, dict | None, d
     else:
         state, looping = tg.load_artifact(path, h)
         tensors, meta = tg.deserialize_tensors(tg.decompress_artifact(data))
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise tg.ConfigError(f"{path} does not fit the config: {str(e).splitlines()[-1].strip()}") from None
     model.looping_active = looping
     return model.eval(), tensors, meta
 
@@ -238,7 +243,7 @@ def main(argv=None) -> int:
             env[k.strip().upper()] = v
         h = tg.Hyperparameters.from_env(env)
         model, tensors, meta = load_model(a.model, h)
-    except (tg.ConfigError, OSError) as e:
+    except (tg.ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out)
