@@ -46,12 +46,17 @@ fi
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" | tail -n 1)
 
 if (( NGPU >= 1 )); then
-    # Download the published shards and tokenizer when they are missing (or TRAIN_SHARDS asks for more).
-    DATA_ROOT=${DATA_DIR:-./data}
-    VOCAB=${VOCAB_SIZE:-8192}
-    if [[ -z "${DATA_PATH+set}" ]] && [[ -n "${TRAIN_SHARDS:-}" || ! -f "$DATA_ROOT/datasets/fineweb10B_sp$VOCAB/fineweb_val_000000.bin" \
-            || ! -f "${TOKENIZER_PATH:-$DATA_ROOT/tokenizers/fineweb_${VOCAB}_bpe.model}" ]]; then
-        python3 data/download_fineweb.py --variant "sp$VOCAB" --train-shards "${TRAIN_SHARDS:-80}" --data-dir "$DATA_ROOT"
+    if [[ -z "${DATA_PATH+set}" ]]; then
+        # Download the published data for the paths train_gpt.py will read (preset and env applied) when
+        # the validation split or the tokenizer is missing, or TRAIN_SHARDS asks for a number of shards.
+        PATHS=$(python3 -c 'import sys, train_gpt as t
+try: h = t.Hyperparameters.from_env()
+except t.ConfigError as e: sys.exit(f"error: {e}")
+print(h.vocab_size, h.dataset_dir, h.tokenizer_file, sep="\n")')
+        { read -r VOCAB; read -r DATASET; read -r TOKENIZER; } <<< "$PATHS"
+        if [[ -n "${TRAIN_SHARDS:-}" || ! -f "$DATASET/fineweb_val_000000.bin" || ! -f "$TOKENIZER" ]]; then
+            python3 data/download_fineweb.py --variant "sp$VOCAB" --train-shards "${TRAIN_SHARDS:-80}" --data-dir "${DATA_DIR:-./data}"
+        fi
     fi
     NPROC=$NGPU
     while (( 8 % NPROC != 0 )); do NPROC=$((NPROC - 1)); done  # grad accumulation is 8 / world size

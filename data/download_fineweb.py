@@ -104,11 +104,8 @@ class HubFetcher:
         for stale in dest.parent.glob(f"{dest.name}.part-*"):
             if stale != part:
                 stale.unlink()
-        if dest.exists():
-            if salvage and meta.size and dest.stat().st_size < meta.size and not part.exists():
-                os.replace(dest, part)
-            else:
-                dest.unlink()
+        if salvage and dest.exists() and meta.size and dest.stat().st_size < meta.size and not part.exists():
+            os.replace(dest, part)
         have = part.stat().st_size if part.exists() else 0
         if meta.size is not None and have > meta.size:
             part.unlink()
@@ -145,8 +142,8 @@ def check_network(endpoint: str, timeout: float = 5.0) -> None:
 
 
 OFFLINE_HINT = (
-    "Without a download, ./run.sh on a machine without GPU trains offline on a corpus built from local text, "
-    "and data/build_shards.py --vocab-size V exports shards from your own documents"
+    "to train without a download: CUDA_VISIBLE_DEVICES= ./run.sh (CPU smoke run on text already on this machine), "
+    "or export shards from your own documents with data/build_shards.py --vocab-size V"
 )
 
 

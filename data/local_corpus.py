@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a small dataset, offline, from the documentation that ships with the Python installation.
 
-What ./run.sh trains on when there is neither a GPU nor a downloaded dataset. The documents are
+What ./run.sh trains on without a GPU when neither DATA_PATH nor ../shared/data is there. The documents are
   - each help() topic of pydoc_data/topics.py (the language reference),
   - the docstrings of each standard-library module (module, classes, functions, in source order),
   - the standard library's .txt and .rst files,
@@ -21,6 +21,7 @@ import argparse
 import ast
 import hashlib
 import json
+import os
 import shutil
 import sys
 import sysconfig
@@ -63,18 +64,21 @@ def docstrings(source: bytes) -> str:
 
 def _sources(root: Path) -> Iterator[tuple[str, Callable[[], str]]]:
     """(source name, loader) for every candidate document, cheap to list, loaded lazily."""
-    from pydoc_data import topics
-
-    for name in sorted(topics.topics):
+    try:
+        from pydoc_data import topics
+    except ImportError:  # some distributions ship it separately
+        topics = None
+    for name in sorted(topics.topics) if topics else []:
         yield f"pydoc_data/topics.py:{name}", (lambda name=name: topics.topics[name])
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if SKIP_PARTS & set(rel.parts) or not path.is_file():
-            continue
-        if path.suffix == ".py" and rel.as_posix() != "pydoc_data/topics.py":
-            yield rel.as_posix(), (lambda path=path: docstrings(path.read_bytes()))
-        elif path.suffix in (".txt", ".rst"):
-            yield rel.as_posix(), (lambda path=path: path.read_text(encoding="utf-8", errors="replace"))
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_PARTS]  # never walk into site-packages or tests
+        for file in files:
+            path = Path(folder, file)
+            rel = path.relative_to(root).as_posix()
+            if path.suffix == ".py" and rel != "pydoc_data/topics.py":
+                yield rel, (lambda path=path: docstrings(path.read_bytes()))
+            elif path.suffix in (".txt", ".rst"):
+                yield rel, (lambda path=path: path.read_text(encoding="utf-8", errors="replace"))
 
 
 def collect_documents(root: Path, max_docs: int | None = None) -> list[tuple[str, str]]:
@@ -124,7 +128,7 @@ def build(
         log(f"corpus reuse:{out} source:{info.get('source', 'unknown')}")
         return info
     if out.exists():
-        raise ValueError(f"{out} exists but holds no complete dataset; remove it and run again")
+        raise ValueError(f"{out} exists but is incomplete or its tokenizer {tokenizer} is missing; remove {out} and run again")
     t0 = time.perf_counter()
     docs = collect_documents(root, max_docs)
     info = describe(docs, root)

@@ -7,6 +7,7 @@ sp1024 tokenizer, laid out as the published repos are.
 import hashlib
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def run(hub, data_dir, train_shards=2, endpoint=None, lines=None):
 
 
 def cli(*args, env_extra=None, timeout=60):
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("HF_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(REPO / "data" / "download_fineweb.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)

@@ -2,7 +2,6 @@
 builds a corpus from the Python installation's documentation, trains a tokenizer, then trains and
 evaluates it (here the tests' tiny config for a few steps, on a few documents)."""
 import json
-import os
 import shutil
 import subprocess
 import sys
