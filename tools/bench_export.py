@@ -2,7 +2,8 @@
 """Export throughput of data/build_shards.py: documents and tokens per second.
 
 Exports the given documents into a temporary directory once per (tokenizer, worker count) and
-reports the wall time of the whole export (reading JSON, encoding, writing shards):
+reports the wall time of the whole export (reading JSON, encoding, writing shards), and the CPU
+time of this process and its workers, which a busy machine inflates less than the wall time:
 
     python3 tools/bench_export.py --input ../shared/data/corpus/*.jsonl \
         --tokenizer ../shared/data/tokenizers/fineweb_1024_bpe.model ../shared/data/tokenizers/fineweb_8192_bpe.model \
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -23,15 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 import build_shards  # noqa: E402
 
 
+def cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bench(inputs: list[str], tokenizer: str, workers: int, val_docs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         s = build_shards.build_shards(inputs, tokenizer, Path(tmp) / "out", val_docs=val_docs, workers=workers)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     docs, tokens = s["val_docs"] + s["train_docs"], s["val_tokens"] + s["train_tokens"]
     text_bytes = sum(os.path.getsize(p) for p in inputs)
     return {"tokenizer": Path(tokenizer).name, "workers": workers, "docs": docs, "tokens": tokens, "seconds": f"{dt:.2f}",
-            "docs/s": f"{docs / dt:.0f}", "tokens/s": f"{tokens / dt:.0f}", "input_MB/s": f"{text_bytes / 1e6 / dt:.2f}"}
+            "docs/s": f"{docs / dt:.0f}", "tokens/s": f"{tokens / dt:.0f}", "input_MB/s": f"{text_bytes / 1e6 / dt:.2f}",
+            "cpu_seconds": f"{cpu:.2f}", "tokens/cpu_s": f"{tokens / cpu:.0f}"}
 
 
 def main() -> int:
