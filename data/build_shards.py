@@ -7,6 +7,10 @@ uint16. Every document becomes [BOS] + sp.encode(text); documents are
 concatenated in input order, the first ``val_docs`` form the validation split
 and the rest the training split. With --vocab-size instead of --tokenizer, a
 new tokenizer is first trained on the same documents (data/train_tokenizer.py).
+With --caseops every document goes through the CaseOps transform (data/caseops.py)
+before tokenizing, and the validation split gets a byte sidecar
+fineweb_val_bytes_NNNNNN.bin: same format, one entry per validation token giving the
+UTF-8 bytes that token stands for in the original text (BOS and operators 0).
 
 Examples:
     python3 data/build_shards.py --input docs.jsonl \
@@ -14,6 +18,7 @@ Examples:
         --out data/datasets/fineweb10B_sp1024 --val-docs 50000
     python3 data/build_shards.py --input data/docs_selected.jsonl --vocab-size 16384 \
         --tokenizer-train-docs 5000000 --workers 16
+    python3 data/build_shards.py --input docs.jsonl --vocab-size 8192 --caseops
 """
 
 from __future__ import annotations
@@ -34,13 +39,18 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+import caseops
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 BOS_ID = 1
 MAX_VOCAB = 1 << 16
 MAX_SHARD_TOKENS = (1 << 31) - 1  # the count is stored in an int32 header slot
-SHARD_NAME_RE = re.compile(r"fineweb_(val|train)_\d{6}\.bin")
+SHARD_NAME_RE = re.compile(r"fineweb_(val|train|val_bytes)_\d{6}\.bin")
+# The published exports (SPEC part 3 §1.1) keep the first 50,000 documents as validation; a
+# re-export with fewer put published validation documents into training (issue #2127 upstream).
+PUBLISHED_VAL_DOCS = 50_000
 DATA_DIR = Path(__file__).resolve().parent
 PROGRESS_SECONDS = 10.0
 
@@ -138,8 +148,20 @@ def _load_tokenizer(tokenizer_path: PathLike) -> spm.SentencePieceProcessor:
     return sp
 
 
-def _encode_one(sp: spm.SentencePieceProcessor, text: str) -> np.ndarray:
-    ids = sp.encode(text)
+def has_caseops_pieces(sp: spm.SentencePieceProcessor) -> bool:
+    return all(sp.piece_to_id(op) != sp.unk_id() for op in caseops.OPERATORS)
+
+
+def _check_caseops(sp: spm.SentencePieceProcessor, path: PathLike, use: bool) -> None:
+    if use and not has_caseops_pieces(sp):
+        raise ValueError(f"tokenizer {path} has no CaseOps operator pieces; train one with --vocab-size V --caseops "
+                         "(or data/train_tokenizer.py --caseops)")
+    if not use and has_caseops_pieces(sp):
+        raise ValueError(f"tokenizer {path} is a CaseOps tokenizer; pass --caseops so the text is transformed to match it")
+
+
+def _encode_one(sp: spm.SentencePieceProcessor, text: str, use_caseops: bool = False) -> np.ndarray:
+    ids = sp.encode(caseops.encode(text) if use_caseops else text)
     out = np.empty(len(ids) + 1, dtype=np.uint16)
     out[0] = BOS_ID
     out[1:] = ids
@@ -147,19 +169,21 @@ def _encode_one(sp: spm.SentencePieceProcessor, text: str) -> np.ndarray:
 
 
 _worker_sp: spm.SentencePieceProcessor | None = None
+_worker_caseops = False
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_sp
-    _worker_sp = _load_tokenizer(tokenizer_path)
+def _init_worker(tokenizer_path: str, use_caseops: bool = False) -> None:
+    global _worker_sp, _worker_caseops
+    _worker_sp, _worker_caseops = _load_tokenizer(tokenizer_path), use_caseops
 
 
 def _encode_batch(texts: list[str]) -> list[np.ndarray]:
     assert _worker_sp is not None, "worker used without _init_worker"
-    return [_encode_one(_worker_sp, t) for t in texts]
+    return [_encode_one(_worker_sp, t, _worker_caseops) for t in texts]
 
 
-def _iter_encoded(texts: Iterable[str], tokenizer_path: PathLike, workers: int) -> Iterator[np.ndarray]:
+def _iter_encoded(texts: Iterable[str], tokenizer_path: PathLike, workers: int,
+                  use_caseops: bool = False) -> Iterator[np.ndarray]:
     """Lazily encode texts in input order.
 
     Work is fed to the pool in bounded groups because Pool.imap drains its
@@ -168,11 +192,11 @@ def _iter_encoded(texts: Iterable[str], tokenizer_path: PathLike, workers: int) 
     if workers <= 1:
         sp = _load_tokenizer(tokenizer_path)
         for text in texts:
-            yield _encode_one(sp, text)
+            yield _encode_one(sp, text, use_caseops)
         return
     _load_tokenizer(tokenizer_path)  # fail here, not inside every worker
     texts = iter(texts)
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(os.fspath(tokenizer_path),)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(os.fspath(tokenizer_path), use_caseops)) as pool:
         while True:
             group = list(itertools.islice(texts, DOCS_PER_TASK * TASKS_PER_WORKER * workers))
             if not group:
@@ -182,9 +206,28 @@ def _iter_encoded(texts: Iterable[str], tokenizer_path: PathLike, workers: int) 
                 yield from encoded
 
 
-def encode_documents(texts: Iterable[str], tokenizer_path: PathLike, workers: int = 1) -> list[np.ndarray]:
+def encode_documents(texts: Iterable[str], tokenizer_path: PathLike, workers: int = 1,
+                     use_caseops: bool = False) -> list[np.ndarray]:
     """Return [BOS] + sp.encode(text) as a uint16 array per text, in input order for any worker count."""
-    return list(_iter_encoded(texts, tokenizer_path, workers))
+    return list(_iter_encoded(texts, tokenizer_path, workers, use_caseops))
+
+
+class _SidecarCounter:
+    """Byte counts of one CaseOps document's tokens, checked against its decoded original text."""
+
+    def __init__(self, tokenizer_path: PathLike):
+        self.sp = _load_tokenizer(tokenizer_path)
+        self.table = caseops.PieceBytes(self.sp)
+
+    def __call__(self, doc: np.ndarray, index: int) -> np.ndarray:
+        counts = np.zeros(len(doc), dtype=np.int64)
+        counts[1:] = self.table.doc_counts(doc[1:])
+        # The independent count: the text these tokens decode to, case restored, as UTF-8.
+        text = caseops.decode(self.sp.decode(doc[1:].tolist()))
+        if int(counts.sum()) != len(text.encode("utf-8")):
+            raise ValueError(f"document {index}: sidecar counts {int(counts.sum())} bytes but its decoded text has "
+                             f"{len(text.encode('utf-8'))}; the tokenizer does not fit the CaseOps byte rules")
+        return counts
 
 
 def token_fingerprint(chunks: Iterable[np.ndarray]) -> str:
@@ -212,7 +255,8 @@ def text_fingerprint(texts: Iterable[str]) -> str:
 class _ShardWriter:
     """Packs a token stream into fixed-size shards, ignoring document boundaries."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, written: list[Path], log: Callable[[str], None]):
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, written: list[Path], log: Callable[[str], None],
+                 max_value: int = MAX_VOCAB - 1):
         self.out_dir = out_dir
         self.split = split
         self.buf = np.empty(shard_tokens, dtype=np.uint16)
@@ -223,8 +267,11 @@ class _ShardWriter:
         self.sha = hashlib.sha256()
         self.written = written
         self.log = log
+        self.max_value = max_value
 
     def add(self, doc: np.ndarray) -> None:
+        if len(doc) and int(doc.max()) > self.max_value:
+            raise ValueError(f"a {self.split} entry is {int(doc.max())}, above {self.max_value}")
         self.docs += 1
         self.tokens += len(doc)
         pos = 0
@@ -250,6 +297,22 @@ class _ShardWriter:
         self.files.append(path)
         self.log(f"shard:{path} tokens:{self.fill}")
         self.fill = 0
+
+
+def check_val_split(input_paths: Sequence[PathLike], val_docs: int) -> None:
+    """Refuse a validation size other than the published 50,000 for an input of more than 50,000 documents.
+
+    The first 50,000 documents of the published selection are its validation split; with fewer,
+    some of them land in training, with more, published training documents land in validation.
+    """
+    if val_docs == PUBLISHED_VAL_DOCS:
+        return
+    n = sum(1 for _ in itertools.islice(iter_documents(input_paths), PUBLISHED_VAL_DOCS + 1))
+    if n > PUBLISHED_VAL_DOCS:
+        raise ValueError(
+            f"--val-docs {val_docs} with an input of more than {PUBLISHED_VAL_DOCS} documents: validation is always the "
+            f"first {PUBLISHED_VAL_DOCS}, another size would mix published validation and training documents; "
+            f"use --val-docs {PUBLISHED_VAL_DOCS}")
 
 
 def check_out_dir(out_dir: PathLike) -> None:
@@ -295,6 +358,7 @@ def build_shards(
     workers: int = 1,
     max_docs: int | None = None,
     log: Callable[[str], None] | None = None,
+    use_caseops: bool = False,
 ) -> dict:
     """Tokenize the inputs and write validation then training shards into out_dir.
 
@@ -304,7 +368,8 @@ def build_shards(
     than asked for would change the metric without notice. On failure the
     shards written by this call are removed, so a half-built dataset never
     looks complete. ``log`` receives one line per shard written and periodic
-    ``progress`` lines.
+    ``progress`` lines. use_caseops transforms the text and writes the validation byte sidecar.
+    An input of more than 50,000 documents must keep 50,000 for validation (check_val_split).
     """
     log = log or (lambda _line: None)
     if val_docs < 1:
@@ -319,9 +384,10 @@ def build_shards(
         raise ValueError("no input files given; pass at least one .jsonl or .txt file with --input")
     for p in input_paths:
         _check_input_path(Path(p))
-    _load_tokenizer(tokenizer_path)
+    _check_caseops(_load_tokenizer(tokenizer_path), tokenizer_path, use_caseops)
     out = Path(out_dir)
     check_out_dir(out)
+    check_val_split(input_paths, val_docs)
 
     docs = iter_documents(input_paths)
     if max_docs is not None:
@@ -341,15 +407,24 @@ def build_shards(
     written: list[Path] = []
     val = _ShardWriter(out, "val", shard_tokens, written, log)
     train = _ShardWriter(out, "train", shard_tokens, written, log)
-    progress = _Progress(log)
+    # Same shard size as val, so fineweb_val_bytes_k.bin lines up 1:1 with fineweb_val_k.bin.
+    sidecar = _ShardWriter(out, "val_bytes", shard_tokens, written, log) if use_caseops else None
+    counter = _SidecarCounter(tokenizer_path) if use_caseops else None
+    progress, val_bytes = _Progress(log), 0
     try:
-        with contextlib.closing(_iter_encoded(itertools.chain(head, docs), tokenizer_path, workers)) as encoded:
+        with contextlib.closing(_iter_encoded(itertools.chain(head, docs), tokenizer_path, workers, use_caseops)) as encoded:
             for i, doc in enumerate(encoded):
                 if i < val_docs:
                     val.add(doc)
+                    if sidecar is not None:
+                        counts = counter(doc, i)
+                        val_bytes += int(counts.sum())
+                        sidecar.add(counts)
                 else:
                     if i == val_docs:
                         val.close()
+                        if sidecar is not None:
+                            sidecar.close()
                     train.add(doc)
                 progress.add(len(doc))
         train.close()
@@ -361,6 +436,8 @@ def build_shards(
     log(f"done {progress.rates()} workers:{workers}")
 
     return {
+        "val_bytes": val_bytes if sidecar else None,
+        "sidecar_files": [str(p) for p in sidecar.files] if sidecar else [],
         "val_docs": val.docs,
         "val_tokens": val.tokens,
         "train_docs": train.docs,
@@ -383,10 +460,13 @@ def positive_int(value: str) -> int:
     return n
 
 
-def default_paths(vocab_size: int) -> tuple[Path, Path]:
-    """Where train_gpt.py looks for VOCAB_SIZE=vocab_size with the default DATA_DIR: (shards, tokenizer)."""
-    return (DATA_DIR / "datasets" / f"fineweb10B_sp{vocab_size}",
-            DATA_DIR / "tokenizers" / f"fineweb_{vocab_size}_bpe.model")
+def default_paths(vocab_size: int, use_caseops: bool = False) -> tuple[Path, Path]:
+    """Where train_gpt.py looks for VOCAB_SIZE=vocab_size with the default DATA_DIR: (shards, tokenizer).
+
+    A CaseOps export gets its own names (run it with DATA_PATH and TOKENIZER_PATH)."""
+    tag = "_caseops" if use_caseops else ""
+    return (DATA_DIR / "datasets" / f"fineweb10B_sp{vocab_size}{tag}",
+            DATA_DIR / "tokenizers" / f"fineweb_{vocab_size}_bpe{tag}.model")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -406,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard")
     parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
     parser.add_argument("--max-docs", type=positive_int, default=None, help="stop after this many documents in total")
+    parser.add_argument("--caseops", action="store_true",
+                        help="CaseOps: transform the text before tokenizing and write the validation byte sidecar")
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
@@ -413,29 +495,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.vocab_size:
-            out, model = default_paths(args.vocab_size)
+            out, model = default_paths(args.vocab_size, args.caseops)
             out, model = Path(args.out or out), Path(args.tokenizer_out or model)
             # Every refusal build_shards would make comes before the training time is spent.
             tt.check_new_model_path(model)
             check_out_dir(out)
+            check_val_split(args.input, args.val_docs)
             docs = lambda: itertools.islice(iter_documents(args.input), args.max_docs)  # noqa: E731
             n_head = sum(1 for _ in itertools.islice(docs(), args.val_docs + 1))
             if n_head <= args.val_docs:
                 raise ValueError(f"input has only {n_head} documents but --val-docs is {args.val_docs}, leaving none for "
                                  "training; lower --val-docs or add more input")
-            proto = tt.train_tokenizer(docs(), args.vocab_size, args.tokenizer_train_docs, args.max_sentence_length, log=log)
+            proto = tt.train_tokenizer(docs(), args.vocab_size, args.tokenizer_train_docs, args.max_sentence_length, log=log,
+                                       caseops_ops=args.caseops)
             tt.save_model(proto, model)
             log(f"tokenizer:{model} vocab_size:{args.vocab_size}")
         else:
             model = Path(args.tokenizer)
-            out = Path(args.out) if args.out else default_paths(_load_tokenizer(model).vocab_size())[0]
-        summary = build_shards(args.input, model, out, args.val_docs, args.shard_tokens, args.workers, args.max_docs, log=log)
+            out = Path(args.out) if args.out else default_paths(_load_tokenizer(model).vocab_size(), args.caseops)[0]
+        summary = build_shards(args.input, model, out, args.val_docs, args.shard_tokens, args.workers, args.max_docs, log=log,
+                               use_caseops=args.caseops)
     except (OSError, ValueError) as e:
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
     for key in ("val_docs", "val_tokens", "train_docs", "train_tokens", "val_fingerprint", "val_text_fingerprint"):
         print(f"{key}:{summary[key]}")
+    if args.caseops:
+        print(f"val_bytes:{summary['val_bytes']} sidecar_files:{len(summary['sidecar_files'])} transform:{caseops.NAME}")
     print(f"val_files:{len(summary['val_files'])}")
     print(f"train_files:{len(summary['train_files'])}")
     print(f"out:{out}")

@@ -5,11 +5,14 @@ The settings (BPE, byte fallback, split digits, nmt_nfkc, no dummy prefix, ids p
 0/1/2/3) are the ones the published sp1024/sp4096/sp8192 models were trained with, so a vocab
 sweep (sp8192 ... sp32768) differs from the published models only in size. Like the public
 exporter, it trains on the first --max-docs documents and SentencePiece skips documents longer
-than --max-sentence-length bytes.
+than --max-sentence-length bytes. With --caseops the documents go through the CaseOps
+transform (data/caseops.py) first and its four operators become user-defined pieces (ids 4..7).
 
 Example:
     python3 data/train_tokenizer.py --input docs.jsonl --vocab-size 16384 --max-docs 5000000 \
         --out data/tokenizers/fineweb_16384_bpe.model
+    python3 data/train_tokenizer.py --input docs.jsonl --vocab-size 8192 --caseops \
+        --out data/tokenizers/fineweb_8192_bpe_caseops.model
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+
+import caseops
 
 # SPEC part 3 §1.1, from the challenge's data/download_hf_docs_and_tokenize.py.
 PUBLIC_SETTINGS = dict(
@@ -83,23 +88,31 @@ def train_tokenizer(
     max_docs: int | None = None,
     max_sentence_length: int = DEFAULT_MAX_SENTENCE_BYTES,
     log: Callable[[str], None] | None = None,
+    caseops_ops: bool = False,
 ) -> bytes:
     """Train on the first max_docs texts and return the serialized model.
+
+    caseops_ops: train on caseops.encode(text) with the operators as user-defined pieces.
 
     Raises ValueError when the result is unusable for training: fewer pieces than asked for
     (the text was too small for that vocab) or no standalone "▁" piece (val_bpb would count
     every space as 3 bytes).
     """
-    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
-        raise ValueError(f"--vocab-size must be in [{MIN_VOCAB}, {MAX_VOCAB}] (got {vocab_size})")
+    min_vocab = MIN_VOCAB + (len(caseops.OPERATORS) if caseops_ops else 0)
+    if not min_vocab <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"--vocab-size must be in [{min_vocab}, {MAX_VOCAB}] (got {vocab_size})")
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"--max-docs must be at least 1 (got {max_docs})")
-    counter = _Counter(itertools.islice(texts, max_docs), max_sentence_length)
+    texts = itertools.islice(texts, max_docs)
+    if caseops_ops:
+        texts = map(caseops.encode, texts)
+    counter = _Counter(texts, max_sentence_length)
+    extra = dict(user_defined_symbols=list(caseops.OPERATORS)) if caseops_ops else {}
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(counter), model_writer=out, vocab_size=vocab_size,
-            max_sentence_length=max_sentence_length, num_threads=TRAIN_THREADS, minloglevel=2, **PUBLIC_SETTINGS,
+            max_sentence_length=max_sentence_length, num_threads=TRAIN_THREADS, minloglevel=2, **PUBLIC_SETTINGS, **extra,
         )
     except RuntimeError as e:
         detail = " ".join(str(e).split())
@@ -151,11 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-docs", type=positive_int, default=None, help="train on the first N documents (default: all)")
     parser.add_argument("--max-sentence-length", type=positive_int, default=DEFAULT_MAX_SENTENCE_BYTES,
                         help="documents longer than this many bytes are skipped (SentencePiece default)")
+    parser.add_argument("--caseops", action="store_true", help="train on CaseOps-transformed text, operators as pieces")
     args = parser.parse_args(argv)
     try:
         check_new_model_path(args.out)  # before the training time is spent
         proto = train_tokenizer(iter_documents(args.input), args.vocab_size, args.max_docs, args.max_sentence_length,
-                                log=lambda line: print(line, flush=True))
+                                log=lambda line: print(line, flush=True), caseops_ops=args.caseops)
         save_model(proto, args.out)
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
