@@ -423,6 +423,28 @@ def load_val_tokens(data_dir: str, seq_len: int) -> Tensor:
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
 
 
+def load_val_bytes(data_dir: str, val_tokens: Tensor) -> Tensor | None:
+    """Per-target bytes of the original text from the CaseOps sidecar fineweb_val_bytes_*.bin (one
+    entry per val token, BOS 0), or None without one. Entry i+1 belongs to target i."""
+    paths = sorted(glob.glob(os.path.join(data_dir, "fineweb_val_bytes_*.bin")))
+    if not paths:
+        return None
+    val = shard_paths(data_dir, "val")
+    if [p.replace("_val_bytes_", "_val_") for p in paths] != val:
+        raise ConfigError(f"byte sidecar in {data_dir}: {len(paths)} fineweb_val_bytes_*.bin for {len(val)} val shards "
+                          f"with other numbers; re-export or re-download the dataset")
+    parts = [read_shard(p) for p in paths]
+    for p, v, b in zip(paths, val, parts):
+        if len(b) != len(read_shard(v)):
+            raise ConfigError(f"byte sidecar {p} has {len(b)} entries but {v} has {len(read_shard(v))} tokens; "
+                              f"re-export or re-download the dataset")
+    b = torch.from_numpy(np.concatenate(parts)[: val_tokens.numel()].astype(np.int32))
+    if int(b[val_tokens == BOS_ID].sum()):
+        raise ConfigError(f"byte sidecar in {data_dir} is not aligned with its val shards (BOS tokens carry bytes); "
+                          f"re-export or re-download the dataset")
+    return b[1:]
+
+
 class TrainLoader:
     """Deterministic global stream of (seq_len+1)-token windows, reshuffled every epoch by SEED.
 
@@ -465,8 +487,9 @@ class TrainLoader:
         return t[:, :-1], t[:, 1:]
 
 
-def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token (base_bytes, has_leading_space, is_boundary) for the val_bpb byte count (SPEC 1.5)."""
+def build_byte_luts(tokenizer_path: str, vocab_size: int, sidecar: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token (base_bytes, has_leading_space, is_boundary) for the val_bpb byte count (SPEC 1.5).
+    A CaseOps tokenizer needs the byte sidecar (sidecar=True): the tables would count operators as text."""
     import sentencepiece as spm
 
     if not os.path.isfile(tokenizer_path):
@@ -478,6 +501,9 @@ def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tenso
     # Without a standalone "▁" every space becomes 3 byte-fallback tokens and bytes are over-counted (#897).
     if sp.piece_to_id("\u2581") == sp.unk_id():
         raise ConfigError(f"tokenizer {tokenizer_path} has no standalone '\u2581' piece; val_bpb would be wrong")
+    if not sidecar and sp.piece_to_id("\ue001") != sp.unk_id():
+        raise ConfigError(f"tokenizer {tokenizer_path} is a CaseOps tokenizer but the dataset has no fineweb_val_bytes_*.bin "
+                          f"sidecar; byte tables would count its operators as text bytes")
     base = torch.zeros(vocab_size, dtype=torch.int64)
     lead = torch.zeros(vocab_size, dtype=torch.bool)
     boundary = torch.ones(vocab_size, dtype=torch.bool)
@@ -495,8 +521,11 @@ def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tenso
     return base, lead, boundary
 
 
-def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """Bytes of each target given its previous token: the leading space is dropped after a boundary."""
+def target_bytes(prev: Tensor, tgt: Tensor, luts: tuple[Tensor, ...], idx: Tensor | None = None) -> Tensor:
+    """Bytes of each target given its previous token: the leading space is dropped after a boundary.
+    luts = (sidecar,) holds the bytes per target position instead: those at positions idx."""
+    if len(luts) == 1:
+        return luts[0][idx]
     base, lead, boundary = luts
     return base[tgt] + (lead[tgt] & ~boundary[prev]).long()
 
@@ -1350,7 +1379,7 @@ def score_windows(scorer, tokens: Tensor, starts: Tensor, ctx: int, seq_len: int
         nll = torch.where(scored, scorer(x, y).float(), 0.0)
         sums[0] += nll.double().sum()
         sums[1] += scored.sum()
-        sums[2] += torch.where(scored, target_bytes(x, y, luts), 0).sum()
+        sums[2] += torch.where(scored, target_bytes(x, y, luts, idx), 0).sum()
         if nll_out is not None:
             nll_out.scatter_add_(0, idx.flatten(), nll.flatten())
 
@@ -1681,12 +1710,15 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    luts = build_byte_luts(h.tokenizer_file, h.vocab_size)
     val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
+    sidecar = load_val_bytes(h.dataset_dir, val_tokens)
+    luts = build_byte_luts(h.tokenizer_file, h.vocab_size, sidecar is not None)
     if int(val_tokens.max()) >= h.vocab_size:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
-    val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts)
-    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())}")
+    luts = luts if sidecar is None else (sidecar,)
+    val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts, torch.arange(val_tokens.numel() - 1))
+    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())} "
+        f"byte_count:{'tables' if sidecar is None else 'sidecar'}")
     if h.eval_nll_dir and d.is_main:
         os.makedirs(h.eval_nll_dir, exist_ok=True)
         np.save(os.path.join(h.eval_nll_dir, "bytes.npy"), val_target_bytes.numpy().astype(np.int32))
