@@ -12,8 +12,13 @@ Complete files are skipped without touching the network; a partial download is k
 size) before it gets its final name, and the validation split is checked against the manifest's
 document and token counts. Without network it stops at once with one line.
 
+The CaseOps export (variant sp8192_lossless_caps_caseops_v1_reserved, alias caseops) also brings
+the validation byte sidecar fineweb_val_bytes_NNNNNN.bin, one per validation shard and checked
+against it; run it with the DATA_PATH and TOKENIZER_PATH the download prints.
+
 Examples:
     python3 data/download_fineweb.py                                  # sp8192, 80 training shards
+    python3 data/download_fineweb.py --variant caseops                # the CaseOps sp8192 export
     python3 data/download_fineweb.py --variant sp1024 --train-shards 10
     python3 data/download_fineweb.py --with-docs --train-shards 0     # + docs_selected.jsonl (45 GB)
 """
@@ -43,12 +48,15 @@ DEFAULT_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
     "sp4096": "kevclark/parameter-golf",
     "sp8192": "kevclark/parameter-golf",
+    # The CaseOps export the CaseOps records download (PR #1729, #1855): 50,000 val docs, 1e8-token shards.
+    "sp8192_lossless_caps_caseops_v1_reserved": "romeerp/parameter-golf-caseops-v1",
 }
+ALIASES = {"caseops": "sp8192_lossless_caps_caseops_v1_reserved"}
 DEFAULT_PREFIX = "datasets"  # folder of the repo that holds manifest.json, datasets/ and tokenizers/
 DEFAULT_TRAIN_SHARDS = 80  # 8e9 tokens, the challenge downloader's default
 NUM_VAL_DOCS = 50_000  # SPEC part 3 §1.1: the first 50,000 documents are validation
 BOS_ID = 1
-VARIANT_RE = re.compile(r"sp(\d+)")
+VARIANT_RE = re.compile(r"sp(\d+)(_[0-9a-z_]+)?")
 
 Log = Callable[[str], None]
 
@@ -155,12 +163,17 @@ OFFLINE_HINT = (
 def vocab_of(variant: str) -> int:
     m = VARIANT_RE.fullmatch(variant)
     if not m:
-        raise DownloadError(f"--variant {variant!r} is not of the form sp<VOCAB>, e.g. sp1024, sp4096 or sp8192")
+        raise DownloadError(f"--variant {variant!r} is not of the form sp<VOCAB>[_suffix], e.g. sp1024, sp8192 or caseops")
     return int(m.group(1))
 
 
 def dataset_name(variant: str) -> str:
     return f"fineweb10B_{variant}"
+
+
+def has_sidecar(variant: str) -> bool:
+    """CaseOps exports score val_bpb on their validation byte sidecar."""
+    return "caseops" in variant
 
 
 def manifest_entry(manifest: dict, variant: str) -> tuple[dict, dict]:
@@ -190,8 +203,9 @@ def plan(manifest: dict, variant: str, train_shards: int, prefix: str, data_dir:
     root = f"{prefix}/" if prefix else ""
     name = dataset_name(variant)
     out = data_dir / "datasets" / name
+    splits = (("val", n_val),) + ((("val_bytes", n_val),) if has_sidecar(variant) else ()) + (("train", train_shards),)
     items = [Item(f"{root}datasets/{name}/fineweb_{split}_{i:06d}.bin", out / f"fineweb_{split}_{i:06d}.bin", "shard")
-             for split, n in (("val", n_val), ("train", train_shards)) for i in range(n)]
+             for split, n in splits for i in range(n)]
     for key, kind in (("model_path", "tokenizer"), ("vocab_path", "file")):
         if tok.get(key):
             items.append(Item(f"{root}{tok[key]}", data_dir / "tokenizers" / Path(tok[key]).name, kind))
@@ -247,6 +261,14 @@ def val_summary(paths: Sequence[Path]) -> dict:
     }
 
 
+def check_sidecar(val: Sequence[Path], sidecar: Sequence[Path]) -> None:
+    """Each fineweb_val_bytes_k.bin holds one entry per token of fineweb_val_k.bin."""
+    read_shard = _import_from(REPO_ROOT, "train_gpt").read_shard
+    for v, b in zip(val, sidecar):
+        if len(read_shard(str(b))) != len(read_shard(str(v))):
+            raise DownloadError(f"byte sidecar {b.name} does not match {v.name} in length; delete both and download again")
+
+
 def check_val(summary: dict, stats: dict) -> None:
     """Refuse a validation split smaller (or larger) than the published one."""
     want_docs = int(stats.get("docs_val", NUM_VAL_DOCS))
@@ -284,6 +306,7 @@ def download(
 
     Uses the cached manifest and skips the network entirely when every file is already complete.
     """
+    variant = ALIASES.get(variant, variant)
     vocab = vocab_of(variant)
     if train_shards < 0:
         raise DownloadError(f"--train-shards must be 0 or more (got {train_shards})")
@@ -316,13 +339,18 @@ def download(
         log(f"got {k}/{len(todo)} file:{item.local} bytes:{n} seconds:{dt:.1f} MB/s:{n / 1e6 / max(dt, 1e-9):.1f} "
             f"total_MB:{moved / 1e6:.0f}")
     entry, _ = manifest_entry(json.loads(cache.read_text(encoding="utf-8")), variant)
-    val = val_summary([it.local for it in items if it.kind == "shard" and "fineweb_val_" in it.local.name])
+    val_files = [it.local for it in items if it.local.name.startswith("fineweb_val_") and "_bytes_" not in it.local.name]
+    val = val_summary(val_files)
     check_val(val, entry.get("stats") or {})
+    if has_sidecar(variant):
+        check_sidecar(val_files, [it.local for it in items if it.local.name.startswith("fineweb_val_bytes_")])
     summary = {**val, "train_shards": train_shards, "downloaded_bytes": moved, "seconds": time.perf_counter() - t0,
                "dataset": str(cache.parent), "tokenizer": str(next(it.local for it in items if it.kind == "tokenizer"))}
     expected = data_dir / "tokenizers" / f"fineweb_{vocab}_bpe.model"
     if Path(summary["tokenizer"]) != expected:
         log(f"note: the tokenizer is {summary['tokenizer']}; run with TOKENIZER_PATH={summary['tokenizer']}")
+    if cache.parent.name != f"fineweb10B_sp{vocab}":
+        log(f"note: the dataset is {cache.parent}; run with DATA_PATH={cache.parent}")
     return summary
 
 
@@ -357,7 +385,8 @@ def _fetch_manifest(fetcher: HubFetcher, prefix: str, cache: Path, log: Log) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download published FineWeb shards and tokenizers from the Hugging Face Hub.")
-    parser.add_argument("--variant", default="sp8192", help="sp1024, sp4096 or sp8192 (default: sp8192, the record config)")
+    parser.add_argument("--variant", default="sp8192",
+                        help="sp1024, sp4096, sp8192 (default, the record config) or caseops (= sp8192_lossless_caps_caseops_v1_reserved)")
     parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS, help="training shards of 1e8 tokens (validation is always whole)")
     parser.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
                         help="dataset repo (env MATCHED_FINEWEB_REPO_ID; default: per variant, see DEFAULT_REPOS)")
@@ -372,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    args.variant = ALIASES.get(args.variant, args.variant)
     try:
         vocab_of(args.variant)
         repo = args.repo_id or DEFAULT_REPOS.get(args.variant)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from conftest import FINEWEB, REPO, SP1024
@@ -265,3 +266,78 @@ def test_cli_success(published, hub, tmp_path):
                   ("val_docs", "val_fingerprint", "train_shards"))
     assert fields == {"val_docs": "20", "val_fingerprint": published[1]["val_fingerprint"], "train_shards": "1"}
     assert "got 4/4" in proc.stdout
+
+
+# --- The CaseOps export: validation byte sidecar alongside the shards ---------------------------
+
+CASEOPS = "sp400_lossless_caps_caseops_v1_reserved"
+CASEOPS_NAME = f"fineweb10B_{CASEOPS}"
+
+
+@pytest.fixture(scope="module")
+def published_caseops(shared_data, tmp_path_factory):
+    """A fake CaseOps repo laid out like the published one: 2 val shards, their 2 sidecars, 2+ train shards."""
+    import train_tokenizer as tt
+
+    root = tmp_path_factory.mktemp("hub_caseops")
+    tok = root / "datasets" / "tokenizers" / f"fineweb_400_bpe_{CASEOPS[5:]}.model"
+    tt.save_model(tt.train_tokenizer(bs.iter_documents([FINEWEB]), 400, max_docs=40, caseops_ops=True), tok)
+    ds = root / "datasets" / "datasets" / CASEOPS_NAME
+    summary = bs.build_shards([FINEWEB], tok, ds, val_docs=2, shard_tokens=20_000, max_docs=12, use_caseops=True)
+    n_val, n_train = len(summary["val_files"]), len(summary["train_files"])
+    assert n_val == 2 and len(summary["sidecar_files"]) == 2 and n_train >= 2
+    manifest = {
+        "datasets": [{"name": CASEOPS_NAME, "tokenizer_name": "caseops_400",
+                      "stats": {"files_val": n_val, "files_train": n_train, "docs_val": 2, "tokens_val": summary["val_tokens"]}}],
+        "tokenizers": [{"name": "caseops_400", "model_path": f"tokenizers/{tok.name}"}],
+    }
+    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return root, summary, tok
+
+
+def test_caseops_download_brings_the_sidecar_with_resume_and_checks(published_caseops, hub, tmp_path):
+    import torch
+
+    import train_gpt as tg
+
+    root, summary, tok = published_caseops
+    hub.root = root
+    data, lines = tmp_path / "data", []
+    fetcher = dl.HubFetcher(REPO_ID, endpoint=hub.endpoint)
+    got = dl.download(CASEOPS, 2, fetcher, data_dir=data, log=lines.append)
+    out = data / "datasets" / CASEOPS_NAME
+    names = sorted(p.name for p in out.glob("*.bin"))
+    assert names == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin",
+                     "fineweb_val_000001.bin", "fineweb_val_bytes_000000.bin", "fineweb_val_bytes_000001.bin"]
+    for name in names:
+        assert (out / name).read_bytes() == (root / "datasets" / "datasets" / CASEOPS_NAME / name).read_bytes()
+    assert got["val_docs"] == 2 and got["val_fingerprint"] == summary["val_fingerprint"]
+    assert any(line == f"note: the dataset is {out}; run with DATA_PATH={out}" for line in lines)
+    # What train_gpt.py reads from it: the sidecar's bytes per target.
+    val = tg.load_val_tokens(str(out), 64)
+    side = tg.load_val_bytes(str(out), val, tg.build_byte_luts(got["tokenizer"], 400, sidecar=True))
+    assert int(side.sum()) == int(torch.cat([torch.from_numpy(tg.read_shard(str(p)).astype("int64"))
+                                             for p in sorted(out.glob("fineweb_val_bytes_*"))])[1 : val.numel()].sum())
+
+    sidecar = out / "fineweb_val_bytes_000001.bin"
+    full = sidecar.read_bytes()
+    sidecar.write_bytes(full[: len(full) // 2 + 1])  # cut off under its final name: resumed
+    hub.requests.clear()
+    dl.download(CASEOPS, 2, fetcher, data_dir=data, log=lambda _l: None)
+    assert sidecar.read_bytes() == full
+    assert [r[2] for r in hub.gets(sidecar.name)] == [f"bytes={len(full) // 2 + 1}-"]
+
+
+def test_caseops_sidecar_that_does_not_match_its_shard_is_refused(published_caseops, hub, tmp_path):
+    root = tmp_path / "hub"
+    shutil.copytree(published_caseops[0], root)
+    side = root / "datasets" / "datasets" / CASEOPS_NAME / "fineweb_val_bytes_000000.bin"
+    bs.write_shard(side, np.fromfile(side, dtype="<u2", offset=1024)[:-5])
+    hub.root = root
+    with pytest.raises(dl.DownloadError, match="byte sidecar fineweb_val_bytes_000000.bin does not match"):
+        dl.download(CASEOPS, 1, dl.HubFetcher(REPO_ID, endpoint=hub.endpoint), data_dir=tmp_path / "data", log=lambda _l: None)
+
+
+def test_caseops_alias_names_the_published_export():
+    assert dl.ALIASES["caseops"] in dl.DEFAULT_REPOS and dl.vocab_of(dl.ALIASES["caseops"]) == 8192
+    assert dl.has_sidecar(dl.ALIASES["caseops"]) and not dl.has_sidecar("sp8192")
