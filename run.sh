@@ -2,6 +2,9 @@
 # ./run.sh           set up and run the main job: the record config on every visible GPU (torchrun),
 #                    downloading the published data first if missing, or without a GPU the tiny smoke
 #                    preset on CPU, on data found on this machine (no network needed). Env vars pass through.
+#                    CASEOPS=1 ./run.sh: the same on CaseOps data (lossless case transform, val_bpb on the
+#                    original bytes through the byte sidecar): the published CaseOps export on GPUs, a
+#                    CaseOps corpus built from ../shared/data without.
 # ./run.sh test ...  set up and run the test suite; extra args go to pytest.
 # ./run.sh sweep FILE [...]  one main-job run per line of env overrides, then a summary table
 #                    (tools/sweep.py --help).
@@ -44,9 +47,20 @@ if ! python3 -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is
     fi
 fi
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" | tail -n 1)
+CASEOPS=${CASEOPS:-0}
+if [[ "$CASEOPS" != 0 && "$CASEOPS" != 1 ]]; then
+    echo "error: CASEOPS=$CASEOPS; use CASEOPS=1 for CaseOps data or 0 (default) for the plain data" >&2
+    exit 2
+fi
+unset -v CASEOPS_SET; [[ "$CASEOPS" == 1 ]] && CASEOPS_SET=1
+unset CASEOPS
 
 if (( NGPU >= 1 )); then
-    if [[ -z "${DATA_PATH+set}" ]]; then
+    if [[ -n "${CASEOPS_SET-}" && -z "${DATA_PATH+set}" ]]; then
+        # The published CaseOps export (complete files are not fetched again), then its own paths.
+        OUT=$(python3 data/download_fineweb.py --variant caseops --train-shards "${TRAIN_SHARDS:-80}" --data-dir "${DATA_DIR:-./data}" | tee /dev/stderr)
+        export DATA_PATH=$(sed -n 's/^dataset://p' <<< "$OUT") TOKENIZER_PATH=${TOKENIZER_PATH-$(sed -n 's/^tokenizer://p' <<< "$OUT")}
+    elif [[ -z "${DATA_PATH+set}" ]]; then
         # Download the published data for the paths train_gpt.py will read (preset and env applied) when
         # the validation split or the tokenizer is missing, or TRAIN_SHARDS asks for a number of shards.
         PATHS=$(python3 -c 'import sys, train_gpt as t
@@ -73,6 +87,20 @@ SHARED=../shared/data
 if [[ -n "${DATA_PATH+set}" ]]; then
     SMOKE=$DATA_PATH
     TOKENIZER=${TOKENIZER_PATH-}
+elif [[ -n "${CASEOPS_SET-}" && -d "$SHARED/corpus" ]]; then
+    # The same documents as the plain smoke corpus, transformed, with a 1024-piece CaseOps tokenizer trained on them.
+    SMOKE=data/datasets/smoke_caseops_sp1024
+    TOKENIZER=data/tokenizers/smoke_caseops_1024_bpe.model
+    echo "corpus source:$SHARED/corpus (FineWeb sample + enwiki sample, CaseOps) tokenizer:$TOKENIZER dataset:$SMOKE"
+    if [[ ! -f "$SMOKE/fineweb_val_bytes_000000.bin" ]]; then
+        rm -f "$TOKENIZER"  # a tokenizer from an interrupted build would not match the shards
+        python3 data/build_shards.py \
+            --input "$SHARED/corpus/fineweb_docs_sample200.jsonl" "$SHARED/corpus/enwiki_2015_wikiextractor_sample.jsonl" \
+            --vocab-size 1024 --caseops --tokenizer-out "$TOKENIZER" --out "$SMOKE" --val-docs 50 --max-docs 1200
+    fi
+elif [[ -n "${CASEOPS_SET-}" ]]; then
+    echo "error: CASEOPS=1 without a GPU needs the sample corpora in $SHARED/corpus (or DATA_PATH to a CaseOps export)" >&2
+    exit 2
 elif [[ -d "$SHARED/corpus" && -f "$SHARED/tokenizers/fineweb_1024_bpe.model" ]]; then
     SMOKE=data/datasets/smoke_sp1024
     TOKENIZER=$SHARED/tokenizers/fineweb_1024_bpe.model
