@@ -307,7 +307,20 @@ def check_val_split(input_paths: Sequence[PathLike], val_docs: int) -> None:
     """
     if val_docs == PUBLISHED_VAL_DOCS:
         return
-    n = sum(1 for _ in itertools.islice(iter_documents(input_paths), PUBLISHED_VAL_DOCS + 1))
+    n = 0  # documents, counted as iter_documents yields them but without parsing (fast; bad lines fail later)
+    for raw_path in input_paths:
+        path = Path(raw_path)
+        _check_input_path(path)
+        if path.suffix == ".txt":
+            n += 1
+        else:
+            with open(path, "rb") as f:
+                for line in f:
+                    n += bool(line.strip())
+                    if n > PUBLISHED_VAL_DOCS:
+                        break
+        if n > PUBLISHED_VAL_DOCS:
+            break
     if n > PUBLISHED_VAL_DOCS:
         raise ValueError(
             f"--val-docs {val_docs} with an input of more than {PUBLISHED_VAL_DOCS} documents: validation is always the "

@@ -195,12 +195,16 @@ def test_train_and_val_are_disjoint_by_document_fingerprints(corpus, caseops_mod
 
 def test_export_refuses_a_validation_size_that_mixes_published_splits(tmp_path, shared_data):
     big = tmp_path / "big.jsonl"
-    big.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(bs.PUBLISHED_VAL_DOCS + 1)))
+    # Blank lines are not documents: 50,001 documents behind 50,001 blank lines.
+    big.write_text("".join("\n" + json.dumps({"text": f"doc {i}"}) + "\n" for i in range(bs.PUBLISHED_VAL_DOCS + 1)))
     with pytest.raises(ValueError, match="--val-docs 50000"):
         bs.build_shards([big], SP1024, tmp_path / "out", val_docs=10_000)
     assert not (tmp_path / "out").exists()
     bs.check_val_split([big], bs.PUBLISHED_VAL_DOCS)  # the published size passes
     bs.check_val_split([FINEWEB], 20)  # a small corpus may keep any size
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n\n".join(json.dumps({"text": f"doc {i}"}) for i in range(bs.PUBLISHED_VAL_DOCS)))
+    bs.check_val_split([small], 10)
     proc = subprocess.run([sys.executable, str(REPO / "data" / "build_shards.py"), "--input", str(big), "--vocab-size",
                            "300", "--caseops", "--val-docs", "60000", "--out", str(tmp_path / "o2"),
                            "--tokenizer-out", str(tmp_path / "t.model")], capture_output=True, text=True, timeout=120)
