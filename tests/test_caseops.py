@@ -303,3 +303,16 @@ def test_run_scores_every_stage_on_the_sidecar(caseops_model, caseops_data, tmp_
     bs.write_shard(bad / "fineweb_val_bytes_000000.bin", read_body(bad / "fineweb_val_bytes_000000.bin")[:-1])
     res = run_script({**env, "DATA_PATH": str(bad), "RUN_ID": "bad"}, tmp_path)
     assert res.returncode == 2 and res.stderr.startswith("error: byte sidecar") and res.stderr.count("\n") == 1
+
+
+def test_tokenizer_check_counts_caseops_bytes_against_decoded_text(corpus, caseops_model, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import tokenizer_check
+
+    assert tokenizer_check.main(["--tokenizer", str(caseops_model), "--input", str(corpus)]) == 0
+    out = capsys.readouterr().out
+    assert "transform:caseops_v1" in out and "sidecar_counts:ok mismatched_docs:0/" in out
+    docs = read_docs(corpus)
+    sp = spm.SentencePieceProcessor(model_file=str(caseops_model))
+    want = sum(len(caseops.decode(sp.decode(sp.encode(caseops.encode(d)))).encode("utf-8")) for d in docs)
+    assert f"decoded_bytes:{want}" in out

@@ -14,6 +14,12 @@ listed and the exit status is 1.
 Output: `key:value` lines. bytes_per_token counts the document's own tokens; bytes_per_token_with_bos
 also counts one BOS per document, as the shards and the eval do; raw_bytes_per_token (--input only)
 uses the text before normalization.
+
+A CaseOps tokenizer (one with the operator pieces of data/caseops.py) is checked the same way on
+CaseOps text: documents are transformed before encoding, the counted bytes are those the byte
+sidecar of an export would hold (caseops.PieceBytes), the decoded bytes those of
+caseops.decode(sp.decode(ids)), and the result line is sidecar_counts:ok. bytes_per_token then
+counts the operator tokens too.
 """
 from __future__ import annotations
 
@@ -49,9 +55,9 @@ def table_bytes(docs: Sequence[np.ndarray], luts) -> np.ndarray:
     return np.add.reduceat(per_target, starts)
 
 
-def decoded_bytes(sp, docs: Sequence[np.ndarray]) -> np.ndarray:
+def decoded_bytes(sp, docs: Sequence[np.ndarray], inverse=None) -> np.ndarray:
     texts = sp.decode([d.tolist() for d in docs])
-    return np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+    return np.array([len((inverse(t) if inverse else t).encode("utf-8")) for t in texts], dtype=np.int64)
 
 
 def split_at_bos(tokens: np.ndarray) -> list[np.ndarray]:
@@ -61,10 +67,17 @@ def split_at_bos(tokens: np.ndarray) -> list[np.ndarray]:
     return [tokens[s + 1 : e] for s, e in zip(starts, ends)]
 
 
-def check(sp, luts, docs: Sequence[np.ndarray]) -> dict:
-    """Per-document comparison of table bytes and decoded bytes, plus totals."""
-    table = table_bytes(docs, luts)
-    decoded = decoded_bytes(sp, docs)
+def check(sp, luts, docs: Sequence[np.ndarray], caseops_counts=None) -> dict:
+    """Per-document comparison of table bytes and decoded bytes, plus totals.
+
+    caseops_counts (a caseops.PieceBytes) replaces the tables for a CaseOps tokenizer."""
+    if caseops_counts is None:
+        table, decoded = table_bytes(docs, luts), decoded_bytes(sp, docs)
+    else:
+        import caseops
+
+        table = np.array([int(caseops_counts.doc_counts(d).sum()) for d in docs], dtype=np.int64)
+        decoded = decoded_bytes(sp, docs, caseops.decode)
     ids = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
     bad = np.flatnonzero(table != decoded)
     return {
@@ -92,7 +105,9 @@ def encode_texts(sp, texts: Iterable[str], threads: int) -> Iterable[np.ndarray]
 
 def main(argv: Sequence[str] | None = None) -> int:
     import sentencepiece as spm
-    from build_shards import iter_documents
+    from build_shards import has_caseops_pieces, iter_documents
+
+    import caseops
 
     parser = argparse.ArgumentParser(description="Bytes per token of a tokenizer and the byte-table check of val_bpb.")
     parser.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
@@ -106,12 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
-        luts = tg.build_byte_luts(args.tokenizer, sp.vocab_size())
+        counts = caseops.PieceBytes(sp) if has_caseops_pieces(sp) else None
+        luts = tg.build_byte_luts(args.tokenizer, sp.vocab_size(), sidecar=counts is not None)
         raw = None
         if args.input:
             texts = list(itertools.islice(iter_documents(args.input), args.max_docs))
             raw = sum(len(t.encode("utf-8")) for t in texts)
-            docs = list(encode_texts(sp, texts, os.cpu_count() or 1))
+            docs = list(encode_texts(sp, map(caseops.encode, texts) if counts else texts, os.cpu_count() or 1))
         else:
             tokens = np.concatenate([np.asarray(tg.read_shard(p)) for p in tg.shard_paths(args.shards, args.split)])
             if int(tokens.max(initial=0)) >= sp.vocab_size():
@@ -119,13 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             docs = split_at_bos(tokens)[: args.max_docs]
         if not docs:
             raise tg.ConfigError("no documents to check")
-        r = check(sp, luts, docs)
+        r = check(sp, luts, docs, counts)
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
     n_tok = max(r["tokens"], 1)
-    print(f"tokenizer:{args.tokenizer} vocab_size:{sp.vocab_size()}")
+    print(f"tokenizer:{args.tokenizer} vocab_size:{sp.vocab_size()}" + (f" transform:{caseops.NAME}" if counts else ""))
     print(f"docs:{r['docs']} tokens:{r['tokens']} table_bytes:{r['table_bytes']} decoded_bytes:{r['decoded_bytes']}")
     line = f"bytes_per_token:{r['table_bytes'] / n_tok:.4f} bytes_per_token_with_bos:{r['table_bytes'] / (n_tok + r['docs']):.4f}"
     if raw is not None:
@@ -135,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, t, d in r["mismatches"][: args.show]:
         print(f"mismatch doc:{i} table_bytes:{t} decoded_bytes:{d}")
     ok = not r["mismatches"]
-    print(f"byte_tables:{'ok' if ok else 'MISMATCH'} mismatched_docs:{len(r['mismatches'])}/{r['docs']}")
+    what = "sidecar_counts" if counts else "byte_tables"
+    print(f"{what}:{'ok' if ok else 'MISMATCH'} mismatched_docs:{len(r['mismatches'])}/{r['docs']}")
     return 0 if ok else 1
 
 
