@@ -427,7 +427,7 @@ def load_val_bytes(data_dir: str, val_tokens: Tensor, luts) -> Tensor | None:
     """Per-target bytes of the original text from the CaseOps sidecar fineweb_val_bytes_*.bin (one
     entry per val token, BOS 0), or None without one. Entry i+1 belongs to target i. Aligned, it
     agrees with the byte tables except at operators (3 bytes there, 0 in it) and where tokenizer
-    normalization changed the text."""
+    normalization changed the text; shifted by one, about a quarter of entries agree."""
     paths = sorted(glob.glob(os.path.join(data_dir, "fineweb_val_bytes_*.bin")))
     if not paths:
         return None
@@ -443,7 +443,7 @@ def load_val_bytes(data_dir: str, val_tokens: Tensor, luts) -> Tensor | None:
     b = torch.from_numpy(np.concatenate(parts)[1 : val_tokens.numel()].astype(np.int32))
     tb = target_bytes(val_tokens[:-1], val_tokens[1:], luts)
     agree = ((tb == b) | ((tb == 3) & (b == 0))).double().mean().item()
-    if agree < 0.9:
+    if agree < 0.6:
         raise ConfigError(f"byte sidecar in {data_dir} is not aligned with its val shards (only {agree:.1%} of entries "
                           f"agree with the tokenizer's byte counts); re-export or re-download the dataset")
     return b
@@ -1714,8 +1714,8 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
     luts = build_byte_luts(h.tokenizer_file, h.vocab_size, bool(glob.glob(os.path.join(h.dataset_dir, "fineweb_val_bytes_*"))))
+    val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
     if int(val_tokens.max()) >= h.vocab_size:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
     sidecar = load_val_bytes(h.dataset_dir, val_tokens, luts)
