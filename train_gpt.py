@@ -424,28 +424,23 @@ def load_val_tokens(data_dir: str, seq_len: int) -> Tensor:
 
 
 def load_val_bytes(data_dir: str, val_tokens: Tensor, luts) -> Tensor | None:
-    """Per-target bytes of the original text from the CaseOps sidecar fineweb_val_bytes_*.bin (one
-    entry per val token, BOS 0), or None without one. Entry i+1 belongs to target i. Aligned, it
-    agrees with the byte tables except at operators (3 bytes there, 0 in it) and where tokenizer
-    normalization changed the text; shifted by one, about a quarter of entries agree."""
+    """Bytes per target from the CaseOps sidecar fineweb_val_bytes_*.bin (one entry per val token,
+    entry i+1 for target i), or None without one. Aligned, it agrees with the byte tables except at
+    operators (0 for 3) and text changed by normalization; shifted, in about a quarter of entries."""
     paths = sorted(glob.glob(os.path.join(data_dir, "fineweb_val_bytes_*.bin")))
     if not paths:
         return None
     val = shard_paths(data_dir, "val")
-    if [p.replace("_val_bytes_", "_val_") for p in paths] != val:
-        raise ConfigError(f"byte sidecar in {data_dir}: {len(paths)} fineweb_val_bytes_*.bin for {len(val)} val shards "
-                          f"with other numbers; re-export or re-download the dataset")
     parts = [read_shard(p) for p in paths]
-    for p, v, b in zip(paths, val, parts):
-        if len(b) != len(read_shard(v)):
-            raise ConfigError(f"byte sidecar {p} has {len(b)} entries but {v} has {len(read_shard(v))} tokens; "
-                              f"re-export or re-download the dataset")
+    if [p.replace("_val_bytes_", "_val_") for p in paths] != val or any(len(b) != len(read_shard(v)) for b, v in zip(parts, val)):
+        raise ConfigError(f"byte sidecar in {data_dir} does not match its val shards (one fineweb_val_bytes_k.bin with one "
+                          f"entry per token of each fineweb_val_k.bin); re-export or re-download the dataset")
     b = torch.from_numpy(np.concatenate(parts)[1 : val_tokens.numel()].astype(np.int32))
     tb = target_bytes(val_tokens[:-1], val_tokens[1:], luts)
     agree = ((tb == b) | ((tb == 3) & (b == 0))).double().mean().item()
     if agree < 0.6:
-        raise ConfigError(f"byte sidecar in {data_dir} is not aligned with its val shards (only {agree:.1%} of entries "
-                          f"agree with the tokenizer's byte counts); re-export or re-download the dataset")
+        raise ConfigError(f"byte sidecar in {data_dir} is not aligned with its val shards ({agree:.1%} of entries agree "
+                          f"with the byte tables); re-export or re-download the dataset")
     return b
 
 
