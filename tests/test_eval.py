@@ -243,6 +243,7 @@ def test_nll_dump_recomputes_logged_bpb(eval_run, small_dataset):
     luts = tg.build_byte_luts(str(SP1024), 1024)
     nbytes = np.load(tmp / "nll" / "bytes.npy")
     assert np.array_equal(nbytes, tg.target_bytes(val[:-1], val[1:], luts).numpy())
+    assert f"val_tokens:{val.numel() - 1} val_bytes:{int(nbytes.sum())} byte_count:tables" in out
     for stage in ("pre_quant", "quantized", "sliding", "ttt"):
         nll = np.load(tmp / "nll" / f"{stage}.npy")
         assert nll.dtype == np.float32 and nll.shape == (val.numel() - 1,)
