@@ -27,6 +27,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -332,6 +333,20 @@ def setup_distributed() -> Dist:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local_rank, device)
+
+
+def shutdown_distributed(d: Dist | None, timeout_s: float = 120.0) -> None:
+    """Barrier, then destroy the process group: a rank that tears its group down while a peer still
+    talks to it aborts that peer ("terminate called without an active exception"). Bounded, so a
+    rank that failed alone still exits (torchrun then stops the others)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        cuda = d is not None and d.device.type == "cuda"
+        dist.barrier(device_ids=[d.local_rank] if cuda else None, timeout=timedelta(seconds=timeout_s))
+    except Exception:  # a peer is gone or waits in another collective: tear down regardless
+        pass
+    dist.destroy_process_group()
 
 
 def all_reduce(t: Tensor, op=None) -> Tensor:
@@ -1763,8 +1778,7 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(d)
 
 
 if __name__ == "__main__":
