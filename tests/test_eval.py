@@ -292,7 +292,7 @@ def test_causality_check_catches_a_leak(stage):
     assert r["mismatches"] > 0
 
 
-# --- End to end: NLL dump, budget line, causality tool, distributed equivalence -----------------
+# --- End to end: NLL dump, causality tool, distributed equivalence ----------------------------
 
 
 @pytest.fixture(scope="module")
@@ -332,16 +332,6 @@ def test_nll_dump_recomputes_logged_bpb(eval_run, small_dataset):
         assert nll.dtype == np.float32 and nll.shape == (val.numel() - 1,)
         bpb = nll.astype(np.float64).sum() / (math.log(2) * nbytes.sum())
         assert bpb == pytest.approx(logged(out, stage)["val_bpb"], abs=6e-9)
-
-
-def test_eval_budget_line_sums_the_stages(eval_run):
-    _, _, out = eval_run
-    line = next(l for l in out.splitlines() if l.startswith("eval_budget "))
-    fields = dict(kv.split(":", 1) for kv in line.split()[1:])
-    assert fields["limit"] == "600s" and fields["stages"] == "load+warmup+quantized+sliding+ttt"
-    stage_s = sum(logged(out, s)["eval_time"] for s in ("quantized", "sliding", "ttt")) / 1000
-    assert stage_s <= float(fields["used"].rstrip("s")) + 0.1
-    assert "ttt_progress chunk:" in out
 
 
 def test_causality_tool_on_saved_artifact(eval_run):
