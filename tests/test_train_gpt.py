@@ -335,8 +335,54 @@ def test_two_process_run_matches_single_process(dataset, tmp_path):
     for label in ("model_params:", "val_tokens:", "looping:on", "final_pre_quant"):
         assert label in single.stdout and label in double.stdout
     assert abs(final_bpb(single.stdout) - final_bpb(double.stdout)) < 1e-4
+    assert "terminate called" not in double.stderr  # ranks leave the process group together
     log = (tmp_path / "logs" / "dist.txt").read_text()
     assert "hp num_layers:4" in log and "final_pre_quant" in log
+
+
+def test_two_process_config_error_exits_cleanly_on_both_ranks(tmp_path):
+    """Both ranks hit the same bad input: each prints its one-line error and leaves the group
+    through the barrier; no rank is aborted mid-teardown."""
+    env = tiny_env(data_path=str(tmp_path / "nope"), tokenizer_path=str(tmp_path / "nope.model"), run_id="bad")
+    res = run_script(env, tmp_path, torchrun=2, timeout=300)
+    assert res.returncode != 0
+    errors = [l for l in res.stderr.splitlines() if l.startswith("error: tokenizer ")]
+    assert len(errors) == 2, res.stderr[-3000:]
+    assert "terminate called" not in res.stderr and "exitcode  : 2" in res.stderr
+
+
+def _stuck_peer_worker(rank: int, init: str, out: str):
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(600)  # alive but never reaches the barrier, like a rank stuck after a lone failure
+    t0 = time.perf_counter()
+    tg.shutdown_distributed(None, timeout_s=5.0)
+    with open(out + ".tmp", "w") as f:
+        f.write(f"{time.perf_counter() - t0:.3f} {int(dist.is_initialized())}")
+    os.replace(out + ".tmp", out)
+
+
+def test_shutdown_barrier_is_bounded(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.txt"
+    ctx = mp.spawn(_stuck_peer_worker, args=(f"file://{tmp_path / 'store'}", str(out)), nprocs=2, join=False)
+    try:
+        deadline = time.time() + 300
+        while not out.exists() and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        for p in ctx.processes:
+            p.kill()
+            p.join()
+    waited, still_initialized = out.read_text().split()
+    assert 4.5 < float(waited) < 30 and still_initialized == "0"  # waited for the peer, then gave up
 
 
 def corrupt_copy(dataset, tmp_path):
