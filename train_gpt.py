@@ -341,9 +341,12 @@ def shutdown_distributed(d: Dist | None, timeout_s: float = 120.0) -> None:
     rank that failed alone still exits (torchrun then stops the others)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    ids = [d.local_rank] if d is not None and d.device.type == "cuda" else None
     try:
-        cuda = d is not None and d.device.type == "cuda"
-        dist.barrier(device_ids=[d.local_rank] if cuda else None, timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.barrier(device_ids=ids, timeout=timedelta(seconds=timeout_s))
+        except TypeError:  # older torch has no per-call timeout; the group's own timeout bounds it
+            dist.barrier(device_ids=ids)
     except Exception:  # a peer is gone or waits in another collective: tear down regardless
         pass
     dist.destroy_process_group()
