@@ -200,6 +200,15 @@ class Hyperparameters:
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
+        for f in fields(self):  # a NaN passes every comparison below, so it is refused first
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"{f.name.upper()}={v} must be a finite number")
+        for interval, names in VALUE_RANGES.items():
+            lo, hi = (float(x) for x in interval[1:-1].split(","))
+            for name in names.split():
+                v = getattr(self, name)
+                need((lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi),
+                     f"{name.upper()}={v} must lie in {interval}")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         hd = self.model_dim // self.num_heads
@@ -236,6 +245,20 @@ class Hyperparameters:
             need(self.gptq_enabled and not self.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
             parse_tiers(self.embed_bits_tiers, self.vocab_size, self.embed_clip_sigmas)
 
+
+# Allowed values, interval -> fields, checked at parse time: a value outside stops the run with exit
+# status 2 before anything runs, instead of a NaN loss or a meaningless score at the end.
+VALUE_RANGES = {
+    "[0,4294967295]": "seed",  # numpy seeds are unsigned 32-bit
+    "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
+               "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
+               "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std",
+    "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
+               "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches",
+    "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas",
+    "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum",
+    "[0,1]": "enable_looping_at warmdown_frac min_lr",
+}
 
 # Tiny config for CPU smoke runs and tests: every feature of the record config, at toy scale.
 PRESETS = {
@@ -1642,6 +1665,9 @@ def timed_eval(stage: str, h: Hyperparameters, d: Dist, log: Logger, fn) -> tupl
     t0 = time.perf_counter()
     r, nll = fn(bool(h.eval_nll_dir))
     dt = time.perf_counter() - t0
+    if not (math.isfinite(r.val_loss) and math.isfinite(r.val_bpb)):  # never reported as a score
+        raise TrainingError(f"stage {stage} scored val_loss:{r.val_loss} val_bpb:{r.val_bpb}, not a result; "
+                            f"the model or the TTT settings diverged (lower TTT_LR or the training LRs)")
     log(f"final_{stage} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{dt * 1000:.0f}ms")
     if nll is not None and d.is_main:
         np.save(os.path.join(h.eval_nll_dir, f"{stage}.npy"), nll.cpu().numpy())
