@@ -114,6 +114,19 @@ def test_wrong_tokenizer_is_caught_without_metadata(which, no_meta, other_1024):
         tg.check_tokenizer_built_shards(str(path), str(no_meta), val_of(no_meta))
 
 
+def test_tokenizer_without_byte_fallback_passes_its_own_shards(shared_data, tmp_path):
+    """<unk> does not survive decode + encode; such documents are skipped, not counted as a mismatch."""
+    nobf = shared_data / "tokenizers" / "alternates" / "sproos_fineweb_1024_bpe_nobytefallback.model"
+    if not nobf.is_file():
+        pytest.skip("alternate tokenizer not in shared data")
+    bs.build_shards([FINEWEB], nobf, tmp_path / "ds", val_docs=60, max_docs=61)
+    (tmp_path / "ds" / tg.TOKENIZER_META).unlink()  # the check that needs no record
+    val = tg.load_val_tokens(str(tmp_path / "ds"), 64).numpy()
+    assert 0 < tg.check_tokenizer_built_shards(str(nobf), str(tmp_path / "ds"), val) < 60
+    with pytest.raises(tg.ConfigError, match="re-encode"):
+        tg.check_tokenizer_built_shards(str(SP1024), str(tmp_path / "ds"), val)
+
+
 def test_wrong_tokenizer_stops_the_run_before_training(no_meta, other_1024, tmp_path):
     r = run_train(tiny_env(data_path=str(no_meta), tokenizer_path=str(other_1024), run_id="tok", iterations=1), tmp_path)
     assert r.returncode == 2 and "re-encode" in one_line(r.stderr)
