@@ -14,6 +14,10 @@ whose complete log already exists is skipped, so rerunning a sweep resumes it; a
 first moved aside to <RUN_ID>.txt.<n>.partial. After each run DIR/summary.md and DIR/summary.csv are
 rewritten: all runs sorted by the val_bpb of their last final_<stage> line.
 
+Stopping the sweep (Ctrl-C, SIGTERM, SIGHUP) stops the running training process group too and exits
+with 128 + the signal number. DIR/.sweep.lock keeps a second sweep out of DIR while one runs, and a
+log still held by a running train_gpt.py is never moved aside (both locks die with their process).
+
 Launch as ./run.sh does: torchrun on the largest divisor of 8 not above the visible GPU count;
 without a GPU python3 with PRESET=smoke, DATA_PATH=data/datasets/smoke_sp1024 and the shared 1024
 tokenizer, each only where you have not set it.
