@@ -1854,8 +1854,9 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     pre = None
     artifact = h.eval_artifact or h.artifact_file
     if not h.eval_artifact:
-        train_paths = shard_paths(h.dataset_dir, "train")
+        train_paths, t0 = shard_paths(h.dataset_dir, "train"), time.perf_counter()
         max_ids = all_reduce(shard_max_ids(train_paths, d.rank, d.world_size).to(d.device), dist.ReduceOp.MAX).cpu()
+        log(f"train_shards:{len(train_paths)} max_id:{int(max_ids.max())} scan_time:{time.perf_counter() - t0:.1f}s")
         if int(max_ids.max()) >= h.vocab_size:  # on CUDA an out-of-range id would be a device assert mid-run
             i = int(max_ids.argmax())
             raise ConfigError(f"training shard {train_paths[i]} holds token id {int(max_ids[i])} >= VOCAB_SIZE={h.vocab_size}; "
@@ -1924,13 +1925,19 @@ def main() -> int:
         if taken:
             raise ConfigError(taken)
         h = dataclasses.replace(h, run_id=run_id)
-        log = Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
+        try:
+            log = Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
+        except OSError as e:
+            raise ConfigError(f"cannot write the log in {h.log_dir} ({e.strerror}); set LOG_DIR to a writable folder") from None
         return train_and_eval(h, d, log)
-    except (ConfigError, TrainingError, KeyboardInterrupt) as e:
+    except (ConfigError, TrainingError, OSError, KeyboardInterrupt) as e:
         # Every rank meets the same error (config, data and scores are identical or all-reduced) and exits
-        # with the same status; only rank 0 prints it. Exit statuses: 2 bad input, 3 failed run, 130 Ctrl-C.
-        status = 2 if isinstance(e, ConfigError) else 3 if isinstance(e, TrainingError) else 130
-        msg = str(e) if status != 130 else "interrupted (Ctrl-C)" + (f"; the log so far is in {log.path}" if log else "")
+        # with the same status; only rank 0 prints it. Exit statuses: 2 bad input, 3 failed run (an I/O
+        # error included), 130 Ctrl-C.
+        status = 2 if isinstance(e, ConfigError) else 130 if isinstance(e, KeyboardInterrupt) else 3
+        msg = f"I/O error: {' '.join(str(e).split())}" if isinstance(e, OSError) else str(e)
+        if status == 130:
+            msg = "interrupted (Ctrl-C)" + (f"; the log so far is in {log.path}" if log else "")
         if launch_rank() == 0:
             print(f"error: {msg}", file=sys.stderr, flush=True)
         if log is not None:
