@@ -247,8 +247,7 @@ class Hyperparameters:
             parse_tiers(self.embed_bits_tiers, self.vocab_size, self.embed_clip_sigmas)
 
 
-# Allowed values, interval -> fields, checked at parse time: a value outside stops the run with exit
-# status 2 before anything runs, instead of a NaN loss or a meaningless score at the end.
+# Allowed values, interval -> fields: checked at parse time, not found as a NaN at the end.
 VALUE_RANGES = {
     "[0,4294967295]": "seed",  # numpy seeds are unsigned 32-bit
     "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
@@ -384,8 +383,7 @@ def reduce_grads(params: list[Tensor], world_size: int, average: bool) -> None:
 
 
 class Logger:
-    """Rank-0 logger: console plus logs/<run_id>.txt, held open under an exclusive lock that dies with the
-    process, so a second writer (another run, or a sweep resuming while an old run still writes) is refused."""
+    """Rank-0 logger: console plus logs/<run_id>.txt, locked while open (the lock dies with the process)."""
 
     def __init__(self, d: Dist, path: str | None):
         self.enabled = d.is_main
@@ -504,7 +502,7 @@ class TrainLoader:
 
 
 def shard_max_ids(paths: list[str], rank: int = 0, world: int = 1) -> Tensor:
-    """Largest token id of each shard in this rank's share (others 0); an all-reduce MAX completes it."""
+    """Largest id per shard of this rank's share (others 0); all-reduce MAX completes it."""
     out = torch.zeros(len(paths), dtype=torch.int64)
     for i in range(rank, len(paths), world):
         out[i] = int(read_shard(paths[i]).max(initial=0))
@@ -532,15 +530,11 @@ TOKENIZER_META = "tokenizer.json"  # {"file", "sha256", "vocab_size"} of the tok
 
 def check_tokenizer_built_shards(tokenizer_path: str, data_dir: str, val_tokens: np.ndarray,
                                  max_docs: int = 32, max_tokens: int = 1 << 17) -> int:
-    """Stop unless this tokenizer made the shards; returns the documents re-encoded.
+    """Stop unless this tokenizer made the shards (another one of the same size gives a wrong val_bpb).
 
-    With another tokenizer of the same piece count every id is valid but the byte tables (and so
-    val_bpb) are wrong. Two checks: the sha256 our exporters write to tokenizer.json, when present;
-    and, needing no metadata, the exporter's convention that each document is [BOS] + sp.encode(text):
-    decoding a whole validation document and encoding the text again gives back its ids with the
-    right tokenizer and, measured on 60 FineWeb documents with the sp1024/sp8192 files and four
-    other 1024/8192-piece tokenizers, with none of the others (0 of 60 in every pair). Documents
-    holding <unk> are skipped (a tokenizer without byte fallback).
+    By the sha256 our exporters record, when present; always by re-encoding: documents are [BOS] +
+    sp.encode(text), so only their own tokenizer turns decoded text back into the same ids (60 of 60
+    FineWeb documents; 0 of 60 for each of five other sp1024/sp8192-sized tokenizers). Returns the count.
     """
     meta_path = os.path.join(data_dir, TOKENIZER_META)
     if os.path.isfile(meta_path):
@@ -1323,14 +1317,13 @@ def decompress_artifact(blob: bytes) -> bytes:
 SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "mlp_mult",
               "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start",
               "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts")
-# Knobs that change the forward pass without changing a shape: scoring with another value runs and
-# gives another, meaningless score, so they travel in the artifact too.
+# Knobs that change the forward pass but no shape: another value would score silently, so they are stored too.
 FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale")
 _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
 
 
 def payload_checksum(tensors: dict[str, Tensor], meta: dict) -> str:
-    """sha256 prefix over the metadata and every tensor's name, dtype, shape and bytes (container-independent)."""
+    """sha256 prefix of the metadata and every tensor's name, dtype, shape and bytes."""
     sha = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -1351,8 +1344,7 @@ def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, loo
 
 
 def save_artifact_bytes(path: str, blob: bytes) -> int:
-    """Write via path.tmp + rename. When that fails (disk full, file too large) the partial tmp is removed
-    and the bytes, the trained weights, are kept in the system temp dir; the error says where."""
+    """Write via path.tmp + rename; on failure (disk full, file too large) keep the bytes in the temp dir."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path + ".tmp", "wb") as f:
@@ -1362,19 +1354,13 @@ def save_artifact_bytes(path: str, blob: bytes) -> int:
     except OSError as e:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        kept = None
-        for folder in dict.fromkeys((tempfile.gettempdir(), "/dev/shm")):
-            try:
-                fd, kept = tempfile.mkstemp(suffix=".ptz", prefix=Path(path).stem + "_", dir=folder)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                break
-            except OSError:
-                if kept and os.path.exists(kept):
-                    os.remove(kept)
-                kept = None
-        where = (f"the artifact was saved to {kept} instead; score it with EVAL_ARTIFACT={kept}" if kept
-                 else "no temp dir had room for it either, so the trained weights are lost")
+        try:
+            fd, kept = tempfile.mkstemp(suffix=".ptz", prefix=Path(path).stem + "_")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            where = f"the artifact was saved to {kept} instead; score it with EVAL_ARTIFACT={kept}"
+        except OSError:
+            where = "the temp dir had no room for it either, so the trained weights are lost"
         raise TrainingError(f"cannot write artifact {path} ({e.strerror or e}); {where}") from None
 
 
@@ -1824,7 +1810,7 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
 
 
 def run_id_taken(h: Hyperparameters) -> str:
-    """Reusing a RUN_ID is refused (one line, exit 2): its log and artifact would mix with or replace the earlier run's."""
+    """A RUN_ID is used once: the earlier run's log and artifact are never appended to or replaced."""
     mine = [os.path.join(h.log_dir, f"{h.run_id}.txt")] + ([] if h.eval_artifact else [h.artifact_file])
     used = [p for p in mine if os.path.exists(p)]
     return (f"RUN_ID={h.run_id} was already used: {used[0]} exists; choose another RUN_ID "
@@ -1931,9 +1917,7 @@ def main() -> int:
             raise ConfigError(f"cannot write the log in {h.log_dir} ({e.strerror}); set LOG_DIR to a writable folder") from None
         return train_and_eval(h, d, log)
     except (ConfigError, TrainingError, OSError, KeyboardInterrupt) as e:
-        # Every rank meets the same error (config, data and scores are identical or all-reduced) and exits
-        # with the same status; only rank 0 prints it. Exit statuses: 2 bad input, 3 failed run (an I/O
-        # error included), 130 Ctrl-C.
+        # Every rank meets the same error (inputs and scores are identical or all-reduced); rank 0 prints it.
         status = 2 if isinstance(e, ConfigError) else 130 if isinstance(e, KeyboardInterrupt) else 3
         msg = f"I/O error: {' '.join(str(e).split())}" if isinstance(e, OSError) else str(e)
         if status == 130:
