@@ -271,7 +271,7 @@ def test_second_writer_on_a_log_is_refused(tmp_path):
     assert not sweep.log_in_use(tmp_path / "x.txt")
 
 
-def wait_for(pred, timeout=120):
+def wait_for(pred, timeout=300):
     t0 = time.time()
     while not pred():
         if time.time() - t0 > timeout:
