@@ -263,5 +263,5 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
         quantized.split("eval_time")[0]
     assert f"bytes_code:{packed.stat().st_size} " in p.stdout and packed.stat().st_size == int(kv["bytes_code"])
     # wrong shapes: one-line error naming the file and the mismatch
-    bad = run({**env, "EVAL_ARTIFACT": str(artifact), "NUM_LAYERS": "5"}, tmp_path)
+    bad = run({**env, "EVAL_ARTIFACT": str(artifact), "NUM_LAYERS": "5", "RUN_ID": "badshape"}, tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(artifact) in bad.stderr

@@ -330,7 +330,7 @@ def test_two_process_run_matches_single_process(dataset, tmp_path):
                    run_id="dist", enable_looping_at=0.5)
     single = run_script(env, tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = run_script(env, tmp_path, torchrun=2)
+    double = run_script({**env, "RUN_ID": "dist2"}, tmp_path, torchrun=2)
     assert double.returncode == 0, double.stderr[-3000:]
     for label in ("model_params:", "val_tokens:", "looping:on", "final_pre_quant"):
         assert label in single.stdout and label in double.stdout
