@@ -1,4 +1,6 @@
 """tools/gpu_check.py: the dry run, every step at CPU size, and the step runner's failure handling."""
+import argparse
+import json
 import subprocess
 import sys
 
@@ -14,12 +16,16 @@ SCRIPT = REPO / "tools" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def small_data(shared_data, tmp_path_factory):
-    """2 validation documents (~3k tokens) and 28 training documents, sp1024."""
+    """2 validation documents cut to 3,000 characters (~2k tokens) and 28 training documents, sp1024."""
     import build_shards
 
-    out = tmp_path_factory.mktemp("gpu_check") / "sp1024"
-    build_shards.build_shards([FINEWEB], SP1024, out, val_docs=2, max_docs=30)
-    return out
+    d = tmp_path_factory.mktemp("gpu_check")
+    docs = [json.loads(l) for l in FINEWEB.read_text(encoding="utf-8").splitlines()[:30]]
+    for doc in docs[:2]:
+        doc["text"] = doc["text"][:3000]
+    (d / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+    build_shards.build_shards([d / "docs.jsonl"], SP1024, d / "sp1024", val_docs=2)
+    return d / "sp1024"
 
 
 def run_check(*args, timeout=900):
@@ -42,24 +48,45 @@ def test_dry_run_prints_the_plan_and_checks_inputs(small_data, tmp_path):
     assert missing.stdout.rstrip().endswith("inputs:MISSING")
 
 
-def test_cpu_sized_check_runs_every_step(small_data, tmp_path):
+def test_cpu_sized_check_runs_steps_1_to_5(small_data, tmp_path):
     out, work = tmp_path / "rep", tmp_path / "work"
-    res = run_check("--cpu-sized", "--out", out, "--work", work, "--data", small_data, "--tokenizer", SP1024)
+    res = run_check("--cpu-sized", "--steps", "1-5", "--cap", 3000, "--out", out, "--work", work, "--data", small_data,
+                    "--tokenizer", SP1024, timeout=3000)
     report = (out / "report.md").read_text()
     assert res.returncode == 0, report + res.stderr[-2000:]
-    for n, name, *_ in gpu_check.STEPS:
+    for n, name, *_ in gpu_check.STEPS[:5]:
         assert f"| {n} | {name} | ok |" in report
+    assert "| 6 |" not in report
     assert "attention:sdpa" in report and "compile target:train_step looping:1" in report
     assert "compile target:ttt_loss" in report and "[compare_compile] compare mode:looping_on" in report
     for label in ("train_clock:", "artifact bytes_code:", "final_quantized", "final_sliding", "final_ttt",
                   "projected final_ttt", "result:ok"):
         assert label in report, label
-    # CPU against CPU: the same init and data give bit-identical losses.
-    assert "steps_compared:4 first_abs_diff:0.0000 max_abs_diff:0.0000 verdict:ok" in report
+    figures = report.split("## Figures")[1].split("\n## ")[0]
+    for label in ("- compile train_step looping:1:", "- looping_on: ", "tokens/s per GPU", "- final_ttt ",
+                  "- artifact bytes_code:", "- projected final_sliding", "- causality targets:"):
+        assert label in figures, label
     logs = {p.name for p in out.iterdir()}
     assert {"1_versions_versions.log", "3_bench_compare_compile.log", "4_pipeline_gpu_check.txt",
-            "5_causality_causality.log", "6_losses_cpu_fp32.log", "plan.txt"} <= logs
+            "5_causality_causality.log", "plan.txt"} <= logs
     assert not list(out.glob("*.ptz"))  # the artifact stays in --work
+
+
+def test_loss_step_on_cpu_twice_is_bit_identical(small_data, tmp_path, monkeypatch, capsys):
+    """Step 6's runner (in-process, CPU as both sides): same init and data -> identical losses."""
+    args = argparse.Namespace(cpu_sized=True, out=str(tmp_path), work=None, data=str(small_data), tokenizer=str(SP1024))
+    ctx = gpu_check.Ctx(args)
+    device_cmd, cpu_cmd = gpu_check.cmds_losses(ctx)
+    assert device_cmd.argv[-2:] == ["--device", "cpu"] and cpu_cmd.argv[-2:] == ["--device", "cpu"]
+    for k, v in {**ctx.env(), **cpu_cmd.env}.items():
+        monkeypatch.setenv(k, v)
+    runs = []
+    for label in ("device", "cpu_fp32"):
+        assert gpu_check.internal_losses("cpu") == 0
+        runs += [f"[{label}] {l}" for l in capsys.readouterr().out.splitlines()]
+    assert len(runs) == 8 and runs[0].startswith("[device] loss step:1 value:")
+    rows, verdict = gpu_check.loss_table(runs, 4)
+    assert verdict.startswith("steps_compared:4 first_abs_diff:0.0000 max_abs_diff:0.0000 verdict:ok"), verdict
 
 
 def fake_step(n, name, argv, needs=False):
