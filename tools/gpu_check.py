@@ -17,8 +17,10 @@ the next one still runs (only a step that needs an earlier one's output is skipp
     artifact written and re-read, the size line, every eval stage through TTT; eval times are
     projected to the full validation split on 8 GPUs;
   5 causality: tools/causality_check.py on the artifact of step 4 (CPU float32, deterministic);
-  6 losses: the first 20 training losses on the GPU (bf16 autocast) next to a CPU float32 run of the
-    same model, steps and data.
+  6 losses: the first 20 training losses of the record model on the GPU (bf16 autocast, eager, 1,024
+    tokens per step to keep the CPU side short) next to a CPU float32 run of the same steps and data.
+Knob env vars of the caller are dropped: every step runs the sizes written in SIZES, so two reports
+compare. report.md is rewritten after each step, so a killed run still leaves one.
 --prepare builds the shards from ../shared/data (FineWeb sample for validation, then the FineWeb
 and enwiki samples for training) and copies the tokenizer, all into data/gpu_check/ (ignored by
 git, about 30 MiB), so the data travels with a copy of the working tree.
