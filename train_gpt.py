@@ -1629,8 +1629,10 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
-# Timed region = the sum of training-step durations; compile warmup (state restored afterwards)
-# and validation are excluded. The loop stops once every rank agrees the budget is spent.
+# Timed region = wall time from the first training step to the last, as the public records time it:
+# steps, EMA, the stop/loop flag all-reduce and logging are all inside; only validation passes are
+# excluded, and compile warmup runs before the clock starts (state restored afterwards). The loop
+# stops once every rank agrees the budget is spent.
 
 
 def set_looping(model: GPT, on: bool) -> None:
@@ -1731,16 +1733,19 @@ class Trainer:
         h, d, log = self.h, self.d, self.log
         budget = h.train_budget_seconds
         tokens_per_step = h.train_batch_tokens
-        train_time, step = 0.0, 0
+        log("train_clock:wall_first_step_to_last includes:steps,ema,flag_allreduce,logging excludes:validation")
+        train_time, step, paused = 0.0, 0, 0.0
+        t_start = self.sync_time()  # timed region: everything until the loop ends, minus `paused`
         while step < h.iterations:
             frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
             if h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0:
+                t0 = self.sync_time()
                 r = val_fn(self.base)
                 log(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} train_time:{train_time * 1000:.0f}ms")
-            t0 = self.sync_time()  # timed region: one optimizer step
+                paused += self.sync_time() - t0
             loss = self.train_step(step, lr_multiplier(frac, h.warmdown_frac, h.min_lr))
             self.update_ema()
-            train_time += self.sync_time() - t0
+            train_time = self.sync_time() - t_start - paused
             step += 1
             frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
             flags = torch.stack([torch.tensor(float(budget > 0 and train_time >= budget), device=d.device),
@@ -1759,6 +1764,7 @@ class Trainer:
                     f"step_avg:{avg * 1000:.2f}ms tok/s:{tokens_per_step / avg:.0f} eta:{max(eta, 0):.0f}s")
             if stop:
                 break
+        train_time = self.sync_time() - t_start - paused
         log(f"train_steps:{step} train_time:{train_time * 1000:.0f}ms budget:{budget:.1f}s")
         return train_time
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -298,6 +299,42 @@ def test_tiny_model_learns_real_text(dataset, shared_data):
     assert before.val_bpb > 4.0 and after.val_bpb < 0.8 * before.val_bpb  # 4.25 -> ~3.2
     assert after.tokens == val.numel() - 1
     assert after.bytes == int(tg.target_bytes(val[:-1], val[1:], luts).sum())
+
+
+class SlowLog:
+    """Logger stand-in: records lines; each train-loss line takes `delay` seconds to write."""
+
+    def __init__(self, delay: float):
+        self.delay, self.lines = delay, []
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        self.lines.append(msg)
+        if "train_loss:" in msg:
+            time.sleep(self.delay)
+
+
+def test_training_clock_counts_logging_and_excludes_validation(dataset):
+    """train_time = wall time of the loop minus validation passes; slow logging is on the clock."""
+    h = tiny(iterations=5, train_log_every=1, val_loss_every=2)
+    torch.manual_seed(h.seed)
+    log = SlowLog(0.2)
+    tr = tg.Trainer(h, CPU, log, tg.GPT(h), tg.shard_paths(str(dataset), "train"))
+    val_passes = []
+
+    def slow_val(model):
+        val_passes.append(1)
+        time.sleep(0.5)
+        return tg.EvalResult(1.0, 1.0, 1, 1)
+
+    t0 = time.perf_counter()
+    train_time = tr.run(slow_val)
+    wall = time.perf_counter() - t0
+    assert len(val_passes) == 2  # before steps 3 and 5
+    # Five train-loss lines of 0.2 s each are on the clock, the two 0.5 s validation passes are not.
+    assert 2 * 0.5 <= wall - train_time < 2 * 0.5 + 0.3
+    assert sum(l.startswith("train_clock:") for l in log.lines) == 1
+    last = next(l for l in log.lines if l.startswith("train_steps:"))
+    assert last == f"train_steps:5 train_time:{train_time * 1000:.0f}ms budget:0.0s"
 
 
 def test_nonfinite_loss_stops_the_run(dataset):
