@@ -290,7 +290,8 @@ def test_run_scores_every_stage_on_the_sidecar(caseops_model, caseops_data, tmp_
     U = (len(val) - 1) // TINY["eval_seq_len"] * TINY["eval_seq_len"]
     nbytes = np.load(tmp_path / "nll" / "bytes.npy")
     assert np.array_equal(nbytes, side[1 : U + 1])
-    assert f"val_tokens:{U} val_bytes:{int(side[1 : U + 1].sum())} byte_count:sidecar" in res.stdout
+    line = next(l for l in res.stdout.splitlines() if l.startswith("val_tokens:"))
+    assert f"val_tokens:{U} val_bytes:{int(side[1 : U + 1].sum())} " in line and line.endswith(" byte_count:sidecar")
     for stage in ("pre_quant", "quantized"):
         nll = np.load(tmp_path / "nll" / f"{stage}.npy").astype(np.float64)
         line = next(l for l in res.stdout.splitlines() if l.startswith(f"final_{stage} "))
