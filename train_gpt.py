@@ -1755,7 +1755,7 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     log(f"eval_budget used:{used:.1f}s limit:{EVAL_LIMIT_SECONDS:.0f}s stages:{'+'.join(times)}"
         + ("" if used <= EVAL_LIMIT_SECONDS else " OVER_BUDGET"))
     if total > SIZE_LIMIT:
-        log(f"OVER_LIMIT by {total - SIZE_LIMIT} bytes: lower MATRIX_CLIP_SIGMAS/bits or shrink the model")
+        log(f"OVER_LIMIT by {total - SIZE_LIMIT} bytes: raise MATRIX_CLIP_SIGMAS, lower the bits or shrink the model")
         return 4
     return 0
 

@@ -135,14 +135,14 @@ def test_default_schedule_matches_spec():
     plain, looped = tg.layer_schedule(h, False), tg.layer_schedule(h, True)
     assert plain == tg.Schedule([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10], 5, 3)
     assert looped == tg.Schedule([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10], 8, 6)
-    # LIFO skips: decoder position j receives the output of encoder position len(enc)-1-j (SPEC 2.5 table)
+    # LIFO skips: decoder position j receives the output of encoder position len(enc)-1-j
     pairs = [(looped.decoder[j], looped.encoder[len(looped.encoder) - 1 - j]) for j in range(looped.n_skip)]
     assert pairs == [(5, 4), (3, 3), (4, 5), (5, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
     assert tg.layer_schedule(tg.Hyperparameters(num_loops=0), True) == plain
 
 
 def test_default_param_count():
-    # 04-09 shapes: 35,944,536 (SPEC 2.12) + 66 lane parameters (11x2 resid + 11x2x2 post)
+    # 04-09 shapes: 35,944,536 (04-09 log: model_params) + 66 lane parameters (11x2 resid + 11x2x2 post)
     assert tg.count_params(tg.GPT(tg.Hyperparameters())) == 35_944_536 + 66
 
 
@@ -186,7 +186,7 @@ def test_future_tokens_cannot_change_past_losses(looping):
 
 
 def test_parallel_lanes_follow_spec_equations():
-    """One two-lane block against the SPEC 2.9 equations written out by hand."""
+    """One two-lane block against the PR #1530 two-lane equations written out by hand."""
     torch.manual_seed(0)
     h = tiny()
     model = tg.GPT(h)

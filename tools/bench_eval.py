@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-VAL_TARGETS = 40_540_160  # the FineWeb validation stream at EVAL_SEQ_LEN=2048 (SPEC 1.3)
+VAL_TARGETS = 40_540_160  # the FineWeb validation stream at EVAL_SEQ_LEN=2048 (04-09 log: val_tokens)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runlog  # noqa: E402
@@ -82,6 +81,8 @@ def welch_improvement(ours: list[float], ref: list[float], margin: float) -> Tes
     if statistics.pvariance(ours) == 0 and statistics.pvariance(ref) == 0:
         (t, p), df = _degenerate(mr - mo - margin), len(ours) + len(ref) - 2
     else:
+        from scipy import stats  # imported here: scipy.stats takes seconds to import
+
         res = stats.ttest_ind(ref, shifted, equal_var=False, alternative="greater")
         t, p, df = float(res.statistic), float(res.pvalue), float(res.df)
     return TestResult("welch", len(ours), len(ref), mo, mr, margin, t, df, p)
@@ -95,6 +96,8 @@ def one_sample_improvement(ours: list[float], ref_mean: float, margin: float) ->
     if statistics.pvariance(ours) == 0:
         t, p = _degenerate(ref_mean - mo - margin)
     else:
+        from scipy import stats
+
         res = stats.ttest_1samp([x + margin for x in ours], ref_mean, alternative="less")
         t, p = -float(res.statistic), float(res.pvalue)
     return TestResult("one_sample", len(ours), 0, mo, ref_mean, margin, t, float(len(ours) - 1), p)
