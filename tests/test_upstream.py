@@ -75,6 +75,16 @@ def test_every_sample_log_gives_a_curve_and_its_last_score_line(log):
     assert plot_runs.curves(r, "time")["val"][0][-1] == r.train_time_s  # the last val point is at the stop
 
 
+@needs_samples
+def test_run_table_ranks_record_logs_by_their_score():
+    runs = [runlog.read_log(f) for f in LOGS]
+    header, rows = runlog.table_rows(runs)
+    col = {h: i for i, h in enumerate(header)}
+    assert [r[col["status"]] for r in rows] == ["ok"] * len(runs)
+    scores = [r[col["score_bpb"]] for r in rows]
+    assert scores == sorted(r.score.val_bpb for r in runs) and all(r[col["steps"]] > 4000 for r in rows)
+
+
 def test_record_log_variants():
     """The baseline's format (`step:N/M ... train_time:Tms`, `final_..._exact` after its rounded twin),
     timestamped lines, and a repeated stage name: the score is the last line with a val_bpb."""
