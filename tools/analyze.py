@@ -14,7 +14,7 @@ reads them; `--set KEY=VALUE` overrides single knobs. Writes to --out:
   lambdas and the share of attention / MLP output energy written to lane 1 (the MLP lane);
   singular values of embed/head projections, rotations (of B A and of I + B A) and head matrices;
   the logit lens on --text; per-row embedding statistics by training-token frequency.
-- profile.png: the per-block profile (a V shape on the 04-09 stack).
+- profile.png: the per-block profile (effective contribution of attention and MLP per block).
 """
 from __future__ import annotations
 
