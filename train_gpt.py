@@ -86,6 +86,10 @@ class Hyperparameters:
     xsa_last_n: int = 11  # exclusive self-attention on the last n physical layers
     logit_softcap: float = 30.0  # logits = c * tanh(z / c)
     doc_mask: bool = True  # attention only within documents (cut at every BOS); 0: plain causal over the row
+    smear_gate: bool = True  # SmearGate: e_t += lam*sigmoid(w.e_t[:GATE_WINDOW])*e_{t-1}, never into a BOS
+    attn_gate: str = "sparse"  # gate on each head's output: sparse (first GATE_WINDOW dims) | dense (all) | none
+    sparse_attn_gate_scale: float = 0.5  # sparse gate: sigmoid(scale * W u[:GATE_WINDOW]); record value
+    gate_window: int = 12  # leading input dims read by SmearGate and the sparse attention gate
     ln_scale: bool = True  # scale normed sublayer inputs by 1/sqrt(layer+1)
     skip_gates_enabled: bool = True  # sigmoid gates on the U-net skips
     tied_embed_init_std: float = 0.005  # init std of the tied embedding
@@ -112,6 +116,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92  # momentum at step 0, linear to MUON_MOMENTUM
     muon_momentum_warmup_steps: int = 1500  # steps of the momentum warmup
     muon_backend_steps: int = 5  # Newton-Schulz iterations
+    polar_express: bool = True  # per-iteration Polar Express coefficients (at most 5 steps); 0: classic quintic
     muon_wd: float = 0.095  # decoupled weight decay of Muon matrices
     embed_wd: float = 0.085  # AdamW weight decay of the embedding
     adam_wd: float = 0.02  # AdamW weight decay of control tensors
@@ -229,6 +234,10 @@ class Hyperparameters:
              "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
+        need(self.attn_gate in ("none", "sparse", "dense"), f"ATTN_GATE={self.attn_gate!r} must be none, sparse or dense")
+        need(0 < self.gate_window <= self.model_dim_embed, f"GATE_WINDOW={self.gate_window} must lie in [1, {self.model_dim_embed}]")
+        need(not self.polar_express or 0 < self.muon_backend_steps <= len(POLAR_EXPRESS),
+             f"POLAR_EXPRESS=1 has coefficients for 1..{len(POLAR_EXPRESS)} steps, MUON_BACKEND_STEPS={self.muon_backend_steps}; set POLAR_EXPRESS=0")
         need(self.head_kind in HEAD_KINDS, f"HEAD_KIND={self.head_kind!r} must be one of {'|'.join(HEAD_KINDS)}")
         need(min(self.head_rank, self.head_experts) > 0, "HEAD_RANK and HEAD_EXPERTS must be positive")
         need(0 <= self.embed_rotation_rank <= self.model_dim, f"EMBED_ROTATION_RANK={self.embed_rotation_rank} must lie in [0, MODEL_DIM]")
@@ -473,13 +482,13 @@ class TrainLoader:
 def require_doc_starts(tokens, what: str, h: Hyperparameters) -> None:
     """Document masking and the SmearGate BOS mask read BOS as the document delimiter; shards from an
     exporter without BOS would silently turn them into plain causal / cross-document smearing."""
-    if not h.doc_mask:
+    if not (h.doc_mask or h.smear_gate):
         return
     head = np.asarray(tokens[: 1 << 20])
     if head.size and (head[0] != BOS_ID if what == "validation" else not (head == BOS_ID).any()):
-        raise ConfigError(f"DOC_MASK=1 needs BOS (id {BOS_ID}) at every document start, but the {what} shards "
+        raise ConfigError(f"DOC_MASK=1 and SMEAR_GATE=1 read BOS (id {BOS_ID}) as the document start, but the {what} shards "
                           f"{'do not start with it' if what == 'validation' else 'hold none in their first 1M tokens'}; "
-                          f"re-export them with BOS or set DOC_MASK=0")
+                          f"re-export them with BOS or set DOC_MASK=0 SMEAR_GATE=0")
 
 
 def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -632,6 +641,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.q_gain = nn.Parameter(torch.full((self.nh,), h.qk_gain_init))
         self.xsa = xsa
+        # per-head output gate, initialised in GPT._init_weights (sparse: #1787, dense: #1736)
+        self.gate, self.gate_in = h.attn_gate, (h.gate_window if h.attn_gate == "sparse" else d)
+        self.gate_scale = h.sparse_attn_gate_scale if h.attn_gate == "sparse" else 1.0
+        self.attn_gate_w = nn.Parameter(torch.zeros(self.nh, self.gate_in)) if h.attn_gate != "none" else None
 
     def forward(self, u: Tensor, cos: Tensor, sin: Tensor, docs: DocLayout | None = None) -> Tensor:
         B, T, C = u.shape
@@ -645,6 +658,9 @@ class Attention(nn.Module):
             y = y.view(B, T, self.nkv, self.nh // self.nkv, self.hd)  # [B,T,Hkv,G,D]
             vn = F.normalize(v, dim=-1).unsqueeze(3)  # [B,T,Hkv,1,D]
             y = y - (y * vn).sum(-1, keepdim=True) * vn
+        if self.attn_gate_w is not None:  # after XSA, before the output projection
+            g = torch.sigmoid(self.gate_scale * F.linear(u[..., : self.gate_in], self.attn_gate_w.to(u.dtype)))
+            y = y.reshape(B, T, self.nh, self.hd) * g[..., None]
         return self.proj(y.reshape(B, T, C))
 
 
@@ -758,6 +774,9 @@ class GPT(nn.Module):
             self.head_down = nn.Linear(e, h.head_rank * (h.head_experts if kind == "mos" else 1), bias=False)
             self.head_out = nn.Linear(h.head_rank, h.vocab_size, bias=False)
             self.head_gate = nn.Linear(e, h.head_experts, bias=False) if kind == "mos" else None
+        if h.smear_gate:
+            self.smear_gate = nn.Linear(h.gate_window, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.looping_active = False
         self.hash_embed: nn.Embedding | None = None  # TTT_HASH_EMBED attaches it at eval; never in the artifact
         self._init_weights()
@@ -774,6 +793,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif name.startswith(("extra_embeds.", "head_out.")):
                 nn.init.normal_(p, std=self.h.tied_embed_init_std)
+            elif name.endswith(("attn_gate_w", "smear_gate.weight")):  # zero: sparse gate 0.5, smear identity
+                nn.init.normal_(p, std=0.005) if self.h.attn_gate == "dense" and "attn" in name else nn.init.zeros_(p)
         self.constrain_()
 
     @torch.no_grad()
@@ -783,6 +804,16 @@ class GPT(nn.Module):
         if self.h.embed_sparsity > 0:
             w = self.tok_emb.weight if ema is None else ema[list(self.state_dict()).index("tok_emb.weight")]
             sparsify_rows_(w, self.h.embed_sparsity)
+
+    def smear(self, e: Tensor, ids: Tensor) -> Tensor:
+        """SmearGate (#1667; BOS fix #1851/#1855): e_t += lam * sigmoid(w . e_t[:window]) * e_{t-1}.
+
+        The gate reads the current token; e_{t-1} is the unsmeared previous row. Nothing is smeared into
+        a BOS position, so no information crosses a document start. Identity at init (lam = w = 0).
+        """
+        g = self.smear_lambda.to(e.dtype) * torch.sigmoid(self.smear_gate(e[..., : self.h.gate_window]))  # [B,T,1]
+        g = g * (ids != BOS_ID)[..., None].to(e.dtype)
+        return torch.cat([e[:, :1], e[:, 1:] + g[:, 1:] * e[:, :-1]], dim=1)
 
     def _merge_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
         s = self.skip_weights[j].to(x.dtype) * skip
@@ -805,6 +836,8 @@ class GPT(nn.Module):
         x = self.tok_emb(ids)
         if self.hash_embed is not None:
             x = x + self.hash_embed(bigram_hash(ids, self.hash_embed.num_embeddings))
+        if self.h.smear_gate:
+            x = self.smear(x, ids)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         if self.in_rot is not None:
@@ -887,7 +920,7 @@ def count_params(model: nn.Module) -> int:
 # Routing is one table; every parameter has exactly one owner (asserted).
 
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
-                    "parallel_resid_lambdas", "parallel_post_lambdas", "head_gate")
+                    "parallel_resid_lambdas", "parallel_post_lambdas", "head_gate", "attn_gate_w", "smear_gate", "smear_lambda")
 
 
 def param_group(name: str, p: Tensor) -> str:
@@ -901,17 +934,25 @@ def param_group(name: str, p: Tensor) -> str:
 
 # Classic Muon quintic coefficients (Keller Jordan, modded-nanogpt).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025): one optimal quintic per iteration, as run by #1344 -> #1787 -> #1855.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
-def newton_schulz(g: Tensor, steps: int) -> Tensor:
-    """Approximate polar factor U V^T of g ([..., r, c]); bf16 on CUDA, fp32 elsewhere."""
-    a, b, c = NS_COEFFS
+def newton_schulz(g: Tensor, steps: int, polar: bool = False) -> Tensor:
+    """Approximate polar factor U V^T of g ([..., r, c]); bf16 on CUDA, fp32 elsewhere.
+
+    polar: the first `steps` Polar Express triples instead of the classic quintic at every step.
+    """
     x = g.bfloat16() if g.is_cuda else g.float()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in POLAR_EXPRESS[:steps] if polar else [NS_COEFFS] * steps:
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
     return x.mT if tall else x
@@ -925,9 +966,9 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, polar: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.backend_steps, self.rank, self.world_size = backend_steps, rank, world_size
+        self.backend_steps, self.rank, self.world_size, self.polar = backend_steps, rank, world_size, polar
 
     @torch.no_grad()
     def step(self):
@@ -951,7 +992,7 @@ class Muon(torch.optim.Optimizer):
                     buf.mul_(mu).add_(p.grad)
                     u = p.grad.add(buf, alpha=mu)
                     us.append(u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7))
-                out = newton_schulz(torch.stack(us), self.backend_steps)
+                out = newton_schulz(torch.stack(us), self.backend_steps, self.polar)
                 for i, o in zip(idx, out):
                     flat[offsets[i] : offsets[i + 1]] = o.flatten().float()
             if self.world_size > 1:
@@ -973,7 +1014,7 @@ def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.opti
         [dict(params=groups["embed"], lr=h.tied_embed_lr, weight_decay=h.embed_wd),
          dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd)], **adam_kw)
     muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-                weight_decay=h.muon_wd, rank=d.rank, world_size=d.world_size)
+                weight_decay=h.muon_wd, rank=d.rank, world_size=d.world_size, polar=h.polar_express)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -1290,7 +1331,8 @@ def decompress_artifact(blob: bytes) -> bytes:
 # from the defaults (a missing key reads as the default).
 SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "mlp_mult",
               "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start",
-              "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts")
+              "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts",
+              "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale")
 _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
 
 
