@@ -276,3 +276,56 @@ def test_classic_newton_schulz_unchanged():
     with pytest.raises(tg.ConfigError):
         tg.Hyperparameters(muon_backend_steps=6).validate()
     tg.Hyperparameters(muon_backend_steps=6, polar_express=False).validate()
+
+
+# --- fused softcapped cross-entropy ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_softcap_ce_matches_reference_value_and_gradient(dtype):
+    """Against F.cross_entropy(cap(z)) through autograd: random logits, the saturated region
+    (|z| >> cap, where tanh' ~ 0) and ignored targets; mean and per-target reductions."""
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(96, 500, generator=gen) * 4
+    z[:16] *= 40  # deep in saturation
+    z[16:24, :7] = torch.tensor([200.0, -200.0, 1e-3, 0.0, 60.0, -60.0, 30.0])
+    z = z.to(dtype)
+    t = torch.randint(0, 500, (96,), generator=gen)
+    t[::9] = tg.IGNORE_INDEX
+    w = torch.rand(96, generator=gen)  # weights on the per-target losses: a non-uniform upstream grad
+    for reduction in ("mean", "none"):
+        a = z.clone().requires_grad_()
+        b = z.clone().float().requires_grad_()
+        got = tg.softcap_cross_entropy(a, t, 30.0, reduction)
+        ref = F.cross_entropy(30 * torch.tanh(b / 30), t, reduction=reduction)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        ((got * w).sum() if reduction == "none" else got).backward()
+        ((ref * w).sum() if reduction == "none" else ref).backward()
+        assert a.grad.dtype == dtype
+        tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(a.grad.float(), b.grad.to(dtype).float(), **tol)
+        assert a.grad[t == tg.IGNORE_INDEX].abs().max() == 0
+
+
+def test_fused_ce_keeps_no_capped_copy_for_backward():
+    """What autograd holds between forward and backward: the raw logits and per-row scalars only."""
+    x = torch.randn(32, 400, requires_grad=True)
+    t = torch.randint(0, 400, (32,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        tg.softcap_cross_entropy(x, t, 30.0)
+    big = [s for s in saved if s.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        F.cross_entropy(30 * torch.tanh(x / 30), t)  # the eager form keeps [N, V] copies
+    assert sum(s.numel() >= x.numel() for s in saved) >= 2
+
+
+def test_training_loss_uses_fused_ce_with_the_same_value():
+    h = tiny()
+    model = perturbed_model(h)
+    ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(8))
+    fused = model(ids, ids)
+    model.h = tiny(fused_ce=False)
+    torch.testing.assert_close(fused, model(ids, ids), rtol=1e-6, atol=1e-6)
