@@ -329,3 +329,35 @@ def test_training_loss_uses_fused_ce_with_the_same_value():
     fused = model(ids, ids)
     model.h = tiny(fused_ce=False)
     torch.testing.assert_close(fused, model(ids, ids), rtol=1e-6, atol=1e-6)
+
+
+# --- the compiled graph ---------------------------------------------------------------------------
+
+
+def test_compiled_training_graph_has_no_break_and_no_recompile_per_batch():
+    """fullgraph=True (a graph break raises) on CPU with the aot_eager backend, every new feature on,
+    forward + backward in both loop modes; batches with different document counts reuse the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    h = tiny(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, loop_start=1, loop_end=1,
+             parallel_residual_start=1, xsa_last_n=2)
+    assert h.doc_mask and h.smear_gate and h.attn_gate == "sparse" and h.fused_ce
+    torch._dynamo.reset()
+    model = perturbed_model(h)
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(9)
+    try:
+        for mode in (False, True):
+            model.looping_active = mode
+            for n_bos in (1, 9):
+                x = torch.randint(2, 1024, (2, 64), generator=gen)
+                x.view(-1)[torch.randperm(128, generator=gen)[:n_bos]] = BOS
+                loss = compiled(x, x)
+                loss.backward()
+                ref = model(x, x)  # eager, same weights
+                torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+            assert cnt.frame_count == 1 + mode  # one graph per loop mode, none per batch
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        torch._dynamo.reset()
