@@ -795,7 +795,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.nh,), h.qk_gain_init))
         self.xsa = xsa
         # per-head output gate, initialised in GPT._init_weights (sparse: #1787, dense: #1736)
-        self.gate, self.gate_in = h.attn_gate, (h.gate_window if h.attn_gate == "sparse" else d)
+        self.gate_in = h.gate_window if h.attn_gate == "sparse" else d
         self.gate_scale = h.sparse_attn_gate_scale if h.attn_gate == "sparse" else 1.0
         self.attn_gate_w = nn.Parameter(torch.zeros(self.nh, self.gate_in)) if h.attn_gate != "none" else None
 
