@@ -2,7 +2,8 @@
 
 Trains in <=600 s on 8xH100 and scores val_bpb (bits per byte) on the fixed FineWeb validation set.
 Model: 11-layer tied-embedding GPT (d=512, GQA 8/4, MLP 4x LeakyReLU(0.5)^2, SP8192) with depth
-recurrence of layers 3..5, gated U-net skips and a two-lane parallel-residual decoder; Muon + AdamW.
+recurrence of layers 3..5, gated U-net skips, a two-lane parallel-residual decoder, attention within
+documents, SmearGate and gated head outputs; Muon (Polar Express) + AdamW. The 1.0611 record's config.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # record config, 8 GPUs
     PRESET=smoke DATA_PATH=... TOKENIZER_PATH=... python train_gpt.py   # tiny CPU run
@@ -611,6 +612,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) ->
     return y.transpose(1, 2)
 
 
+def set_compile_limits() -> None:
+    """Room for both loop modes times the varlen boundary buckets (the record used 64)."""
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
+
+
+VARLEN_WARMUP_BUCKETS = 6  # boundary-list sizes compiled ahead: up to 6*64 segments per batch
+
+
+def uses_varlen(h: Hyperparameters, device: torch.device) -> bool:
+    return h.doc_mask and _fa3_varlen is not None and device.type == "cuda"
+
+
+def varlen_warmup_ids(x: Tensor, gen: torch.Generator) -> list[Tensor]:
+    """Copies of x with BOS planted so that their cu_seqlens fill each of the first
+    VARLEN_WARMUP_BUCKETS sizes (those a batch of x's shape can reach): compiled before any clock starts."""
+    B, T = x.shape
+    out = []
+    for k in range(1, VARLEN_WARMUP_BUCKETS + 1):
+        segs = k * CU_BUCKET - 1  # boundary list = segs starts + the end = k buckets exactly
+        if segs < B or segs > B * T:
+            continue
+        xb = x.clone().flatten()
+        xb[xb == BOS_ID] = BOS_ID + 1
+        cand = torch.arange(B * T).view(B, T)[:, 1:].flatten()
+        xb[cand[torch.randperm(cand.numel(), generator=gen)[: segs - B]].to(xb.device)] = BOS_ID
+        out.append(xb.view(B, T))
+    return out
+
+
 # Fused softcapped cross-entropy (#1787): NLL of softmax(c*tanh(x/c)) straight from the raw logits x.
 # Backward recomputes the capped logits from x (alive anyway) and the saved per-row logsumexp, so no
 # fp32 [N, vocab] copy is kept between forward and backward. One custom op: opaque to torch.compile;
@@ -898,6 +929,8 @@ class GPT(nn.Module):
     - MLP: LeakyReLU(0.5)^2; learned attn/mlp output scales; layerwise 1/sqrt(l+1) input scale
     - U-net skips (LIFO) with sigmoid gates; depth recurrence of loop_start..loop_end
     - two-lane parallel residual decoder from parallel_residual_start, output = mean of lanes
+    - attention only within documents (cut at every BOS); SmearGate on the embeddings (never into a
+      BOS); a sigmoid gate on each head's output
     - optional embed_proj/head_proj when embedding_dim < model_dim; logit softcap
     - studies (all off by default): low-rank rotations at both ends, extra token tables, no x0,
       factorized / mixture-of-softmaxes / simplex heads, a row-sparse embedding
@@ -1735,11 +1768,11 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
     gen = torch.Generator().manual_seed(h.seed)
     x, y = torch.randint(0, h.vocab_size, (2, eval_batch_windows(h, d.world_size), h.eval_seq_len), generator=gen).to(d.device)
     with torch.no_grad(), autocast_ctx(d.device):
-        for xb in varlen_warmup_ids(h, x, gen):
+        for xb in [x] + (varlen_warmup_ids(x, gen) if uses_varlen(h, d.device) else []):
             scorer(xb, y)
     if h.ttt_enabled and h.ttt_epochs > 0:
         for n in sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}):
-            for xb in varlen_warmup_ids(h, x[:n], gen):
+            for xb in [x[:n]] + (varlen_warmup_ids(x[:n], gen) if uses_varlen(h, d.device) else []):
                 with autocast_ctx(d.device):
                     loss_fn(xb, y[:n]).backward()
         model.zero_grad(set_to_none=True)
@@ -1756,34 +1789,6 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
 
 def set_looping(model: GPT, on: bool) -> None:
     model.looping_active = on
-
-
-def set_compile_limits() -> None:
-    """Room for both loop modes times the varlen boundary buckets (the record used 64)."""
-    cfg = torch._dynamo.config
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
-
-
-VARLEN_WARMUP_BUCKETS = 6  # boundary-list sizes compiled ahead: up to 6*64 segments per batch
-
-
-def varlen_warmup_ids(h: Hyperparameters, x: Tensor, gen: torch.Generator) -> list[Tensor]:
-    """x itself, plus (FA3 varlen path only) copies of x with BOS planted so that their cu_seqlens
-    fill each of the first VARLEN_WARMUP_BUCKETS sizes: compiled before any clock starts."""
-    if not (h.doc_mask and _fa3_varlen is not None and x.is_cuda):
-        return [x]
-    B, T = x.shape
-    out = [x]
-    for k in range(1, VARLEN_WARMUP_BUCKETS + 1):
-        segs = k * CU_BUCKET - 1  # boundary list = segs starts + the end = k buckets exactly
-        if segs < B or segs > B * T:
-            continue
-        xb = x.clone().flatten()
-        xb[xb == BOS_ID] = BOS_ID + 1
-        cand = torch.arange(B * T).view(B, T)[:, 1:].flatten()
-        xb[cand[torch.randperm(cand.numel(), generator=gen)[: segs - B]].to(xb.device)] = BOS_ID
-        out.append(xb.view(B, T))
-    return out
 
 
 class Trainer:
@@ -1870,7 +1875,7 @@ class Trainer:
             for s in range(h.warmup_steps):
                 self.train_step(s, 1.0)
             x, y = self.next_micro_batch()
-            for xb in varlen_warmup_ids(h, x, gen)[1:]:
+            for xb in varlen_warmup_ids(x, gen) if uses_varlen(h, self.d.device) else []:
                 with autocast_ctx(self.d.device):
                     self.compiled(xb, y, self.base.doc_layout(xb)).backward()
             for o in self.opts:
@@ -2004,7 +2009,7 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
         os.makedirs(h.eval_nll_dir, exist_ok=True)
         np.save(os.path.join(h.eval_nll_dir, "bytes.npy"), val_target_bytes.numpy().astype(np.int32))
     val_tokens = val_tokens.to(d.device)
-    log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if h.doc_mask and _fa3_varlen is not None and d.device.type == 'cuda' else 'sdpa'} "
+    log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if uses_varlen(h, d.device) else 'sdpa'} "
         f"smear_gate:{int(h.smear_gate)} attn_gate:{h.attn_gate} polar_express:{int(h.polar_express)} "
         f"fused_ce:{fused_ce_check(d.device) if h.fused_ce else 'off'}")
     pre = None
