@@ -371,3 +371,14 @@ def test_compiled_training_graph_has_no_break_and_no_recompile_per_batch():
         assert all(p.grad is not None for p in model.parameters())
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"ATTN_GATE": "full"}, ["ATTN_GATE", "sparse"]),
+    ({"GATE_WINDOW": "0"}, ["GATE_WINDOW"]),
+    ({"MUON_BACKEND_STEPS": "7"}, ["POLAR_EXPRESS", "MUON_BACKEND_STEPS"]),
+])
+def test_new_knobs_reject_bad_values(env, words):
+    with pytest.raises(tg.ConfigError) as e:
+        tg.Hyperparameters.from_env(env)
+    assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
