@@ -664,19 +664,12 @@ def _ce_math_bwd(x: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float)
     return (p * (1 - th * th) * torch.where(valid, g, 0.0)[:, None]).to(x.dtype)
 
 
-_TRITON_CE: list = []  # [(fwd, bwd)] once built and self-checked; [None] when unavailable
+_TRITON_CE: dict = {}  # "kernels": (fwd, bwd) or None; "why": why the PyTorch path is used
 
 
-def _triton_ce():
-    """The Triton kernels (built on first CUDA use), or None without Triton."""
-    if _TRITON_CE:
-        return _TRITON_CE[0]
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        _TRITON_CE.append(None)
-        return None
+def _build_triton_ce():
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def fwd(X, T, NLL, LSE, stride, V, cap, BLOCK: tl.constexpr):  # one program per row, streaming logsumexp
@@ -711,22 +704,55 @@ def _triton_ce():
             p = tl.where(cols == tgt, p - 1.0, p)
             tl.store(DX + row * stride + cols, (g * p * (1.0 - th * th)).to(DX.dtype.element_ty), mask=cols < V)
 
-    _TRITON_CE.append((fwd, bwd))
-    return _TRITON_CE[0]
+    return fwd, bwd
+
+
+def _tri_fwd(k, x: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    x, targets = x.contiguous(), targets.contiguous()
+    nll, lse = (torch.empty(x.size(0), device=x.device) for _ in range(2))
+    k[0][(x.size(0),)](x, targets, nll, lse, x.stride(0), x.size(1), cap, BLOCK=1024)
+    return nll, lse
+
+
+def _tri_bwd(k, x: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
+    x = x.contiguous()
+    dx = torch.empty_like(x)
+    k[1][(x.size(0),)](x, targets.contiguous(), lse, g.contiguous().float(), dx, x.stride(0), x.size(1), cap, BLOCK=1024)
+    return dx
+
+
+def _triton_ce(device: torch.device):
+    """The Triton kernels, built and checked against the PyTorch math (saturated logits, ignored
+    targets) on first CUDA use; None without Triton or when the check fails (reason in _TRITON_CE)."""
+    if "kernels" not in _TRITON_CE:
+        k, why = None, "no triton"
+        try:
+            k = _build_triton_ce()
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = (torch.randn(64, 1000, device=device, generator=gen) * 40).bfloat16()
+            t = torch.randint(0, 1000, (64,), device=device, generator=gen)
+            t[::7] = IGNORE_INDEX
+            nll, lse = _tri_fwd(k, x, t, 30.0)
+            ref, ref_lse = _ce_math(x, t, 30.0)
+            g = torch.rand(64, device=device, generator=gen)
+            dx, ref_dx = _tri_bwd(k, x, t, lse, g, 30.0), _ce_math_bwd(x, t, ref_lse, g, 30.0)
+            ok = torch.allclose(nll, ref, rtol=1e-3, atol=1e-3) and torch.allclose(dx.float(), ref_dx.float(), rtol=2e-2, atol=1e-3)
+            k, why = (k, "") if ok else (None, "triton self-check mismatch")
+        except ImportError:
+            k = None
+        except Exception as e:  # noqa: BLE001 -- any failure of the optional kernel means: do not use it
+            k, why = None, f"triton self-check failed: {type(e).__name__}"
+        _TRITON_CE.update(kernels=k, why=why)
+    return _TRITON_CE["kernels"]
 
 
 def _use_triton(x: Tensor) -> bool:
-    return x.is_cuda and _triton_ce() is not None
+    return x.is_cuda and _triton_ce(x.device) is not None
 
 
 @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
 def _softcap_ce(x: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-    if not _use_triton(x):
-        return _ce_math(x, targets, cap)
-    x, targets = x.contiguous(), targets.contiguous()
-    nll, lse = torch.empty(2, x.size(0), device=x.device).unbind(0)
-    _triton_ce()[0][(x.size(0),)](x, targets, nll, lse, x.stride(0), x.size(1), cap, BLOCK=1024)
-    return nll, lse
+    return _tri_fwd(_triton_ce(x.device), x, targets, cap) if _use_triton(x) else _ce_math(x, targets, cap)
 
 
 @_softcap_ce.register_fake
@@ -736,12 +762,9 @@ def _(x, targets, cap):
 
 @torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
 def _softcap_ce_bwd(x: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
-    if not _use_triton(x):
-        return _ce_math_bwd(x, targets, lse, g, cap)
-    x, g = x.contiguous(), g.contiguous().float()
-    dx = torch.empty_like(x)
-    _triton_ce()[1][(x.size(0),)](x, targets.contiguous(), lse, g, dx, x.stride(0), x.size(1), cap, BLOCK=1024)
-    return dx
+    if _use_triton(x):
+        return _tri_bwd(_triton_ce(x.device), x, targets, lse, g, cap)
+    return _ce_math_bwd(x, targets, lse, g, cap)
 
 
 @_softcap_ce_bwd.register_fake
@@ -769,28 +792,11 @@ def softcap_cross_entropy(x: Tensor, targets: Tensor, cap: float, reduction: str
     return nll if reduction == "none" else nll.sum() / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
-def fused_ce_check(device: torch.device) -> str:
-    """Backend of the fused CE on this device; a Triton kernel that fails or disagrees with the
-    PyTorch math on a small case (saturation, ignored targets) is dropped for the PyTorch path."""
-    if not _use_triton(torch.empty(0, device=device)):
+def fused_ce_backend(device: torch.device) -> str:
+    """triton, or torch with the reason on CUDA (builds and checks the kernels on first call)."""
+    if device.type != "cuda":
         return "torch"
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = (torch.randn(64, 1000, device=device, generator=gen) * 40).bfloat16().requires_grad_()
-    t = torch.randint(0, 1000, (64,), device=device, generator=gen)
-    t[::7] = IGNORE_INDEX
-    try:
-        got = _softcap_ce(x, t, 30.0)[0]
-        gx, = torch.autograd.grad(got.sum(), x)
-        ref, lse = _ce_math(x.detach(), t, 30.0)
-        gref = _ce_math_bwd(x.detach(), t, lse, torch.ones_like(ref), 30.0)
-        ok = torch.allclose(got, ref, atol=1e-3, rtol=1e-3) and torch.allclose(gx.float(), gref.float(), atol=1e-2)
-        why = "" if ok else "mismatch"
-    except Exception as e:  # noqa: BLE001 -- any failure of the optional kernel means: do not use it
-        why = f"{type(e).__name__}"
-    if why:
-        _TRITON_CE[:] = [None]
-        return f"torch (triton self-check failed: {why})"
-    return "triton"
+    return "triton" if _triton_ce(device) is not None else f"torch ({_TRITON_CE['why']})"
 
 
 HEAD_KINDS = ("tied", "factorized", "mos", "simplex")
@@ -2011,7 +2017,7 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     val_tokens = val_tokens.to(d.device)
     log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if uses_varlen(h, d.device) else 'sdpa'} "
         f"smear_gate:{int(h.smear_gate)} attn_gate:{h.attn_gate} polar_express:{int(h.polar_express)} "
-        f"fused_ce:{fused_ce_check(d.device) if h.fused_ce else 'off'}")
+        f"fused_ce:{fused_ce_backend(d.device) if h.fused_ce else 'off'}")
     pre = None
     artifact = h.eval_artifact or h.artifact_file
     if not h.eval_artifact:
