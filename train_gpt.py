@@ -40,6 +40,10 @@ try:  # FlashAttention 3 (Hopper); PyTorch SDPA is the fallback everywhere else
     from flash_attn_interface import flash_attn_func as _fa3_func
 except ImportError:
     _fa3_func = None
+try:
+    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen
+except ImportError:
+    _fa3_varlen = None
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -81,6 +85,7 @@ class Hyperparameters:
     qk_gain_init: float = 5.0  # two-lane run; 04-09 used 5.25
     xsa_last_n: int = 11  # exclusive self-attention on the last n physical layers
     logit_softcap: float = 30.0  # logits = c * tanh(z / c)
+    doc_mask: bool = True  # attention only within documents (cut at every BOS); 0: plain causal over the row
     ln_scale: bool = True  # scale normed sublayer inputs by 1/sqrt(layer+1)
     skip_gates_enabled: bool = True  # sigmoid gates on the U-net skips
     tied_embed_init_std: float = 0.005  # init std of the tied embedding
@@ -495,6 +500,18 @@ class TrainLoader:
         return t[:, :-1], t[:, 1:]
 
 
+def require_doc_starts(tokens, what: str, h: Hyperparameters) -> None:
+    """Document masking and the SmearGate BOS mask read BOS as the document delimiter; shards from an
+    exporter without BOS would silently turn them into plain causal / cross-document smearing."""
+    if not h.doc_mask:
+        return
+    head = np.asarray(tokens[: 1 << 20])
+    if head.size and (head[0] != BOS_ID if what == "validation" else not (head == BOS_ID).any()):
+        raise ConfigError(f"DOC_MASK=1 needs BOS (id {BOS_ID}) at every document start, but the {what} shards "
+                          f"{'do not start with it' if what == 'validation' else 'hold none in their first 1M tokens'}; "
+                          f"re-export them with BOS or set DOC_MASK=0")
+
+
 def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token (base_bytes, has_leading_space, is_boundary) for the val_bpb byte count (SPEC 1.5)."""
     import sentencepiece as spm
@@ -558,13 +575,58 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c, x_pass], dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """[B,T,H,D] q with [B,T,Hkv,D] k/v -> [B,T,H,D]; FA3 when present, else SDPA with GQA."""
-    if _fa3_func is not None and q.is_cuda:
+# Document-masked attention: a row is cut into segments at position 0 and at every BOS, and a query
+# sees only earlier keys of its own segment. RoPE positions stay absolute within the row, as in the
+# record (#1530/#1855): q.k depends only on the offset, so a document scores the same wherever it sits.
+CU_BUCKET = 64  # FA3 varlen boundary lists are padded to a multiple of this: few compiled shapes (#1530)
+
+
+class DocLayout(NamedTuple):
+    """Segments of a [B,T] batch, in the form the attention path needs: exactly one field is set.
+
+    mask: [B,1,T,T] bool, key j visible to query i (same segment and j <= i); SDPA path, static shape.
+    cu_seqlens: int32 segment starts in the flattened B*T stream, then B*T, padded with B*T to a multiple
+        of CU_BUCKET (FA3 varlen path; built outside the compiled graph, one compiled shape per bucket).
+    """
+    mask: Tensor | None
+    cu_seqlens: Tensor | None
+
+
+def doc_layout(ids: Tensor, varlen: bool | None = None) -> DocLayout:
+    """DocLayout of token ids [B,T]. varlen None: FA3 varlen on CUDA when FA3 is importable and we are
+    not inside a compiled graph (cu_seqlens has a data-dependent size), else the SDPA mask."""
+    if varlen is None:
+        varlen = _fa3_varlen is not None and ids.is_cuda and not torch.compiler.is_compiling()
+    B, T = ids.shape
+    starts = ids == BOS_ID
+    if varlen:
+        starts = starts.clone()
+        starts[:, 0] = True
+        pos = starts.flatten().nonzero().flatten().int()
+        pad = torch.full((1 + (-(pos.numel() + 1)) % CU_BUCKET,), B * T, dtype=torch.int32, device=ids.device)
+        return DocLayout(None, torch.cat([pos, pad]))
+    seg = starts.int().cumsum(1)  # [B,T]: equal ids <=> same segment
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    return DocLayout(((seg[:, :, None] == seg[:, None, :]) & causal)[:, None], None)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) -> Tensor:
+    """The attention of every forward path (training, eval, TTT, GPTQ calibration).
+
+    attention(q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D], docs: DocLayout | None) -> [B,T,H,D].
+    docs None: causal over the whole row. Otherwise causal within each document segment
+    (doc_layout); the FA3 varlen kernel for a cu_seqlens layout, SDPA with the boolean mask else.
+    """
+    B, T, H, D = q.shape
+    if docs is not None and docs.cu_seqlens is not None:
+        cu = docs.cu_seqlens
+        out = _fa3_varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu, T, T, causal=True)
+        return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
+    if docs is None and _fa3_func is not None and q.is_cuda:
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=True)
+                                       attn_mask=None if docs is None else docs.mask, is_causal=docs is None, enable_gqa=True)
     return y.transpose(1, 2)
 
 
@@ -602,7 +664,7 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.nh,), h.qk_gain_init))
         self.xsa = xsa
 
-    def forward(self, u: Tensor, cos: Tensor, sin: Tensor, lora=None) -> Tensor:
+    def forward(self, u: Tensor, cos: Tensor, sin: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
         B, T, C = u.shape
         q, k, v = self.c_q(u), self.c_k(u), self.c_v(u)
         if lora is not None:  # per-document TTT adapters read the block's normed input
@@ -612,7 +674,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.nkv, self.hd)
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
-        y = causal_attention(q, k, v)  # [B,T,H,D]
+        y = attention(q, k, v, docs)  # [B,T,H,D]
         if self.xsa:  # remove the component along the token's own value direction
             y = y.view(B, T, self.nkv, self.nh // self.nkv, self.hd)  # [B,T,Hkv,G,D]
             vn = F.normalize(v, dim=-1).unsqueeze(3)  # [B,T,Hkv,1,D]
@@ -650,23 +712,23 @@ class Block(nn.Module):
         m = self.mlp(u)
         return self.mlp_scale.to(x.dtype) * (m if lora is None else lora("mlp", u, m))
 
-    def _attn(self, x: Tensor, x0, cos: Tensor, sin: Tensor, lora=None) -> tuple[Tensor, Tensor]:
+    def _attn(self, x: Tensor, x0, cos: Tensor, sin: Tensor, docs=None, lora=None) -> tuple[Tensor, Tensor]:
         x_in = x
         if self.resid_mix is not None:  # x0: the normed embedding, or a tuple with the extra embeddings
             mix = self.resid_mix.to(x.dtype)
             x_in = mix[0] * x
             for j, e in enumerate(x0 if isinstance(x0, tuple) else (x0,), 1):
                 x_in = x_in + mix[j] * e
-        return x_in, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.ln_s, cos, sin, lora)
+        return x_in, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.ln_s, cos, sin, docs, lora)
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, lora=None) -> Tensor:
-        x_in, a = self._attn(x, x0, cos, sin, lora)
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
+        x_in, a = self._attn(x, x0, cos, sin, docs, lora)
         x = x_in + a
         return x + self._mlp(x, lora)
 
-    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, cos, sin, resid: Tensor, post: Tensor, lora=None):
-        """SPEC 2.9: attention reads lane0 (mixed with x0), MLP reads lane1; both write both lanes."""
-        _, a = self._attn(lane0, x0, cos, sin, lora)
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, cos, sin, resid: Tensor, post: Tensor, docs=None, lora=None):
+        """Attention reads lane0 (mixed with x0), MLP reads lane1; both write both lanes (#1529/#1530)."""
+        _, a = self._attn(lane0, x0, cos, sin, docs, lora)
         m = self._mlp(lane1, lora)
         resid, post = resid.to(a.dtype), post.to(a.dtype)  # post[src, dst]: src 0 attn / 1 mlp
         out0 = resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m
@@ -768,10 +830,18 @@ class GPT(nn.Module):
             return x + s
         return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def hidden(self, ids: Tensor, lora=None) -> Tensor:
+    def doc_layout(self, ids: Tensor) -> DocLayout | None:
+        """The attention layout of a batch: None (plain causal) when DOC_MASK=0."""
+        return doc_layout(ids) if self.h.doc_mask else None
+
+    def hidden(self, ids: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
         """The head input [B,T,embedding_dim]: final normed state after out_rot and head_proj.
-        lora: per-document adapters (DocLoRA), one set per virtual layer slot."""
+
+        docs: a precomputed layout of ids (FA3 varlen from outside a compiled graph); None derives it.
+        lora: per-document adapters (DocLoRA), one set per virtual layer slot.
+        """
         T = ids.size(1)
+        docs = self.doc_layout(ids) if docs is None else docs
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_emb(ids)
         if self.hash_embed is not None:
@@ -787,7 +857,7 @@ class GPT(nn.Module):
         skips = []
         slot = (lambda v: None) if lora is None else lora.slot
         for v, i in enumerate(sched.encoder):
-            x = self.blocks[i](x, x0, cos, sin, slot(v))
+            x = self.blocks[i](x, x0, cos, sin, docs, slot(v))
             skips.append(x)
         lanes = None
         for j, i in enumerate(sched.decoder):
@@ -801,10 +871,10 @@ class GPT(nn.Module):
                 else:
                     lanes = (self._merge_skip(lanes[0], skip, j), lanes[1])
             if lanes is None:
-                x = self.blocks[i](x, x0, cos, sin, lo)
+                x = self.blocks[i](x, x0, cos, sin, docs, lo)
             else:
                 lanes = self.blocks[i].forward_lanes(*lanes, x0, cos, sin, self.parallel_resid_lambdas[i],
-                                                     self.parallel_post_lambdas[i], lo)
+                                                     self.parallel_post_lambdas[i], docs, lo)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return self.head_input(x)
@@ -836,16 +906,17 @@ class GPT(nn.Module):
         log_pi = F.log_softmax(self.head_gate(x).float(), dim=-1)  # [B,T,K]
         return torch.logsumexp(log_pi[..., None] + F.log_softmax(z, dim=-1), dim=-2)
 
-    def logits(self, ids: Tensor, lora=None) -> Tensor:
-        return self.head_logits(self.hidden(ids, lora), None if lora is None else lora.slot(-1))
+    def logits(self, ids: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
+        return self.head_logits(self.hidden(ids, docs, lora), None if lora is None else lora.slot(-1))
 
-    def token_nll(self, ids: Tensor, targets: Tensor, lora=None) -> Tensor:
+    def token_nll(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
         """Per-target NLL in nats, [B,T] float32."""
-        z = self.logits(ids, lora)
+        z = self.logits(ids, docs, lora)
         return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        z = self.logits(ids)
+    def forward(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None) -> Tensor:
+        """Mean training loss; docs as in hidden()."""
+        z = self.logits(ids, docs)
         return F.cross_entropy(z.flatten(0, 1), targets.flatten())
 
 
@@ -1493,10 +1564,12 @@ def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: T
 
 
 def eval_callables(h: Hyperparameters, model: GPT, d: Dist):
-    """(scorer, loss_fn): compiled on CUDA, the plain model methods elsewhere."""
+    """(scorer, loss_fn): compiled on CUDA (the document layout built outside the graph, see
+    doc_layout), the plain model methods elsewhere."""
     if h.compile and d.device.type == "cuda":
-        return (torch.compile(model.token_nll, dynamic=False, fullgraph=True),
-                torch.compile(model, dynamic=False, fullgraph=True))
+        set_compile_limits()
+        nll, loss = (torch.compile(f, dynamic=False, fullgraph=True) for f in (model.token_nll, model))
+        return (lambda x, y: nll(x, y, model.doc_layout(x))), (lambda x, y: loss(x, y, model.doc_layout(x)))
     return model.token_nll, model
 
 
@@ -1508,11 +1581,13 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
     gen = torch.Generator().manual_seed(h.seed)
     x, y = torch.randint(0, h.vocab_size, (2, eval_batch_windows(h, d.world_size), h.eval_seq_len), generator=gen).to(d.device)
     with torch.no_grad(), autocast_ctx(d.device):
-        scorer(x, y)
+        for xb in varlen_warmup_ids(h, x, gen):
+            scorer(xb, y)
     if (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0):
         for n in sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}):
-            with autocast_ctx(d.device):
-                loss_fn(x[:n], y[:n]).backward()
+            for xb in varlen_warmup_ids(h, x[:n], gen):
+                with autocast_ctx(d.device):
+                    loss_fn(xb, y[:n]).backward()
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -1525,9 +1600,6 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
 # (RoPE positions restart at 0 per window; q.k depends only on the offset, so this equals masked
 # attention over a packed row). Inputs past a window's end are replaced by token 0, so nothing of
 # another document ever enters a forward.
-
-BOS_ID = 1  # the bos id of every tokenizer the exporters write (data/build_shards.py)
-
 
 def doc_spans(tokens: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Target ranges [start, end) of the documents of a stream (target i predicts token i+1)."""
@@ -1762,7 +1834,7 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
         x, y, scored, idx = window_batch(tokens, ws, first, end, T)
         more = [r for r in active if int(end[r]) < int(ends[row_doc[r]])]
         with autocast_ctx(dev), torch.set_grad_enabled(bool(more)):
-            nll = model.token_nll(x, y, lora).float()
+            nll = model.token_nll(x, y, lora=lora).float()
         accumulate(nll, x, y, scored, idx, luts, sums, nll_out)
         if trace is not None:
             trace.extend(("score", int(first[r]), int(end[r])) for r in active)
@@ -1795,10 +1867,41 @@ def set_looping(model: GPT, on: bool) -> None:
     model.looping_active = on
 
 
+def set_compile_limits() -> None:
+    """Room for both loop modes times the varlen boundary buckets (the record used 64)."""
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
+
+
+VARLEN_WARMUP_BUCKETS = 6  # boundary-list sizes compiled ahead: up to 6*64 segments per batch
+
+
+def varlen_warmup_ids(h: Hyperparameters, x: Tensor, gen: torch.Generator) -> list[Tensor]:
+    """x itself, plus (FA3 varlen path only) copies of x with BOS planted so that their cu_seqlens
+    fill each of the first VARLEN_WARMUP_BUCKETS sizes: compiled before any clock starts."""
+    if not (h.doc_mask and _fa3_varlen is not None and x.is_cuda):
+        return [x]
+    B, T = x.shape
+    out = [x]
+    for k in range(1, VARLEN_WARMUP_BUCKETS + 1):
+        segs = k * CU_BUCKET - 1  # boundary list = segs starts + the end = k buckets exactly
+        if segs < B or segs > B * T:
+            continue
+        xb = x.clone().flatten()
+        xb[xb == BOS_ID] = BOS_ID + 1
+        cand = torch.arange(B * T).view(B, T)[:, 1:].flatten()
+        xb[cand[torch.randperm(cand.numel(), generator=gen)[: segs - B]].to(xb.device)] = BOS_ID
+        out.append(xb.view(B, T))
+    return out
+
+
 class Trainer:
     def __init__(self, h: Hyperparameters, d: Dist, log: Logger, model: GPT, train_paths: list[str]):
         self.h, self.d, self.log, self.base = h, d, log, model
-        self.compiled = torch.compile(model, dynamic=False, fullgraph=True) if (h.compile and d.device.type == "cuda") else model
+        self.compiled = model
+        if h.compile and d.device.type == "cuda":
+            set_compile_limits()
+            self.compiled = torch.compile(model, dynamic=False, fullgraph=True)
         self.opts = build_optimizers(h, model, d)
         self.loader = TrainLoader(train_paths, h.train_seq_len, h.seed)
         self.prefetch = concurrent.futures.ThreadPoolExecutor(1)  # batches are read while the GPU computes
@@ -1833,8 +1936,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=d.device)
         for _ in range(accum):
             x, y = self.next_micro_batch()
+            docs = self.base.doc_layout(x) if self.compiled is not self.base else None  # outside the graph
             with autocast_ctx(d.device):
-                loss = self.compiled(x, y)
+                loss = self.compiled(x, y, docs)
             (loss / accum).backward()
             loss_sum += loss.detach()
         reduce_grads(self.params, self.d.world_size, average=True)
@@ -1869,10 +1973,17 @@ class Trainer:
         model_state = copy.deepcopy(self.base.state_dict())
         opt_states = [copy.deepcopy(o.state_dict()) for o in self.opts]
         t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(h.seed)
         for mode in ([False, True] if h.looping_enabled else [False]):
             set_looping(self.base, mode)
             for s in range(h.warmup_steps):
                 self.train_step(s, 1.0)
+            x, y = self.next_micro_batch()
+            for xb in varlen_warmup_ids(h, x, gen)[1:]:
+                with autocast_ctx(self.d.device):
+                    self.compiled(xb, y, self.base.doc_layout(xb)).backward()
+            for o in self.opts:
+                o.zero_grad(set_to_none=True)
         self.base.load_state_dict(model_state)
         for o, s in zip(self.opts, opt_states):
             o.load_state_dict(s)
@@ -1995,6 +2106,7 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
     if int(val_tokens.max()) >= h.vocab_size:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
+    require_doc_starts(val_tokens, "validation", h)
     val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts)
     log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())}")
     if h.eval_nll_dir and d.is_main:
@@ -2009,6 +2121,7 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
         for mode, s in model.schedules.items():
             log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
         trainer = Trainer(h, d, log, model, shard_paths(h.dataset_dir, "train"))
+        require_doc_starts(trainer.loader.shards[0], "training", h)
         trainer.warmup()
         train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
         trainer.apply_ema()
