@@ -1622,13 +1622,14 @@ def doc_windows(starts: np.ndarray, ends: np.ndarray, seq_len: int, stride: int)
     """(window start, first scored target, end) of the document-masked stages.
 
     stride = seq_len: plain, each window scores itself. Otherwise each `stride` chunk of a document
-    is scored by the window of <= seq_len tokens ending at the chunk end (the LoRA stage's windows);
-    chunks whose window starts at the document start share one window.
+    is scored by the window of <= seq_len tokens ending at the chunk's nominal end first + stride
+    (the LoRA stage's windows); chunks whose window starts at the document start share one window.
+    The nominal end, not the document end, keeps a target's context free of where its document ends.
     """
     doc, first, end = doc_chunks(starts, ends, stride)
     if stride == seq_len:
         return first, first, end
-    ws = np.maximum(starts[doc], end - seq_len)
+    ws = np.maximum(starts[doc], first + stride - seq_len)
     at0 = ws == starts[doc]
     shared = at0 & np.append(at0[1:] & (doc[1:] == doc[:-1]), False)  # a later chunk of the doc shares it
     keep = ~shared
@@ -1680,9 +1681,13 @@ def eval_doc_windows(h: Hyperparameters, scorer, d: Dist, tokens: Tensor, luts, 
 
 
 def phase_bounds(h: Hyperparameters, n_docs: int) -> list[int]:
-    """Document counts after which the global SGD runs: floor(N*(p+1)/P) of the first N documents."""
-    n = min(h.phased_prefix_docs, n_docs)
-    return [n * (p + 1) // h.phased_num_phases for p in range(h.phased_num_phases)] if n else []
+    """Document counts after which the global SGD runs: floor(N*(p+1)/P) of the first N documents.
+
+    Never scaled to the number of documents (that would let the stream's end move a phase); a bound
+    at or past the last document would come after every score and is dropped.
+    """
+    n, p = h.phased_prefix_docs, h.phased_num_phases
+    return [b for b in (n * (k + 1) // p for k in range(p)) if 0 < b < n_docs]
 
 
 class DocLoRA:
@@ -1767,7 +1772,7 @@ def global_sgd(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tensor,
             if n > 0:
                 seg = tokens[c * C + first * T : c * C + (first + n) * T + 1]
                 if trace is not None:
-                    trace.append(("train", c * C + first * T, c * C + (first + n) * T))
+                    trace.append(("sgd", c * C + first * T, c * C + (first + n) * T))
                 with autocast_ctx(tokens.device):
                     loss = loss_fn(seg[:-1].view(n, T), seg[1:].view(n, T))
                 (loss * (n / n_global)).backward()
@@ -1786,13 +1791,13 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
 
     Documents go to ranks round-robin in stream order; each rank keeps LORA_BATCH_DOCS documents in
     flight and refills a row as soon as its document ends. Each step scores the next chunk of every
-    row with the window of <= EVAL_SEQ_LEN tokens ending at the chunk end, then takes one AdamW step
+    row with the window of <= EVAL_SEQ_LEN tokens ending at the chunk's nominal end, then takes one AdamW step
     per row on the mean NLL of exactly the targets it just scored (not after a document's last
     chunk). A document's targets therefore depend on its own earlier tokens, on the base weights and
     (LORA_WARM_START_A) on the A of earlier documents of its row: everything already scored.
     Phases: documents at or past the next bound wait until every rank has scored all documents
     before it; then all ranks run global_sgd on those documents and restart the adapters.
-    trace (tests): ("score"|"train", first target, end) of every row and SGD sequence.
+    trace (tests): ("score"|"train"|"sgd", first target, end) of every row and SGD sequence.
     """
     T, C, total, dev = h.eval_seq_len, h.lora_chunk_tokens, tokens.numel() - 1, tokens.device
     starts, ends = doc_spans(tokens)
@@ -1820,7 +1825,7 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
         if not active:
             if phase == len(bounds):
                 break
-            n_tgt = int(starts[bounds[phase]]) if bounds[phase] < len(starts) else total
+            n_tgt = int(starts[bounds[phase]])
             chunks = global_sgd(h, model, loss_fn, d, tokens, n_tgt, trace)
             if log is not None:
                 log(f"lora_ttt_phase {phase + 1}/{len(bounds)} docs:{bounds[phase]} targets:{n_tgt} "
@@ -1830,7 +1835,7 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
             continue
         first = torch.tensor([row_pos[r] if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
         end = torch.tensor([min(row_pos[r] + C, int(ends[row_doc[r]])) if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
-        ws = torch.tensor([max(int(starts[row_doc[r]]), int(end[r]) - T) if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
+        ws = torch.tensor([max(int(starts[row_doc[r]]), row_pos[r] + C - T) if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
         x, y, scored, idx = window_batch(tokens, ws, first, end, T)
         more = [r for r in active if int(end[r]) < int(ends[row_doc[r]])]
         with autocast_ctx(dev), torch.set_grad_enabled(bool(more)):
