@@ -281,6 +281,7 @@ PRESETS = {
         iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1, gptq_calibration_batches=8,
         muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
         tied_embed_lr=0.05, ema_decay=0.95, eval_stride=128, ttt_chunk_tokens=8192, ttt_epochs=1,
+        lora_rank=8, lora_alpha=14.4, lora_batch_docs=8, phased_prefix_docs=24,
     ),
 }
 
