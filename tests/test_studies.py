@@ -327,6 +327,7 @@ def test_analysis_matches_direct_computation(analyzed, dataset):
         assert b["attn_eff"] == pytest.approx(np.linalg.norm(s[:, None] * wo), rel=1e-6)
         assert b["mlp_eff"] == pytest.approx(np.linalg.norm(sm[:, None] * wd), rel=1e-6)
         assert b["q_gain_std"] == pytest.approx(np.std(state[f"blocks.{i}.attn.q_gain"].numpy()), rel=1e-5, abs=1e-7)
+        assert b["attn_gate_norm"] == pytest.approx(np.linalg.norm(state[f"blocks.{i}.attn.attn_gate_w"].numpy()), rel=1e-5)
         mix = state[f"blocks.{i}.resid_mix"].numpy()
         assert (b["x0_weight"], b["x01_weight"]) == (pytest.approx(mix[1].mean(), abs=1e-7), pytest.approx(mix[2].mean(), abs=1e-7))
     tot = [b["attn_eff"] + b["mlp_eff"] for b in rep["blocks"]]
@@ -347,7 +348,12 @@ def test_analysis_matches_direct_computation(analyzed, dataset):
     ids = torch.tensor([tg.BOS_ID] + sp.encode(text))
     assert rep["logit_lens"]["tokens"] == ids.tolist()
     rot = lambda x, n: x + x @ state[f"{n}.a.weight"].T @ state[f"{n}.b.weight"].T  # noqa: E731
-    x0 = tg.rms_norm(rot(state["tok_emb.weight"][ids] @ state["embed_proj.weight"].T, "in_rot"))
+    e = state["tok_emb.weight"][ids]
+    lam, w = state["smear_lambda"][0], state["smear_gate.weight"][0]
+    assert lam != 0 and rep["smear"]["smear_lambda"] == pytest.approx(float(lam))
+    gate = lam * torch.sigmoid(e[:, :12] @ w) * (ids != tg.BOS_ID)  # SmearGate, written out
+    e = torch.cat([e[:1], e[1:] + gate[1:, None] * e[:-1]])
+    x0 = tg.rms_norm(rot(e @ state["embed_proj.weight"].T, "in_rot"))
     head_in = rot(tg.rms_norm(x0), "out_rot") @ state["head_proj.weight"].T
     logits = 30 * torch.tanh(head_in @ state["tok_emb.weight"].T / 30)
     assert rep["logit_lens"]["topk"]["x0"] == logits.topk(3, dim=-1).indices.tolist()

@@ -30,8 +30,12 @@ def test_defaults_are_record_config():
     h = tg.Hyperparameters()
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 8192)
     assert (h.loop_start, h.loop_end, h.num_loops, h.parallel_residual_start) == (3, 5, 2, 8)
-    assert (h.qk_gain_init, h.muon_momentum, h.ema_decay) == (5.0, 0.97, 0.997)
-    assert h.train_budget_seconds == pytest.approx(600 - 13)
+    assert (h.qk_gain_init, h.muon_momentum, h.ema_decay) == (5.0, 0.97, 0.9965)
+    # the 1.0611 record (#1855): schedule, Adam beta2, trimmed GPTQ calibration, the new parts
+    assert (h.matrix_lr, h.beta2, h.warmdown_frac, h.min_lr, h.gptq_calibration_batches) == (0.026, 0.99, 0.85, 0.10, 16)
+    assert (h.doc_mask, h.smear_gate, h.attn_gate, h.sparse_attn_gate_scale, h.polar_express, h.fused_ce) == (
+        True, True, "sparse", 0.5, True, True)
+    assert h.train_budget_seconds == pytest.approx(600 - 8)
     assert h.dataset_dir == os.path.join("./data", "datasets", "fineweb10B_sp8192")
 
 
@@ -142,8 +146,11 @@ def test_default_schedule_matches_spec():
 
 
 def test_default_param_count():
-    # 04-09 shapes: 35,944,536 (SPEC 2.12) + 66 lane parameters (11x2 resid + 11x2x2 post)
-    assert tg.count_params(tg.GPT(tg.Hyperparameters())) == 35_944_536 + 66
+    # 04-09 shapes: 35,944,536 + 66 lane parameters (11x2 resid + 11x2x2 post) + 13 SmearGate
+    # + 11 x 8 x 12 sparse attention gates = 35,945,671, the count of the 1.0611 record (#1855)
+    assert tg.count_params(tg.GPT(tg.Hyperparameters())) == 35_944_536 + 66 + 13 + 1056 == 35_945_671
+    off = tg.Hyperparameters(smear_gate=False, attn_gate="none")
+    assert tg.count_params(tg.GPT(off)) == 35_944_536 + 66
 
 
 def test_embedding_projections():
