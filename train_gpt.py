@@ -1992,6 +1992,13 @@ class DocLoRA:
             p.grad = None
 
 
+def spans(idx: Tensor, mask: Tensor) -> tuple[int, int]:
+    """(first, end) of the targets a mask selects; they must be contiguous (tests' position spy)."""
+    sel = idx[mask]
+    assert sel.numel() and int(sel[-1]) - int(sel[0]) + 1 == sel.numel()
+    return int(sel[0]), int(sel[-1]) + 1
+
+
 def global_sgd(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tensor, n_targets: int, trace=None) -> int:
     """One epoch of full-model SGD on targets [0, n_targets): TTT_CHUNK_TOKENS chunks (a partial last
     chunk is skipped), cosine LR over the chunks, TTT_BATCH_SEQS sequences per step split by rank,
@@ -2079,14 +2086,14 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
         with autocast_ctx(dev), torch.set_grad_enabled(bool(more)):
             nll = model.token_nll(x, y, lora=lora).float()
         accumulate(nll, x, y, scored, idx, luts, sums, nll_out)
-        if trace is not None:
-            trace.extend(("score", int(first[r]), int(end[r])) for r in active)
+        if trace is not None:  # read off the masks that are summed and trained on
+            trace.extend(("score", *spans(idx[r], scored[r])) for r in range(R) if scored[r].any())
         if more:  # one step per row on the mean NLL of the targets scored above
             m = scored[more].float()
             (nll[more] * m).sum(1).div(m.sum(1)).sum().backward()
             lora.step(torch.tensor(more, device=dev))
             if trace is not None:
-                trace.extend(("train", int(first[r]), int(end[r])) for r in more)
+                trace.extend(("train", *spans(idx[r], m[i] > 0)) for i, r in enumerate(more))
         for r in active:
             row_pos[r] = int(end[r])
             if row_pos[r] >= ends[row_doc[r]]:
