@@ -181,7 +181,7 @@ def test_position_spy_every_trained_target_was_scored_first():
     trace = []
     run_lora(h, tokens, luts, trace=trace)
     scored = np.zeros(400, dtype=bool)
-    last_score, n_lora, n_sgd = {}, 0, 0
+    last_score, n_lora, n_sgd, phase_ends, prev = {}, 0, 0, [], None
     bounds = [int(starts[b]) for b in tg.phase_bounds(h, len(starts))]
     for kind, a, b in trace:
         k = int(np.searchsorted(starts, a, side="right") - 1)
@@ -195,7 +195,11 @@ def test_position_spy_every_trained_target_was_scored_first():
         else:  # global SGD: scored targets of documents before a phase bound
             assert scored[a:b].all() and b <= bounds[-1], (a, b)
             n_sgd += 1
+            phase_ends += [b] if prev != "sgd" else []
+            phase_ends[-1] = max(phase_ends[-1], b)
+        prev = kind
     assert scored.all()
     n_chunks = len(tg.doc_chunks(starts, ends, h.lora_chunk_tokens)[0])
     assert n_lora == n_chunks - len(starts)  # every chunk but each document's last trains once
-    assert n_sgd > 0
+    C = h.ttt_chunk_tokens  # each phase trains every whole chunk before its bound, and nothing else
+    assert phase_ends == [b // C * C for b in bounds if b >= C] and n_sgd > 0
