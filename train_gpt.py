@@ -2395,7 +2395,7 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
                 m = GPT(h).to(d.device)
                 m.load_state_dict(state, strict=True)
                 set_looping(m, looping)
-                lf = torch.compile(m, dynamic=False, fullgraph=True) if h.compile and d.device.type == "cuda" else m
+                lf = eval_callables(h, m, d)[1]
             return eval_lora_ttt(h, m, lf, d, val_tokens, luts, c, log)
         _, times["lora_ttt"] = timed_eval("lora_ttt", h, d, log, lora_stage)
     used = sum(times.values())
