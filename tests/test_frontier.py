@@ -382,3 +382,37 @@ def test_new_knobs_reject_bad_values(env, words):
     with pytest.raises(tg.ConfigError) as e:
         tg.Hyperparameters.from_env(env)
     assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
+
+
+def test_triton_ce_kernels_in_the_interpreter():
+    """The CUDA kernels themselves, run by Triton's CPU interpreter where Triton is installed."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the kernels run on CUDA only; the PyTorch path is tested above)")
+    code = """
+import torch, train_gpt as tg
+k = tg._build_triton_ce()
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(17, 700, generator=torch.Generator().manual_seed(0)) * 4
+    x[:8] *= 40
+    x = x.to(dtype)
+    t = torch.randint(0, 700, (17,)); t[::5] = -100
+    nll, lse = tg._tri_fwd(k, x, t, 30.0)
+    ref, ref_lse = tg._ce_math(x, t, 30.0)
+    g = torch.rand(17)
+    dx, ref_dx = tg._tri_bwd(k, x, t, lse, g, 30.0), tg._ce_math_bwd(x, t, ref_lse, g, 30.0)
+    assert dx.dtype == dtype and (dx[t == -100] == 0).all()
+    torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.float(), ref_dx.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6 if dtype == torch.float32 else 4e-3)
+print("ok")
+"""
+    from conftest import REPO
+    import os
+
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
