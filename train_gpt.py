@@ -259,8 +259,8 @@ class Hyperparameters:
         need(self.ttt_epochs >= 0 and self.ttt_batch_seqs > 0 and self.ttt_hash_buckets > 0,
              "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
-        need(self.lora_rank > 0 and self.lora_chunk_tokens > 0 and self.lora_batch_docs > 0,
-             "LORA_RANK, LORA_CHUNK_TOKENS and LORA_BATCH_DOCS must be positive")
+        need(self.lora_rank > 0 and 0 < self.lora_chunk_tokens <= self.eval_seq_len and self.lora_batch_docs > 0,
+             f"LORA_RANK and LORA_BATCH_DOCS must be positive and LORA_CHUNK_TOKENS in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         bad = set(self.lora_target_list) - set(LORA_TARGETS)
         need(not bad and self.lora_target_list, f"LORA_TARGETS={self.lora_targets!r} must be a comma list of {','.join(LORA_TARGETS)}")
         need("head" not in self.lora_target_list or (self.head_kind == "tied" and self.embedding_dim in (0, self.model_dim)),

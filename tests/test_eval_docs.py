@@ -92,7 +92,7 @@ def test_doc_plain_equals_each_document_alone_and_sliding_equals_direct_windows(
         _, ref = tg.eval_windows(h, model.token_nll, CPU, tokens[s : e + 1], luts, 64, collect=True)
         assert torch.allclose(plain[s:e], ref, atol=1e-5)
     with torch.no_grad():  # sliding: target i from the window ending at its 16-chunk end, inside its doc
-        for i in range(0, 300, 2):
+        for i in range(0, 300, 3):
             k = np.searchsorted(starts, i, side="right") - 1
             w = max(starts[k], starts[k] + ((i - starts[k]) // 16 + 1) * 16 - 64)
             x = tokens[w : i + 1]
@@ -126,6 +126,8 @@ def test_fresh_adapters_are_the_identity_and_targets_knob():
         assert not torch.allclose(model.logits(x, lora=lora), model.logits(x))
     with pytest.raises(tg.ConfigError, match="LORA_TARGETS"):
         tiny(lora_targets="q,gate").validate()
+    with pytest.raises(tg.ConfigError, match="LORA_CHUNK_TOKENS"):  # a chunk longer than its window
+        tiny(lora_chunk_tokens=65).validate()
 
 
 # --- Legality: score-first by perturbation, document independence, position spy ------------------
