@@ -25,9 +25,11 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -236,6 +238,15 @@ class Hyperparameters:
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
+        for f in fields(self):  # a NaN passes every comparison below, so it is refused first
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"{f.name.upper()}={v} must be a finite number")
+        for interval, names in VALUE_RANGES.items():
+            lo, hi = (float(x) for x in interval[1:-1].split(","))
+            for name in names.split():
+                v = getattr(self, name)
+                need((lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi),
+                     f"{name.upper()}={v} must lie in {interval}")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         hd = self.model_dim // self.num_heads
@@ -283,6 +294,19 @@ class Hyperparameters:
             need(self.gptq_enabled and not self.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
             parse_tiers(self.embed_bits_tiers, self.vocab_size, self.embed_clip_sigmas)
 
+
+# Allowed values, interval -> fields: checked at parse time, not found as a NaN at the end.
+VALUE_RANGES = {
+    "[0,4294967295]": "seed",  # numpy seeds are unsigned 32-bit
+    "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
+               "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
+               "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std",
+    "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
+               "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches",
+    "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas",
+    "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum",
+    "[0,1]": "enable_looping_at warmdown_frac min_lr",
+}
 
 # Tiny config for CPU smoke runs and tests: every feature of the record config, at toy scale.
 PRESETS = {
@@ -366,8 +390,13 @@ class Dist(NamedTuple):
         return 8 // self.world_size
 
 
+def launch_rank() -> int:
+    """This process's torchrun rank (0 without torchrun); known before any setup, so errors print once."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_distributed() -> Dist:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if 8 % world != 0:
@@ -380,6 +409,23 @@ def setup_distributed() -> Dist:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local_rank, device)
+
+
+def shutdown_distributed(d: Dist | None, timeout_s: float = 120.0) -> None:
+    """Barrier, then destroy the process group: a rank that tears its group down while a peer still
+    talks to it aborts that peer ("terminate called without an active exception"). Bounded, so a
+    rank that failed alone still exits (torchrun then stops the others)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ids = [d.local_rank] if d is not None and d.device.type == "cuda" else None
+    try:
+        try:
+            dist.barrier(device_ids=ids, timeout=timedelta(seconds=timeout_s))
+        except TypeError:  # older torch has no per-call timeout; the group's own timeout bounds it
+            dist.barrier(device_ids=ids)
+    except Exception:  # a peer is gone or waits in another collective: tear down regardless
+        pass
+    dist.destroy_process_group()
 
 
 def all_reduce(t: Tensor, op=None) -> Tensor:
@@ -403,22 +449,30 @@ def reduce_grads(params: list[Tensor], world_size: int, average: bool) -> None:
 
 
 class Logger:
-    """Rank-0 logger: console plus logs/<run_id>.txt."""
+    """Rank-0 logger: console plus logs/<run_id>.txt, locked while open (the lock dies with the process)."""
 
     def __init__(self, d: Dist, path: str | None):
         self.enabled = d.is_main
-        self.path = path
+        self.path, self.file = path, None
         if self.enabled and path:
+            import fcntl
+
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.close()
+                raise ConfigError(f"log {path} is being written by another process; stop it or choose another RUN_ID") from None
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if not self.enabled:
             return
         if console:
             print(msg, flush=True)
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,13 +579,74 @@ def require_doc_starts(tokens, what: str, h: Hyperparameters) -> None:
                           f"re-export them with BOS or set DOC_MASK=0 SMEAR_GATE=0")
 
 
-def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token (base_bytes, has_leading_space, is_boundary) for the val_bpb byte count (SPEC 1.5)."""
+def shard_max_ids(paths: list[str], rank: int = 0, world: int = 1) -> Tensor:
+    """Largest id per shard of this rank's share (others 0); all-reduce MAX completes it."""
+    out = torch.zeros(len(paths), dtype=torch.int64)
+    for i in range(rank, len(paths), world):
+        out[i] = int(read_shard(paths[i]).max(initial=0))
+    return out
+
+
+def load_tokenizer(path: str):
     import sentencepiece as spm
 
-    if not os.path.isfile(tokenizer_path):
-        raise ConfigError(f"tokenizer {tokenizer_path} not found; set TOKENIZER_PATH or DATA_DIR")
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"tokenizer {path} not found; set TOKENIZER_PATH or DATA_DIR")
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"tokenizer {path} is not a SentencePiece model ({' '.join(str(e).split())}); "
+                          f"set TOKENIZER_PATH to the .model file that built the shards") from None
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+TOKENIZER_META = "tokenizer.json"  # {"file", "sha256", "vocab_size"} of the tokenizer, next to the shards
+
+
+def check_tokenizer_built_shards(tokenizer_path: str, data_dir: str, val_tokens: np.ndarray,
+                                 max_docs: int = 32, max_tokens: int = 1 << 17) -> int:
+    """Stop unless this tokenizer made the shards (another one of the same size gives a wrong val_bpb).
+
+    By the sha256 our exporters record, when present; always by re-encoding: documents are [BOS] +
+    sp.encode(text), so only their own tokenizer turns decoded text back into the same ids (60 of 60
+    FineWeb documents; 0 of 60 for each of five other sp1024/sp8192-sized tokenizers). Returns the count.
+    """
+    meta_path = os.path.join(data_dir, TOKENIZER_META)
+    if os.path.isfile(meta_path):
+        try:
+            meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
+            want, name = meta["sha256"], meta.get("file", "?")
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{meta_path} is corrupt; rebuild the shards or delete it") from None
+        have = file_sha256(tokenizer_path)
+        if have != want:
+            raise ConfigError(f"tokenizer {tokenizer_path} (sha256 {have[:12]}) did not build the shards in {data_dir}: "
+                              f"they record {name} (sha256 {want[:12]}); set TOKENIZER_PATH to that file")
+    sp = load_tokenizer(tokenizer_path)
+    starts = np.flatnonzero(val_tokens == BOS_ID)
+    same = checked = n_tok = 0
+    for a, b in zip(starts[:-1], starts[1:]):  # whole documents only: the last one may be truncated
+        if checked == max_docs or n_tok > max_tokens:
+            break
+        ids = val_tokens[a + 1 : b].tolist()
+        n_tok += len(ids)
+        if sp.unk_id() in ids:  # <unk> decodes to " ⁇ ", which no tokenizer encodes back to <unk>
+            continue
+        same += sp.encode(sp.decode(ids)) == ids
+        checked += 1
+    if same < 0.9 * checked:
+        raise ConfigError(f"tokenizer {tokenizer_path} did not build the shards in {data_dir}: only {same}/{checked} "
+                          f"validation documents re-encode to their stored ids; set TOKENIZER_PATH (and VOCAB_SIZE) "
+                          f"to the tokenizer that built them")
+    return checked
+
+
+def build_byte_luts(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token (base_bytes, has_leading_space, is_boundary) for the val_bpb byte count (SPEC 1.5)."""
+    sp = load_tokenizer(tokenizer_path)
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"VOCAB_SIZE={vocab_size} but tokenizer {tokenizer_path} has {sp.vocab_size()} "
                           f"pieces; set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
@@ -1573,17 +1688,51 @@ SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_hea
               "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start",
               "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts",
               "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale")
+# Knobs that change the forward pass but no shape: another value would score silently, so they are stored too.
+FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale")
 _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
 
 
+def payload_checksum(tensors: dict[str, Tensor], meta: dict) -> str:
+    """sha256 prefix of the metadata and every tensor's name, dtype, shape and bytes."""
+    sha = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        sha.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
+def env_value(v) -> str:
+    return str(int(v)) if isinstance(v, bool) else str(v)
+
+
 def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, looping: bool) -> int:
-    config = {k: getattr(h, k) for k in SHAPE_KEYS if getattr(h, k) != _DEFAULTS[k]}
-    blob = compress_artifact(serialize_tensors(tensors, dict(state=meta, config=config, looping=looping)))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(path + ".tmp", path)
-    return os.path.getsize(path)
+    config = {k: getattr(h, k) for k in SHAPE_KEYS + FORWARD_KEYS if getattr(h, k) != _DEFAULTS[k]}
+    info = dict(state=meta, config=config, looping=looping)
+    info["checksum"] = payload_checksum(tensors, info)
+    return save_artifact_bytes(path, compress_artifact(serialize_tensors(tensors, info)))
+
+
+def save_artifact_bytes(path: str, blob: bytes) -> int:
+    """Write via path.tmp + rename; on failure (disk full, file too large) keep the bytes in the temp dir."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(path + ".tmp", path)
+        return os.path.getsize(path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        try:
+            fd, kept = tempfile.mkstemp(suffix=".ptz", prefix=Path(path).stem + "_")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            where = f"the artifact was saved to {kept} instead; score it with EVAL_ARTIFACT={kept}"
+        except OSError:
+            where = "the temp dir had no room for it either, so the trained weights are lost"
+        raise TrainingError(f"cannot write artifact {path} ({e.strerror or e}); {where}") from None
 
 
 def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], bool]:
@@ -1594,13 +1743,16 @@ def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], boo
         raise ConfigError(f"cannot read artifact {path}: {e}") from None
     except ValueError as e:
         raise ConfigError(f"corrupt artifact {path}: {e}") from None
-    if not {"config", "state", "looping"} <= meta.keys():
-        raise ConfigError(f"corrupt artifact {path}: metadata lacks config/state/looping")
-    for k in SHAPE_KEYS:
+    if not {"config", "state", "looping", "checksum"} <= meta.keys():
+        raise ConfigError(f"corrupt artifact {path}: metadata lacks config/state/looping/checksum")
+    checksum = meta.pop("checksum")
+    if payload_checksum(tensors, meta) != checksum:
+        raise ConfigError(f"corrupt artifact {path}: payload checksum mismatch (the file was altered after it was written)")
+    for k in SHAPE_KEYS + FORWARD_KEYS:
         v = meta["config"].get(k, _DEFAULTS[k])
         if getattr(h, k) != v:
-            raise ConfigError(f"artifact {path} was made with {k.upper()}={v} but this run has {k.upper()}={getattr(h, k)}; "
-                              f"set {k.upper()}={v}")
+            raise ConfigError(f"artifact {path} was made with {k.upper()}={env_value(v)} but this run has "
+                              f"{k.upper()}={env_value(getattr(h, k))}; set {k.upper()}={env_value(v)}")
     return dequantize_state(tensors, meta["state"]), bool(meta["looping"])
 
 
@@ -2109,8 +2261,10 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
-# Timed region = the sum of training-step durations; compile warmup (state restored afterwards)
-# and validation are excluded. The loop stops once every rank agrees the budget is spent.
+# Timed region = wall time from the first training step to the last, as the public records time it:
+# steps, EMA, the stop/loop flag all-reduce and logging are all inside; only validation passes are
+# excluded, and compile warmup runs before the clock starts (state restored afterwards). The loop
+# stops once every rank agrees the budget is spent.
 
 
 def set_looping(model: GPT, on: bool) -> None:
@@ -2222,16 +2376,19 @@ class Trainer:
         h, d, log = self.h, self.d, self.log
         budget = h.train_budget_seconds
         tokens_per_step = h.train_batch_tokens
-        train_time, step = 0.0, 0
+        log("train_clock:wall_first_step_to_last includes:steps,ema,flag_allreduce,logging excludes:validation")
+        train_time, step, paused = 0.0, 0, 0.0
+        t_start = self.sync_time()  # timed region: everything until the loop ends, minus `paused`
         while step < h.iterations:
             frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
             if h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0:
+                t0 = self.sync_time()
                 r = val_fn(self.base)
                 log(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} train_time:{train_time * 1000:.0f}ms")
-            t0 = self.sync_time()  # timed region: one optimizer step
+                paused += self.sync_time() - t0
             loss = self.train_step(step, lr_multiplier(frac, h.warmdown_frac, h.min_lr))
             self.update_ema()
-            train_time += self.sync_time() - t0
+            train_time = self.sync_time() - t_start - paused
             step += 1
             frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
             flags = torch.stack([torch.tensor(float(budget > 0 and train_time >= budget), device=d.device),
@@ -2250,6 +2407,7 @@ class Trainer:
                     f"step_avg:{avg * 1000:.2f}ms tok/s:{tokens_per_step / avg:.0f} eta:{max(eta, 0):.0f}s")
             if stop:
                 break
+        train_time = self.sync_time() - t_start - paused
         log(f"train_steps:{step} train_time:{train_time * 1000:.0f}ms budget:{budget:.1f}s")
         return train_time
 
@@ -2285,6 +2443,9 @@ def timed_eval(stage: str, h: Hyperparameters, d: Dist, log: Logger, fn) -> tupl
     t0 = time.perf_counter()
     r, nll = fn(bool(h.eval_nll_dir))
     dt = time.perf_counter() - t0
+    if not (math.isfinite(r.val_loss) and math.isfinite(r.val_bpb)):  # never reported as a score
+        raise TrainingError(f"stage {stage} scored val_loss:{r.val_loss} val_bpb:{r.val_bpb}, not a result; "
+                            f"the model or the TTT settings diverged (lower TTT_LR or the training LRs)")
     log(f"final_{stage} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{dt * 1000:.0f}ms")
     if nll is not None and d.is_main:
         np.save(os.path.join(h.eval_nll_dir, f"{stage}.npy"), nll.cpu().numpy())
@@ -2315,9 +2476,17 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
         dist.barrier()
 
 
-def train_and_eval(h: Hyperparameters, d: Dist) -> int:
+def run_id_taken(h: Hyperparameters) -> str:
+    """A RUN_ID is used once: the earlier run's log and artifact are never appended to or replaced."""
+    mine = [os.path.join(h.log_dir, f"{h.run_id}.txt")] + ([] if h.eval_artifact else [h.artifact_file])
+    used = [p for p in mine if os.path.exists(p)]
+    return (f"RUN_ID={h.run_id} was already used: {used[0]} exists; choose another RUN_ID "
+            f"(or move that run's files away)") if used else ""
+
+
+def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> int:
     """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
-    log = Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
+    log = log or Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
     log_header(h, d, log)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
@@ -2329,8 +2498,9 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     if int(val_tokens.max()) >= h.vocab_size:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
     require_doc_starts(val_tokens, "validation", h)
+    n_docs = check_tokenizer_built_shards(h.tokenizer_file, h.dataset_dir, val_tokens.numpy())
     val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts)
-    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())}")
+    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())} tokenizer_check_docs:{n_docs}")
     if h.eval_nll_dir and d.is_main:
         os.makedirs(h.eval_nll_dir, exist_ok=True)
         np.save(os.path.join(h.eval_nll_dir, "bytes.npy"), val_target_bytes.numpy().astype(np.int32))
@@ -2341,11 +2511,18 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     pre = None
     artifact = h.eval_artifact or h.artifact_file
     if not h.eval_artifact:
+        train_paths, t0 = shard_paths(h.dataset_dir, "train"), time.perf_counter()
+        max_ids = all_reduce(shard_max_ids(train_paths, d.rank, d.world_size).to(d.device), dist.ReduceOp.MAX).cpu()
+        log(f"train_shards:{len(train_paths)} max_id:{int(max_ids.max())} scan_time:{time.perf_counter() - t0:.1f}s")
+        if int(max_ids.max()) >= h.vocab_size:  # on CUDA an out-of-range id would be a device assert mid-run
+            i = int(max_ids.argmax())
+            raise ConfigError(f"training shard {train_paths[i]} holds token id {int(max_ids[i])} >= VOCAB_SIZE={h.vocab_size}; "
+                              f"data and tokenizer do not match: rebuild the shards or fix DATA_PATH/VOCAB_SIZE")
         model = GPT(h).to(d.device)
         log(f"model_params:{count_params(model)}")
         for mode, s in model.schedules.items():
             log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
-        trainer = Trainer(h, d, log, model, shard_paths(h.dataset_dir, "train"))
+        trainer = Trainer(h, d, log, model, train_paths)
         require_doc_starts(trainer.loader.shards[0], "training", h)
         trainer.warmup()
         train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
@@ -2408,26 +2585,40 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
 
 
 def main() -> int:
-    d = None
+    log = None
     try:
         h = Hyperparameters.from_env()
         d = setup_distributed()
         run_id = h.run_id or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
-        if d.world_size > 1:  # every rank must log to the same file name
-            obj = [run_id]
+        taken = run_id_taken(dataclasses.replace(h, run_id=run_id)) if d.is_main else ""
+        if d.world_size > 1:  # every rank must log to the same file name and agree on the refusal
+            obj = [run_id, taken]
             dist.broadcast_object_list(obj, src=0)
-            run_id = obj[0]
+            run_id, taken = obj
+        if taken:
+            raise ConfigError(taken)
         h = dataclasses.replace(h, run_id=run_id)
-        return train_and_eval(h, d)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
+        try:
+            log = Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
+        except OSError as e:
+            raise ConfigError(f"cannot write the log in {h.log_dir} ({e.strerror}); set LOG_DIR to a writable folder") from None
+        return train_and_eval(h, d, log)
+    except (ConfigError, TrainingError, OSError, KeyboardInterrupt) as e:
+        # Every rank meets the same error (inputs and scores are identical or all-reduced); rank 0 prints it.
+        status = 2 if isinstance(e, ConfigError) else 130 if isinstance(e, KeyboardInterrupt) else 3
+        msg = f"I/O error: {' '.join(str(e).split())}" if isinstance(e, OSError) else str(e)
+        if status == 130:
+            msg = "interrupted (Ctrl-C)" + (f"; the log so far is in {log.path}" if log else "")
+        if launch_rank() == 0:
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+        if log is not None:
+            try:
+                log(f"error: {msg}", console=False)
+            except OSError:  # e.g. the disk that refused the artifact
+                pass
+        return status
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(d)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from test_eval import CPU, fake_luts, random_model, stream, tiny
 
 sys.path.insert(0, str(REPO / "tools"))
 import causality_check as cc  # noqa: E402
+import ttt_legality as legal  # noqa: E402
 
 
 def doc_stream(n: int, seed: int = 0, mean: int = 90) -> torch.Tensor:
@@ -204,6 +205,7 @@ def test_position_spy_every_trained_target_was_scored_first():
             phase_ends[-1] = max(phase_ends[-1], b)
         prev = kind
     assert scored.all()
+    legal.assert_score_first([("score" if k == "score" else "train", torch.arange(a, b)) for k, a, b in trace], 400)
     n_chunks = len(tg.doc_chunks(starts, ends, h.lora_chunk_tokens)[0])
     assert n_lora == n_chunks - len(starts)  # every chunk but each document's last trains once
     C = h.ttt_chunk_tokens  # each phase trains every whole chunk before its bound, and nothing else

@@ -124,6 +124,8 @@ class RunLog:
                 out.append(f"eval_budget lists {s} but there is no final_{s} line")
         if self.cut_line is not None:
             out.append(f"the last line stops mid-line: {self.cut_line[:60]!r}")
+        if self.score is not None and not math.isfinite(self.score.val_bpb):
+            out.append(f"final_{self.score.name} val_bpb is {self.score.val_bpb}, not a score")
         return out
 
     @property
@@ -225,10 +227,16 @@ def table_rows(runs: list[RunLog], labels: dict[str, str] | None = None,
         stage_names += [s for s in r.stages if s not in stage_names]
     header = (["rank", "run_id", "overrides", "status", "seed", "steps", "train_s"]
               + [f"{s}_bpb" for s in stage_names] + ["score_stage", "score_bpb", "score_loss", "bytes_total", "eval_s"])
-    key = lambda r: (r.score is None or not r.complete, r.score.val_bpb if r.score else math.inf)  # noqa: E731
+    def scored(r: RunLog) -> bool:
+        return r.score is not None and math.isfinite(r.score.val_bpb)
+
+    # NaN compares false both ways and would scramble the order: runs without a finite score go last.
+    key = lambda r: (not scored(r) or not r.complete, r.score.val_bpb if scored(r) else math.inf)  # noqa: E731
     rows = []
     for i, r in enumerate(sorted(runs, key=key), 1):
         st = status.get(r.path) or ("ok" if r.complete else "incomplete")
+        if not scored(r):  # marked whatever the caller's status says
+            st = f"{st} (score {r.score.val_bpb})" if r.score else f"{st} (no score)"
         sc = r.score
         rows.append([i, r.run_id or Path(r.path).stem, labels.get(r.path, ""), st, r.seed, r.train_steps, r.train_time_s]
                     + [r.stages[s].val_bpb if s in r.stages else None for s in stage_names]
@@ -267,10 +275,14 @@ def main() -> int:
     header, rows = table_rows(runs)
     md = render_markdown(header, rows)
     print(md, end="")
-    if a.md:
-        Path(a.md).write_text(md, encoding="utf-8")
-    if a.csv:
-        Path(a.csv).write_text(render_csv(header, rows), encoding="utf-8")
+    try:
+        for dest, text in ((a.md, md), (a.csv, render_csv(header, rows) if a.csv else "")):
+            if dest:
+                Path(dest).parent.mkdir(parents=True, exist_ok=True)
+                Path(dest).write_text(text, encoding="utf-8")
+    except OSError as e:
+        print(f"error: cannot write {e.filename}: {e.strerror}; choose another --csv/--md path", file=sys.stderr)
+        return 2
     return 0
 
 
