@@ -166,6 +166,25 @@ class Hyperparameters:
     ttt_hash_embed: bool = False  # TTT: add a zero-init bigram hash embedding trained only during TTT
     ttt_hash_buckets: int = 16_384  # TTT: buckets of the bigram hash embedding
     eval_nll_dir: str = ""  # dir: each stage writes <stage>.npy (float32 NLL per target) + bytes.npy
+    # --- document-masked eval and per-document LoRA TTT (record #1855; off: not yet measured in budget) ---
+    doc_eval_enabled: bool = False  # stages final_doc_quantized/final_doc_sliding: windows never cross a BOS
+    lora_ttt_enabled: bool = False  # stage final_lora_ttt: per-document LoRA TTT + phased global SGD
+    lora_rank: int = 80  # LoRA rank r (#1855; 04-10 used 96)
+    lora_alpha: float = 144.0  # LoRA output scale alpha/r (#1855)
+    lora_targets: str = "q,k,v,o,mlp,head"  # comma list of q,k,v,o,mlp,head; open PRs drop q,v
+    lora_lr: float = 1e-4  # AdamW LR of the adapters
+    lora_beta1: float = 0.0  # AdamW beta1 (#1855)
+    lora_beta2: float = 0.99  # AdamW beta2 (#1855)
+    lora_eps: float = 1e-10  # AdamW epsilon (#1855)
+    lora_wd: float = 0.5  # AdamW decoupled weight decay (#1855)
+    lora_chunk_tokens: int = 48  # targets scored per chunk, then one adapter step on them (#1855)
+    lora_batch_docs: int = 64  # documents in flight per rank (rows of one forward)
+    lora_warm_start_a: bool = True  # A carries over to the next document of its row; B always restarts at 0
+    phased_prefix_docs: int = 2500  # global SGD on the first N documents, paused at 1/P..P/P of them (#1855)
+    phased_num_phases: int = 3  # P; 0 disables the global SGD phases
+    phased_lr: float = 1e-3  # global SGD LR, cosine over the chunks of each phase (#1855)
+    phased_momentum: float = 0.9  # global SGD momentum (#1855)
+    phased_grad_clip: float = 1.0  # global SGD grad-norm clip; 0 disables
 
     @property
     def model_dim_embed(self) -> int:
@@ -187,6 +206,10 @@ class Hyperparameters:
     def train_budget_seconds(self) -> float:
         """Training clock budget: the cap minus the GPTQ reserve (0 when uncapped)."""
         return max(self.max_wallclock_seconds - self.gptq_reserve_seconds, 0.0) if self.max_wallclock_seconds > 0 else 0.0
+
+    @property
+    def lora_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     @property
     def looping_enabled(self) -> bool:
@@ -247,6 +270,13 @@ class Hyperparameters:
         need(self.ttt_epochs >= 0 and self.ttt_batch_seqs > 0 and self.ttt_hash_buckets > 0,
              "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
         need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
+        need(self.lora_rank > 0 and 0 < self.lora_chunk_tokens <= self.eval_seq_len and self.lora_batch_docs > 0,
+             f"LORA_RANK and LORA_BATCH_DOCS must be positive and LORA_CHUNK_TOKENS in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
+        bad = set(self.lora_target_list) - set(LORA_TARGETS)
+        need(not bad and self.lora_target_list, f"LORA_TARGETS={self.lora_targets!r} must be a comma list of {','.join(LORA_TARGETS)}")
+        need("head" not in self.lora_target_list or (self.head_kind == "tied" and self.embedding_dim in (0, self.model_dim)),
+             "LORA_TARGETS=...head needs HEAD_KIND=tied and EMBEDDING_DIM=0; drop head from the list")
+        need(self.phased_num_phases >= 0 and self.phased_prefix_docs >= 0, "PHASED_NUM_PHASES and PHASED_PREFIX_DOCS must be >= 0")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
         need(self.attn_gate in ("none", "sparse", "dense"), f"ATTN_GATE={self.attn_gate!r} must be none, sparse or dense")
         need(0 < self.gate_window <= self.model_dim_embed, f"GATE_WINDOW={self.gate_window} must lie in [1, {self.model_dim_embed}]")
@@ -287,6 +317,7 @@ PRESETS = {
         iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1, gptq_calibration_batches=8,
         muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
         tied_embed_lr=0.05, ema_decay=0.95, eval_stride=128, ttt_chunk_tokens=8192, ttt_epochs=1,
+        lora_rank=8, lora_alpha=14.4, lora_batch_docs=8, phased_prefix_docs=24,
     ),
 }
 
@@ -931,6 +962,7 @@ def fused_ce_backend(device: torch.device) -> str:
 
 
 HEAD_KINDS = ("tied", "factorized", "mos", "simplex")
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # per-document TTT adapter sites (SPEC-free names: #1855)
 
 
 class LowRankResidual(nn.Module):
@@ -967,11 +999,14 @@ class Attention(nn.Module):
         self.gate_scale = h.sparse_attn_gate_scale if h.attn_gate == "sparse" else 1.0
         self.attn_gate_w = nn.Parameter(torch.zeros(self.nh, self.gate_in)) if h.attn_gate != "none" else None
 
-    def forward(self, u: Tensor, cos: Tensor, sin: Tensor, docs: DocLayout | None = None) -> Tensor:
+    def forward(self, u: Tensor, cos: Tensor, sin: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
         B, T, C = u.shape
-        q = self.c_q(u).view(B, T, self.nh, self.hd)
-        k = self.c_k(u).view(B, T, self.nkv, self.hd)
-        v = self.c_v(u).view(B, T, self.nkv, self.hd)
+        q, k, v = self.c_q(u), self.c_k(u), self.c_v(u)
+        if lora is not None:  # per-document TTT adapters read the block's normed input
+            q, k, v = lora("q", u, q), lora("k", u, k), lora("v", u, v)
+        q = q.view(B, T, self.nh, self.hd)
+        k = k.view(B, T, self.nkv, self.hd)
+        v = v.view(B, T, self.nkv, self.hd)
         q = apply_partial_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_partial_rope(rms_norm(k), cos, sin)
         y = attention(q, k, v, docs)  # [B,T,H,D]
@@ -982,7 +1017,8 @@ class Attention(nn.Module):
         if self.attn_gate_w is not None:  # after XSA, before the output projection
             g = torch.sigmoid(self.gate_scale * F.linear(u[..., : self.gate_in], self.attn_gate_w.to(u.dtype)))
             y = y.reshape(B, T, self.nh, self.hd) * g[..., None]
-        return self.proj(y.reshape(B, T, C))
+        out = self.proj(y.reshape(B, T, C))
+        return out if lora is None else lora("o", u, out)
 
 
 class MLP(nn.Module):
@@ -1009,24 +1045,29 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.cat([torch.ones(1, d), torch.zeros(1 + h.num_extra_embeds, d)])) if h.resid_mix_enabled else None
         self.ln_s = 1.0 / math.sqrt(layer + 1) if h.ln_scale else 1.0
 
-    def _attn(self, x: Tensor, x0, cos: Tensor, sin: Tensor, docs) -> tuple[Tensor, Tensor]:
+    def _mlp(self, x: Tensor, lora) -> Tensor:
+        u = rms_norm(x) * self.ln_s
+        m = self.mlp(u)
+        return self.mlp_scale.to(x.dtype) * (m if lora is None else lora("mlp", u, m))
+
+    def _attn(self, x: Tensor, x0, cos: Tensor, sin: Tensor, docs=None, lora=None) -> tuple[Tensor, Tensor]:
         x_in = x
         if self.resid_mix is not None:  # x0: the normed embedding, or a tuple with the extra embeddings
             mix = self.resid_mix.to(x.dtype)
             x_in = mix[0] * x
             for j, e in enumerate(x0 if isinstance(x0, tuple) else (x0,), 1):
                 x_in = x_in + mix[j] * e
-        return x_in, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.ln_s, cos, sin, docs)
+        return x_in, self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.ln_s, cos, sin, docs, lora)
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, docs: DocLayout | None = None) -> Tensor:
-        x_in, a = self._attn(x, x0, cos, sin, docs)
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
+        x_in, a = self._attn(x, x0, cos, sin, docs, lora)
         x = x_in + a
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_s)
+        return x + self._mlp(x, lora)
 
-    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, cos, sin, resid: Tensor, post: Tensor, docs=None):
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, cos, sin, resid: Tensor, post: Tensor, docs=None, lora=None):
         """Attention reads lane0 (mixed with x0), MLP reads lane1; both write both lanes (#1529/#1530)."""
-        _, a = self._attn(lane0, x0, cos, sin, docs)
-        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * self.ln_s)
+        _, a = self._attn(lane0, x0, cos, sin, docs, lora)
+        m = self._mlp(lane1, lora)
         resid, post = resid.to(a.dtype), post.to(a.dtype)  # post[src, dst]: src 0 attn / 1 mlp
         out0 = resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m
         out1 = resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
@@ -1148,10 +1189,11 @@ class GPT(nn.Module):
         """The attention layout of a batch: None (plain causal) when DOC_MASK=0."""
         return doc_layout(ids) if self.h.doc_mask else None
 
-    def hidden(self, ids: Tensor, docs: DocLayout | None = None) -> Tensor:
+    def hidden(self, ids: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
         """The head input [B,T,embedding_dim]: final normed state after out_rot and head_proj.
 
         docs: a precomputed layout of ids (FA3 varlen from outside a compiled graph); None derives it.
+        lora: per-document adapters (DocLoRA), one set per virtual layer slot.
         """
         T = ids.size(1)
         docs = self.doc_layout(ids) if docs is None else docs
@@ -1170,11 +1212,13 @@ class GPT(nn.Module):
             x0 = (x0, *[rms_norm(t(ids)) for t in self.extra_embeds])
         sched = self.schedules[self.looping_active]
         skips = []
-        for i in sched.encoder:
-            x = self.blocks[i](x, x0, cos, sin, docs)
+        slot = (lambda v: None) if lora is None else lora.slot
+        for v, i in enumerate(sched.encoder):
+            x = self.blocks[i](x, x0, cos, sin, docs, slot(v))
             skips.append(x)
         lanes = None
         for j, i in enumerate(sched.decoder):
+            lo = slot(len(sched.encoder) + j)
             if j == sched.parallel_from:
                 lanes = (x, x)
             if j < sched.n_skip and skips:
@@ -1184,10 +1228,10 @@ class GPT(nn.Module):
                 else:
                     lanes = (self._merge_skip(lanes[0], skip, j), lanes[1])
             if lanes is None:
-                x = self.blocks[i](x, x0, cos, sin, docs)
+                x = self.blocks[i](x, x0, cos, sin, docs, lo)
             else:
                 lanes = self.blocks[i].forward_lanes(*lanes, x0, cos, sin, self.parallel_resid_lambdas[i],
-                                                     self.parallel_post_lambdas[i], docs)
+                                                     self.parallel_post_lambdas[i], docs, lo)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return self.head_input(x)
@@ -1199,7 +1243,7 @@ class GPT(nn.Module):
             x = self.out_rot(x)
         return self.head_proj(x) if self.head_proj is not None else x
 
-    def head_logits(self, x: Tensor) -> Tensor:
+    def head_logits(self, x: Tensor, lora=None) -> Tensor:
         """Head input -> fp32 scores whose log_softmax is the model's distribution over the vocab.
 
         mos returns log sum_k pi_k softmax_k (already normalized, so log_softmax leaves it as is);
@@ -1208,7 +1252,8 @@ class GPT(nn.Module):
         c, kind = self.h.logit_softcap, self.h.head_kind
         cap = lambda z: c * torch.tanh(z.float() / c)  # noqa: E731
         if kind == "tied":
-            return cap(F.linear(x, self.tok_emb.weight))
+            z = F.linear(x, self.tok_emb.weight)
+            return cap(z if lora is None else lora("head", x, z))
         u = self.head_down(x)
         if kind == "factorized":
             return cap(self.head_out(u))
@@ -1218,12 +1263,12 @@ class GPT(nn.Module):
         log_pi = F.log_softmax(self.head_gate(x).float(), dim=-1)  # [B,T,K]
         return torch.logsumexp(log_pi[..., None] + F.log_softmax(z, dim=-1), dim=-2)
 
-    def logits(self, ids: Tensor, docs: DocLayout | None = None) -> Tensor:
-        return self.head_logits(self.hidden(ids, docs))
+    def logits(self, ids: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
+        return self.head_logits(self.hidden(ids, docs, lora), None if lora is None else lora.slot(-1))
 
-    def token_nll(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None) -> Tensor:
+    def token_nll(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
         """Per-target NLL in nats, [B,T] float32."""
-        z = self.logits(ids, docs)
+        z = self.logits(ids, docs, lora)
         return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def forward(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None) -> Tensor:
@@ -1660,7 +1705,7 @@ SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_hea
               "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts",
               "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale")
 # Knobs that change the forward pass but no shape: another value would score silently, so they are stored too.
-FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale", "doc_mask")
+FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale")
 _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
 
 
@@ -1944,7 +1989,7 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
     with torch.no_grad(), autocast_ctx(d.device):
         for xb in [x] + (varlen_warmup_ids(x, gen) if uses_varlen(h, d.device) else []):
             scorer(xb, y)
-    if h.ttt_enabled and h.ttt_epochs > 0:
+    if (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0):
         for n in sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}):
             for xb in [x[:n]] + (varlen_warmup_ids(x[:n], gen) if uses_varlen(h, d.device) else []):
                 with autocast_ctx(d.device):
@@ -1952,6 +1997,281 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+# --- Document-masked eval and per-document LoRA TTT (record #1855, built score-first) -------------
+# A document starts at a BOS (and at target 0): its targets are [start, next start), so its last
+# target is the next document's BOS and every target belongs to exactly one document. Every window
+# of these stages holds tokens of one document only, left-aligned in a [rows, EVAL_SEQ_LEN] batch
+# (RoPE positions restart at 0 per window; q.k depends only on the offset, so this equals masked
+# attention over a packed row). Inputs past a window's end are replaced by token 0, so nothing of
+# another document ever enters a forward.
+
+def doc_spans(tokens: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Target ranges [start, end) of the documents of a stream (target i predicts token i+1)."""
+    total = tokens.numel() - 1
+    bos = np.flatnonzero(tokens[:-1].cpu().numpy() == BOS_ID)
+    starts = np.union1d([0], bos).astype(np.int64)
+    return starts, np.append(starts[1:], total)
+
+
+def doc_chunks(starts: np.ndarray, ends: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chunks of `size` targets aligned to each document start: (document, first target, end)."""
+    n = -(-(ends - starts) // size)
+    doc = np.repeat(np.arange(len(starts)), n)
+    j = np.arange(doc.size) - np.repeat(np.cumsum(n) - n, n)
+    first = starts[doc] + j * size
+    return doc, first, np.minimum(first + size, ends[doc])
+
+
+def doc_windows(starts: np.ndarray, ends: np.ndarray, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(window start, first scored target, end) of the document-masked stages.
+
+    stride = seq_len: plain, each window scores itself. Otherwise each `stride` chunk of a document
+    is scored by the window of <= seq_len tokens ending at the chunk's nominal end first + stride
+    (the LoRA stage's windows); chunks whose window starts at the document start share one window.
+    The nominal end, not the document end, keeps a target's context free of where its document ends.
+    """
+    doc, first, end = doc_chunks(starts, ends, stride)
+    if stride == seq_len:
+        return first, first, end
+    ws = np.maximum(starts[doc], first + stride - seq_len)
+    at0 = ws == starts[doc]
+    shared = at0 & np.append(at0[1:] & (doc[1:] == doc[:-1]), False)  # a later chunk of the doc shares it
+    keep = ~shared
+    first = np.where(at0, starts[doc], first)
+    return ws[keep], first[keep], end[keep]
+
+
+def window_batch(tokens: Tensor, ws: Tensor, first: Tensor, end: Tensor, seq_len: int):
+    """Inputs, targets and scored mask [B, seq_len] of left-aligned one-document windows."""
+    idx = ws[:, None] + torch.arange(seq_len, device=tokens.device)
+    valid = idx < end[:, None]
+    total = tokens.numel() - 1
+    x = torch.where(valid, tokens[idx.clamp(max=total - 1)], 0)
+    y = torch.where(valid, tokens[(idx + 1).clamp(max=total)], 0)
+    return x, y, valid & (idx >= first[:, None]), idx
+
+
+@torch.no_grad()
+def score_doc_windows(scorer, tokens: Tensor, ws: Tensor, first: Tensor, end: Tensor, seq_len: int, per_batch: int,
+                      luts, sums: Tensor, nll_out: Tensor | None) -> None:
+    """score_windows for (start, first, end) windows; padded to per_batch rows (one compiled shape)."""
+    for b in range(0, ws.numel(), per_batch):
+        pad = lambda t: F.pad(t[b : b + per_batch], (0, per_batch - t[b : b + per_batch].numel()))  # noqa: E731
+        x, y, scored, idx = window_batch(tokens, pad(ws), pad(first), pad(end), seq_len)
+        accumulate(scorer(x, y).float(), x, y, scored, idx, luts, sums, nll_out)
+
+
+def accumulate(nll: Tensor, x: Tensor, y: Tensor, scored: Tensor, idx: Tensor, luts, sums: Tensor, nll_out) -> None:
+    nll = torch.where(scored, nll.detach(), 0.0)
+    sums[0] += nll.double().sum()
+    sums[1] += scored.sum()
+    sums[2] += torch.where(scored, target_bytes(x, y, luts), 0).sum()
+    if nll_out is not None:
+        nll_out.scatter_add_(0, torch.where(scored, idx, 0).flatten(), nll.flatten())
+
+
+def eval_doc_windows(h: Hyperparameters, scorer, d: Dist, tokens: Tensor, luts, stride: int,
+                     collect: bool = False) -> tuple[EvalResult, Tensor | None]:
+    """Document-masked eval: plain (stride = EVAL_SEQ_LEN) or sliding; windows split by rank."""
+    T, total = h.eval_seq_len, tokens.numel() - 1
+    plan = doc_windows(*doc_spans(tokens), T, stride)
+    lo, hi = rank_range(len(plan[0]), d.rank, d.world_size)
+    ws, first, end = (torch.from_numpy(a[lo:hi]).to(tokens.device) for a in plan)
+    sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
+    nll_out = torch.zeros(total, device=tokens.device) if collect else None
+    luts = tuple(t.to(tokens.device) for t in luts)
+    score_doc_windows(scorer, tokens, ws, first, end, T, eval_batch_windows(h, d.world_size), luts, sums, nll_out)
+    return finish_eval(sums, nll_out)
+
+
+def phase_bounds(h: Hyperparameters, n_docs: int) -> list[int]:
+    """Document counts after which the global SGD runs: floor(N*(p+1)/P) of the first N documents.
+
+    Never scaled to the number of documents (that would let the stream's end move a phase); a bound
+    at or past the last document would come after every score and is dropped.
+    """
+    n, p = h.phased_prefix_docs, h.phased_num_phases
+    return [b for b in (n * (k + 1) // p for k in range(p)) if 0 < b < n_docs]
+
+
+class DocLoRA:
+    """Per-document adapters, one row per document in flight: y += (x A^T) B^T * alpha/r per virtual
+    layer slot and target, A [rows, r, in], B [rows, out, r]. A starts from one seeded draw
+    uniform(+-1/sqrt(in)), B at 0, so a fresh row's adapters are exactly the identity."""
+
+    def __init__(self, h: Hyperparameters, model: GPT, rows: int, device: torch.device):
+        self.h, self.scale = h, h.lora_alpha / h.lora_rank
+        d, kv = h.model_dim, h.num_kv_heads * (h.model_dim // h.num_heads)
+        dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d), "head": (d, h.vocab_size)}
+        sched = model.schedules[model.looping_active]
+        n_slots = len(sched.encoder) + len(sched.decoder)
+        sites = [(v, t) for v in range(n_slots) for t in h.lora_target_list if t != "head"]
+        sites += [(-1, "head")] if "head" in h.lora_target_list else []
+        gen = torch.Generator().manual_seed(h.seed)
+        self.init = {}
+        for site in sites:
+            n_in, _ = dims[site[1]]
+            self.init[site] = ((torch.rand(h.lora_rank, n_in, generator=gen) * 2 - 1) / math.sqrt(n_in)).to(device)
+        self.a = {s: a.expand(rows, -1, -1).clone().requires_grad_() for s, a in self.init.items()}
+        self.b = {s: torch.zeros(rows, dims[s[1]][1], h.lora_rank, device=device, requires_grad=True) for s in sites}
+        self.params = [*self.a.values(), *self.b.values()]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(rows, device=device)
+
+    def slot(self, v: int):
+        def apply(target: str, x: Tensor, y: Tensor) -> Tensor:
+            site = (v, target)
+            if site not in self.a:
+                return y
+            a, b = self.a[site].to(x.dtype), self.b[site].to(x.dtype)
+            return y + torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2)) * self.scale
+        return apply
+
+    @torch.no_grad()
+    def reset_rows(self, rows: Tensor, keep_a: bool) -> None:
+        """A new document enters these rows: B = 0 and optimizer state 0; A back to the draw unless kept."""
+        for s in self.a:
+            self.b[s][rows] = 0
+            if not keep_a:
+                self.a[s][rows] = self.init[s]
+        for t in (*self.m, *self.v):
+            t[rows] = 0
+        self.steps[rows] = 0
+
+    @torch.no_grad()
+    def step(self, rows: Tensor) -> None:
+        """AdamW on the given rows only, each with its own step count (rows are independent)."""
+        h, mask = self.h, torch.zeros_like(self.steps, dtype=torch.bool)
+        mask[rows] = True
+        self.steps += mask
+        t = self.steps.clamp(min=1)
+        bc1, bc2 = 1 - h.lora_beta1 ** t, 1 - h.lora_beta2 ** t
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            sh = (-1,) + (1,) * (p.dim() - 1)
+            k = mask.view(sh)
+            m.copy_(torch.where(k, h.lora_beta1 * m + (1 - h.lora_beta1) * g, m))
+            v.copy_(torch.where(k, h.lora_beta2 * v + (1 - h.lora_beta2) * g * g, v))
+            upd = p * (1 - h.lora_lr * h.lora_wd) - (h.lora_lr / bc1).view(sh) * m / ((v / bc2.view(sh)).sqrt() + h.lora_eps)
+            p.copy_(torch.where(k, upd, p))
+            p.grad = None
+
+
+def spans(idx: Tensor, mask: Tensor) -> tuple[int, int]:
+    """(first, end) of the targets a mask selects; they must be contiguous (tests' position spy)."""
+    sel = idx[mask]
+    assert sel.numel() and int(sel[-1]) - int(sel[0]) + 1 == sel.numel()
+    return int(sel[0]), int(sel[-1]) + 1
+
+
+def global_sgd(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tensor, n_targets: int, trace=None) -> int:
+    """One epoch of full-model SGD on targets [0, n_targets): TTT_CHUNK_TOKENS chunks (a partial last
+    chunk is skipped), cosine LR over the chunks, TTT_BATCH_SEQS sequences per step split by rank,
+    gradients summed over ranks. Returns the number of chunks trained."""
+    T, C = h.eval_seq_len, h.ttt_chunk_tokens
+    n_chunks = n_targets // C
+    if n_chunks == 0 or h.phased_lr == 0:
+        return 0
+    model.requires_grad_(True)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=h.phased_lr, momentum=h.phased_momentum)
+    for c in range(n_chunks):
+        for g in opt.param_groups:
+            g["lr"] = h.phased_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        for first, n, n_global in ttt_step_shares(h, d):
+            if n > 0:
+                seg = tokens[c * C + first * T : c * C + (first + n) * T + 1]
+                if trace is not None:
+                    trace.append(("sgd", c * C + first * T, c * C + (first + n) * T))
+                with autocast_ctx(tokens.device):
+                    loss = loss_fn(seg[:-1].view(n, T), seg[1:].view(n, T))
+                (loss * (n / n_global)).backward()
+            reduce_grads(params, d.world_size, average=False)
+            if h.phased_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, h.phased_grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    return n_chunks
+
+
+def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tensor, luts,
+                  collect: bool = False, log=None, trace=None) -> tuple[EvalResult, Tensor | None]:
+    """Per-document LoRA TTT with phased global SGD; mutates the model.
+
+    Documents go to ranks round-robin in stream order; each rank keeps LORA_BATCH_DOCS documents in
+    flight and refills a row as soon as its document ends. Each step scores the next chunk of every
+    row with the window of <= EVAL_SEQ_LEN tokens ending at the chunk's nominal end, then takes one AdamW step
+    per row on the mean NLL of exactly the targets it just scored (not after a document's last
+    chunk). A document's targets therefore depend on its own earlier tokens, on the base weights and
+    (LORA_WARM_START_A) on the A of earlier documents of its row: everything already scored.
+    Phases: documents at or past the next bound wait until every rank has scored all documents
+    before it; then all ranks run global_sgd on those documents and restart the adapters.
+    trace (tests): ("score"|"train"|"sgd", first target, end) of every row and SGD sequence.
+    """
+    T, C, total, dev = h.eval_seq_len, h.lora_chunk_tokens, tokens.numel() - 1, tokens.device
+    starts, ends = doc_spans(tokens)
+    bounds = phase_bounds(h, len(starts))
+    mine = list(range(d.rank, len(starts), d.world_size))
+    luts = tuple(t.to(dev) for t in luts)
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    nll_out = torch.zeros(total, device=dev) if collect else None
+    model.requires_grad_(False)
+    R = h.lora_batch_docs
+    lora = DocLoRA(h, model, R, dev)
+    row_doc, row_pos = [-1] * R, [0] * R  # document in each row and its next target
+    qi, phase, t0, n_steps = 0, 0, time.perf_counter(), 0
+    while True:
+        gate = bounds[phase] if phase < len(bounds) else len(starts)
+        fresh = []
+        for r in range(R):
+            if row_doc[r] < 0 and qi < len(mine) and mine[qi] < gate:
+                row_doc[r], row_pos[r] = mine[qi], int(starts[mine[qi]])
+                fresh.append(r)
+                qi += 1
+        if fresh:
+            lora.reset_rows(torch.tensor(fresh, device=dev), keep_a=h.lora_warm_start_a)
+        active = [r for r in range(R) if row_doc[r] >= 0]
+        if not active:
+            if phase == len(bounds):
+                break
+            n_tgt = int(starts[bounds[phase]])
+            chunks = global_sgd(h, model, loss_fn, d, tokens, n_tgt, trace)
+            if log is not None:
+                log(f"lora_ttt_phase {phase + 1}/{len(bounds)} docs:{bounds[phase]} targets:{n_tgt} "
+                    f"sgd_chunks:{chunks} time:{time.perf_counter() - t0:.1f}s")
+            phase += 1
+            lora = DocLoRA(h, model, R, dev)
+            continue
+        first = torch.tensor([row_pos[r] if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
+        end = torch.tensor([min(row_pos[r] + C, int(ends[row_doc[r]])) if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
+        ws = torch.tensor([max(int(starts[row_doc[r]]), row_pos[r] + C - T) if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
+        x, y, scored, idx = window_batch(tokens, ws, first, end, T)
+        more = [r for r in active if int(end[r]) < int(ends[row_doc[r]])]
+        with autocast_ctx(dev), torch.set_grad_enabled(bool(more)):
+            nll = model.token_nll(x, y, lora=lora).float()
+        accumulate(nll, x, y, scored, idx, luts, sums, nll_out)
+        if trace is not None:  # read off the masks that are summed and trained on
+            trace.extend(("score", *spans(idx[r], scored[r])) for r in range(R) if scored[r].any())
+        if more:  # one step per row on the mean NLL of the targets scored above
+            m = scored[more].float()
+            (nll[more] * m).sum(1).div(m.sum(1)).sum().backward()
+            lora.step(torch.tensor(more, device=dev))
+            if trace is not None:
+                trace.extend(("train", *spans(idx[r], m[i] > 0)) for i, r in enumerate(more))
+        for r in active:
+            row_pos[r] = int(end[r])
+            if row_pos[r] >= ends[row_doc[r]]:
+                row_doc[r] = -1
+        n_steps += 1
+        if log is not None and n_steps % 500 == 0:
+            r_ = bpb_from_sums(*sums.tolist())
+            log(f"lora_ttt_progress rank0_docs:{qi}/{len(mine)} steps:{n_steps} val_bpb:{r_.val_bpb:.6f} "
+                f"time:{time.perf_counter() - t0:.1f}s")
+    return finish_eval(sums, nll_out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2193,8 +2513,8 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
     if int(val_tokens.max()) >= h.vocab_size:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
-    n_docs = check_tokenizer_built_shards(h.tokenizer_file, h.dataset_dir, val_tokens.numpy())
     require_doc_starts(val_tokens, "validation", h)
+    n_docs = check_tokenizer_built_shards(h.tokenizer_file, h.dataset_dir, val_tokens.numpy())
     val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts)
     log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())} tokenizer_check_docs:{n_docs}")
     if h.eval_nll_dir and d.is_main:
@@ -2253,9 +2573,24 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     if h.sliding_window_enabled:
         _, times["sliding"] = timed_eval("sliding", h, d, log,
                                          lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_stride, c))
+    if h.doc_eval_enabled:
+        _, times["doc_quantized"] = timed_eval("doc_quantized", h, d, log, lambda c: eval_doc_windows(
+            h, scorer, d, val_tokens, luts, h.eval_seq_len, c))
+        _, times["doc_sliding"] = timed_eval("doc_sliding", h, d, log, lambda c: eval_doc_windows(
+            h, scorer, d, val_tokens, luts, h.eval_stride, c))
     if h.ttt_enabled:
         _, times["ttt"] = timed_eval("ttt", h, d, log,
                                      lambda c: eval_ttt(h, eval_model, scorer, loss_fn, d, val_tokens, luts, c, log))
+    if h.lora_ttt_enabled:
+        def lora_stage(c):
+            m, lf = eval_model, loss_fn
+            if h.ttt_enabled:  # the TTT stage changed eval_model: a fresh copy of the artifact's weights
+                m = GPT(h).to(d.device)
+                m.load_state_dict(state, strict=True)
+                set_looping(m, looping)
+                lf = eval_callables(h, m, d)[1]
+            return eval_lora_ttt(h, m, lf, d, val_tokens, luts, c, log)
+        _, times["lora_ttt"] = timed_eval("lora_ttt", h, d, log, lora_stage)
     used = sum(times.values())
     log(f"eval_budget used:{used:.1f}s limit:{EVAL_LIMIT_SECONDS:.0f}s stages:{'+'.join(times)}"
         + ("" if used <= EVAL_LIMIT_SECONDS else " OVER_BUDGET"))
