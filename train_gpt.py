@@ -962,7 +962,7 @@ def fused_ce_backend(device: torch.device) -> str:
 
 
 HEAD_KINDS = ("tied", "factorized", "mos", "simplex")
-LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # per-document TTT adapter sites (SPEC-free names: #1855)
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # per-document TTT adapter sites (#1855)
 
 
 class LowRankResidual(nn.Module):
