@@ -48,7 +48,7 @@ BOS_ID = 1
 MAX_VOCAB = 1 << 16
 MAX_SHARD_TOKENS = (1 << 31) - 1  # the count is stored in an int32 header slot
 SHARD_NAME_RE = re.compile(r"fineweb_(val|train|val_bytes)_\d{6}\.bin")
-# The published exports (SPEC part 3 §1.1) keep the first 50,000 documents as validation; a
+# The published exports (the challenge's data/download_hf_docs_and_tokenize.py) keep the first 50,000 documents as validation; a
 # re-export with fewer put published validation documents into training (issue #2127 upstream).
 PUBLISHED_VAL_DOCS = 50_000
 DATA_DIR = Path(__file__).resolve().parent

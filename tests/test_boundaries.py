@@ -119,7 +119,8 @@ def test_eval_budget_counts_load_and_artifact_stages_only(full_run):
 
 
 @pytest.mark.parametrize("ttt_s,expect", [(295.0, "used:600.0s limit:600s stages:load+warmup+quantized+sliding+ttt"),
-                                          (295.1, "used:600.1s limit:600s stages:load+warmup+quantized+sliding+ttt OVER_BUDGET")])
+                                          (295.1, "used:600.1s limit:600s stages:load+warmup+quantized+sliding+ttt OVER_BUDGET")],
+                         ids=["600.0s", "600.1s"])
 def test_eval_budget_boundary(ttt_s, expect, full_run, synth_data, tmp_path, monkeypatch):
     _, _, _, artifact = full_run
     staged_clock(monkeypatch, tick=0.0, plain=100.0, sliding=200.0, ttt=ttt_s)
@@ -164,7 +165,8 @@ def sub(pattern: str, repl: str):
     (sub(r"gptq_hessian_end:\S+", "gptq_hessian_end:600.1s"), "train_time_le_600s", False),
     (sub(r"eval_budget used:\S+", "eval_budget used:600.0s"), "eval_time_le_600s", True),
     (sub(r"eval_budget used:\S+", "eval_budget used:600.1s"), "eval_time_le_600s", False),
-])
+], ids=["bytes_16000000", "bytes_16000001", "train_600000ms", "train_600001ms", "hessian_600.0s", "hessian_600.1s",
+        "eval_600.0s", "eval_600.1s"])
 def test_compliance_at_the_limits(edit, key, expect, full_run):
     _, _, log, _ = full_run
     edited = edit(log)

@@ -310,7 +310,8 @@ def eval_run(small_dataset, tmp_path_factory):
     tmp, dataset = tmp_path_factory.mktemp("evalrun"), small_dataset
     env = tiny_env(iterations=8, data_path=str(dataset), tokenizer_path=str(SP1024), run_id="ev",
                    sliding_window_enabled=1, ttt_enabled=1, ttt_hash_embed=1, ttt_lr=0.02,
-                   eval_nll_dir=str(tmp / "nll"))
+                   doc_eval_enabled=1, lora_ttt_enabled=1, lora_rank=4, lora_chunk_tokens=64, lora_batch_docs=4,
+                   lora_warm_start_a=0, phased_prefix_docs=2, phased_num_phases=1, eval_nll_dir=str(tmp / "nll"))
     res = run_script(env, tmp)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp, env, res.stdout
@@ -329,11 +330,22 @@ def test_nll_dump_recomputes_logged_bpb(eval_run, small_dataset):
     assert np.array_equal(nbytes, tg.target_bytes(val[:-1], val[1:], luts).numpy())
     line = next(l for l in out.splitlines() if l.startswith("val_tokens:"))
     assert f"val_tokens:{val.numel() - 1} val_bytes:{int(nbytes.sum())} " in line and line.endswith(" byte_count:tables")
-    for stage in ("pre_quant", "quantized", "sliding", "ttt"):
+    for stage in ("pre_quant", "quantized", "sliding", "ttt", "doc_quantized", "doc_sliding", "lora_ttt"):
         nll = np.load(tmp / "nll" / f"{stage}.npy")
         assert nll.dtype == np.float32 and nll.shape == (val.numel() - 1,)
         bpb = nll.astype(np.float64).sum() / (math.log(2) * nbytes.sum())
         assert bpb == pytest.approx(logged(out, stage)["val_bpb"], abs=6e-9)
+
+
+def test_eval_budget_line_sums_the_stages(eval_run):
+    _, _, out = eval_run
+    line = next(l for l in out.splitlines() if l.startswith("eval_budget "))
+    fields = dict(kv.split(":", 1) for kv in line.split()[1:])
+    stages = ("quantized", "sliding", "doc_quantized", "doc_sliding", "ttt", "lora_ttt")
+    assert fields["limit"] == "600s" and fields["stages"] == "load+warmup+" + "+".join(stages)
+    stage_s = sum(logged(out, s)["eval_time"] for s in stages) / 1000
+    assert stage_s <= float(fields["used"].rstrip("s")) + 0.1
+    assert "ttt_progress chunk:" in out and "lora_ttt_phase 1/1 docs:2" in out
 
 
 def test_causality_tool_on_saved_artifact(eval_run):
@@ -347,7 +359,9 @@ def test_causality_tool_on_saved_artifact(eval_run):
                           str(tmp / "logs" / "ev.ptz"), "--tokens", "1200", "--positions", "1"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "result:ok" in res.stdout and res.stdout.count("causal:1") == 3 * 3
+    lines = [l for l in res.stdout.splitlines() if " causal:" in l]
+    n_points = int(res.stdout.split(" points:")[1].split()[0])
+    assert "result:ok" in res.stdout and len(lines) == 6 * n_points and all(l.endswith("causal:1") for l in lines)
 
 
 def test_two_processes_match_one_on_sliding_and_ttt(eval_run, tmp_path):
@@ -355,5 +369,5 @@ def test_two_processes_match_one_on_sliding_and_ttt(eval_run, tmp_path):
     env = {**env, "EVAL_ARTIFACT": str(tmp / "logs" / "ev.ptz"), "RUN_ID": "ev2", "EVAL_NLL_DIR": ""}
     res = run_script(env, tmp_path, torchrun=2)
     assert res.returncode == 0, res.stderr[-3000:]
-    for stage in ("quantized", "sliding", "ttt"):
+    for stage in ("quantized", "sliding", "ttt", "doc_quantized", "doc_sliding", "lora_ttt"):
         assert logged(res.stdout, stage)["val_bpb"] == pytest.approx(logged(out, stage)["val_bpb"], abs=1e-5)

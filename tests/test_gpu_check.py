@@ -59,12 +59,12 @@ def test_cpu_sized_check_runs_steps_1_to_5(small_data, tmp_path):
     assert "| 6 |" not in report
     assert "attention:sdpa" in report and "compile target:train_step looping:1" in report
     assert "compile target:ttt_loss" in report and "[compare_compile] compare mode:looping_on" in report
-    for label in ("train_clock:", "artifact bytes_code:", "final_quantized", "final_sliding", "final_ttt",
+    for label in ("train_clock:", "artifact counted_code_bytes:", "final_quantized", "final_sliding", "final_ttt",
                   "projected final_ttt", "result:ok"):
         assert label in report, label
     figures = report.split("## Figures")[1].split("\n## ")[0]
     for label in ("- compile train_step looping:1:", "- looping_on: ", "tokens/s per GPU", "- final_ttt ",
-                  "- artifact bytes_code:", "- projected final_sliding", "- causality targets:"):
+                  "- artifact counted_code_bytes:", "- projected final_sliding", "- causality targets:"):
         assert label in figures, label
     logs = {p.name for p in out.iterdir()}
     assert {"1_versions_versions.log", "3_bench_compare_compile.log", "4_pipeline_gpu_check.txt",

@@ -242,8 +242,8 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
     kv = dict(t.split(":", 1) for t in line.split()[1:])
     artifact = tmp_path / "logs" / "e2e.ptz"
     assert int(kv["bytes_model"]) == artifact.stat().st_size
-    assert int(kv["bytes_code"]) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
-    assert int(kv["bytes_total"]) == int(kv["bytes_model"]) + int(kv["bytes_code"])
+    assert int(kv["counted_code_bytes"]) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
+    assert int(kv["bytes_total"]) == int(kv["bytes_model"]) + int(kv["counted_code_bytes"])
     assert "gptq_hessian_end:" in r.stdout and "quant_gap val_bpb:" in r.stdout
     quantized = next(l for l in r.stdout.splitlines() if l.startswith("final_quantized"))
     # re-score the saved artifact without training
@@ -261,7 +261,7 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert next(l for l in p.stdout.splitlines() if l.startswith("final_quantized")).split("eval_time")[0] == \
         quantized.split("eval_time")[0]
-    assert f"bytes_code:{packed.stat().st_size} " in p.stdout and packed.stat().st_size == int(kv["bytes_code"])
+    assert f"counted_code_bytes:{packed.stat().st_size} " in p.stdout and packed.stat().st_size == int(kv["counted_code_bytes"])
     # wrong shapes: one-line error naming the file and the mismatch
     bad = run({**env, "EVAL_ARTIFACT": str(artifact), "NUM_LAYERS": "5", "RUN_ID": "badshape"}, tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(artifact) in bad.stderr

@@ -1,7 +1,6 @@
 """The fast paths give the same numbers as the plain ones: batched Newton-Schulz, Muon sharded over
 ranks, the prefetching loader; and the benchmark tool's numbers agree with the model on CPU."""
 import math
-import os
 import subprocess
 import sys
 

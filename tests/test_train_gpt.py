@@ -31,8 +31,12 @@ def test_defaults_are_record_config():
     h = tg.Hyperparameters()
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 8192)
     assert (h.loop_start, h.loop_end, h.num_loops, h.parallel_residual_start) == (3, 5, 2, 8)
-    assert (h.qk_gain_init, h.muon_momentum, h.ema_decay) == (5.0, 0.97, 0.997)
-    assert h.train_budget_seconds == pytest.approx(600 - 13)
+    assert (h.qk_gain_init, h.muon_momentum, h.ema_decay) == (5.0, 0.97, 0.9965)
+    # the 1.0611 record (#1855): schedule, Adam beta2, trimmed GPTQ calibration, the new parts
+    assert (h.matrix_lr, h.beta2, h.warmdown_frac, h.min_lr, h.gptq_calibration_batches) == (0.026, 0.99, 0.85, 0.10, 16)
+    assert (h.doc_mask, h.smear_gate, h.attn_gate, h.sparse_attn_gate_scale, h.polar_express, h.fused_ce) == (
+        True, True, "sparse", 0.5, True, True)
+    assert h.train_budget_seconds == pytest.approx(600 - 8)
     assert h.dataset_dir == os.path.join("./data", "datasets", "fineweb10B_sp8192")
 
 
@@ -136,15 +140,18 @@ def test_default_schedule_matches_spec():
     plain, looped = tg.layer_schedule(h, False), tg.layer_schedule(h, True)
     assert plain == tg.Schedule([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10], 5, 3)
     assert looped == tg.Schedule([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10], 8, 6)
-    # LIFO skips: decoder position j receives the output of encoder position len(enc)-1-j (SPEC 2.5 table)
+    # LIFO skips: decoder position j receives the output of encoder position len(enc)-1-j
     pairs = [(looped.decoder[j], looped.encoder[len(looped.encoder) - 1 - j]) for j in range(looped.n_skip)]
     assert pairs == [(5, 4), (3, 3), (4, 5), (5, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
     assert tg.layer_schedule(tg.Hyperparameters(num_loops=0), True) == plain
 
 
 def test_default_param_count():
-    # 04-09 shapes: 35,944,536 (SPEC 2.12) + 66 lane parameters (11x2 resid + 11x2x2 post)
-    assert tg.count_params(tg.GPT(tg.Hyperparameters())) == 35_944_536 + 66
+    # 04-09 shapes: 35,944,536 + 66 lane parameters (11x2 resid + 11x2x2 post) + 13 SmearGate
+    # + 11 x 8 x 12 sparse attention gates = 35,945,671, the count of the 1.0611 record (#1855)
+    assert tg.count_params(tg.GPT(tg.Hyperparameters())) == 35_944_536 + 66 + 13 + 1056 == 35_945_671
+    off = tg.Hyperparameters(smear_gate=False, attn_gate="none")
+    assert tg.count_params(tg.GPT(off)) == 35_944_536 + 66
 
 
 def test_embedding_projections():
@@ -187,7 +194,7 @@ def test_future_tokens_cannot_change_past_losses(looping):
 
 
 def test_parallel_lanes_follow_spec_equations():
-    """One two-lane block against the SPEC 2.9 equations written out by hand."""
+    """One two-lane block against the PR #1530 two-lane equations written out by hand."""
     torch.manual_seed(0)
     h = tiny()
     model = tg.GPT(h)
@@ -378,13 +385,13 @@ def test_two_process_run_matches_single_process(dataset, tmp_path):
 
 
 def test_two_process_config_error_exits_cleanly_on_both_ranks(tmp_path):
-    """Both ranks hit the same bad input: each prints its one-line error and leaves the group
-    through the barrier; no rank is aborted mid-teardown."""
+    """Both ranks hit the same bad input: rank 0 prints the one-line error once, every rank leaves
+    the group through the barrier with exit 2; no rank is aborted mid-teardown."""
     env = tiny_env(data_path=str(tmp_path / "nope"), tokenizer_path=str(tmp_path / "nope.model"), run_id="bad")
     res = run_script(env, tmp_path, torchrun=2, timeout=300)
     assert res.returncode != 0
     errors = [l for l in res.stderr.splitlines() if l.startswith("error: tokenizer ")]
-    assert len(errors) == 2, res.stderr[-3000:]
+    assert len(errors) == 1, res.stderr[-3000:]
     assert "terminate called" not in res.stderr and "exitcode  : 2" in res.stderr
 
 
