@@ -244,6 +244,11 @@ def test_sidecar_equal_to_the_tables_gives_the_same_results_in_every_stage():
     for stride in (64, 32):
         assert (tg.eval_windows(h, model.token_nll, CPU, tokens, side, stride)[0]
                 == tg.eval_windows(h, model.token_nll, CPU, tokens, luts, stride)[0])
+    tokens[::97] = 1  # documents for the document-masked stages
+    side = (tg.target_bytes(tokens[:-1], tokens[1:], luts),)
+    for stride in (64, 32):
+        assert (tg.eval_doc_windows(h, model.token_nll, CPU, tokens, side, stride)[0]
+                == tg.eval_doc_windows(h, model.token_nll, CPU, tokens, luts, stride)[0])
     results = []
     for b in (side, luts):
         m = random_model(h)
