@@ -2266,7 +2266,7 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
 
 
 def main() -> int:
-    log = None
+    d = log = None
     try:
         h = Hyperparameters.from_env()
         d = setup_distributed()
