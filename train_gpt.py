@@ -300,11 +300,13 @@ VALUE_RANGES = {
     "[0,4294967295]": "seed",  # numpy seeds are unsigned 32-bit
     "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
                "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
-               "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std",
+               "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std "
+               "lora_lr lora_wd phased_lr phased_grad_clip",
     "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
                "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches",
-    "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas",
-    "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum",
+    "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas lora_eps lora_alpha",
+    "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum lora_beta1 lora_beta2 "
+             "phased_momentum",
     "[0,1]": "enable_looping_at warmdown_frac min_lr",
 }
 
@@ -1733,7 +1735,7 @@ SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_hea
               "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts",
               "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale")
 # Knobs that change the forward pass but no shape: another value would score silently, so they are stored too.
-FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale")
+FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale", "doc_mask")
 _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
 
 
@@ -2632,7 +2634,7 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
 
 
 def main() -> int:
-    log = None
+    d = log = None
     try:
         h = Hyperparameters.from_env()
         d = setup_distributed()

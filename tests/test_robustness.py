@@ -47,7 +47,8 @@ def run_train(env_over: dict, tmp_path, **kw):
 
 @pytest.mark.parametrize("key, value", [
     ("MATRIX_LR", "nan"), ("TTT_LR", "nan"), ("LOGIT_SOFTCAP", "inf"), ("MATRIX_LR", "-1"), ("EMA_DECAY", "1.5"),
-    ("ITERATIONS", "-5"), ("SEED", "-1"), ("NUM_HEADS", "0"), ("BETA2", "1"), ("ADAM_EPS", "0"),
+    ("ITERATIONS", "-5"), ("SEED", "-1"), ("NUM_HEADS", "0"), ("BETA2", "1"), ("ADAM_EPS", "0"), ("LORA_LR", "-1e-4"),
+    ("PHASED_MOMENTUM", "1.5"),
 ])
 def test_out_of_range_values_are_refused_at_parse_time(key, value):
     with pytest.raises(tg.ConfigError) as e:
@@ -170,7 +171,7 @@ def artifact(tmp_path_factory):
 
 @pytest.mark.parametrize("knob, value, hint", [
     ("ln_scale", False, "LN_SCALE=1"), ("xsa_last_n", 0, "XSA_LAST_N=4"), ("logit_softcap", 5.0, "LOGIT_SOFTCAP=30.0"),
-    ("rope_dims", 4, "ROPE_DIMS=8"), ("rope_base", 100.0, "ROPE_BASE=10000.0"),
+    ("rope_dims", 4, "ROPE_DIMS=8"), ("rope_base", 100.0, "ROPE_BASE=10000.0"), ("doc_mask", False, "DOC_MASK=1"),
 ])
 def test_artifact_refuses_other_forward_knobs(artifact, knob, value, hint):
     h, path, _, _ = artifact

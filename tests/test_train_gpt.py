@@ -395,6 +395,12 @@ def test_two_process_config_error_exits_cleanly_on_both_ranks(tmp_path):
     assert "terminate called" not in res.stderr and "exitcode  : 2" in res.stderr
 
 
+def test_env_error_before_distributed_setup_is_one_line(tmp_path):
+    """An error before the process group exists still exits 2 through the shutdown path."""
+    r = run_script({"NUM_LAYERS": "4.5"}, tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: NUM_LAYERS"), r.stderr
+
+
 def _stuck_peer_worker(rank: int, init: str, out: str):
     import time
 
