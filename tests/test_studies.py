@@ -1,4 +1,4 @@
-"""Embedding & head studies (SPEC part 2): each switch trains, survives the artifact round trip and
+"""Embedding & head studies: each switch trains, survives the artifact round trip and
 evaluates; switched off, the default model is untouched. tools/analyze.py against direct computations."""
 import dataclasses
 import json
@@ -30,7 +30,7 @@ SWITCHES = {
     "tiers_damage": dict(embed_bits_tiers="64:8,256:6,rest:4:6", embed_tier_rank="damage"),
     "sparsity": dict(embed_sparsity=0.75),
 }
-# Parameters each switch adds to TINY, counted from the SPEC's shapes.
+# Parameters each switch adds to TINY, counted from the modules' shapes.
 EXTRA_PARAMS = {
     "embedding_dim": V * (32 - D) + 2 * 32 * D,
     "rotation": 2 * (4 * D + D * 4),  # A: r x d and B: d x r at both ends
@@ -107,7 +107,7 @@ def test_rotation_is_the_exact_identity_at_init():
 
 
 def test_extra_embeds_and_no_x0_block_inputs():
-    """x_in = m0 x + m1 x0 + m2 x01 + m3 x02 (SPEC 2.4); without resid_mix x_in = x."""
+    """x_in = m0 x + m1 x0 + m2 x01 + m3 x02 ; without resid_mix x_in = x."""
     torch.manual_seed(0)
     model = perturbed(tg.GPT(tiny(num_extra_embeds=2)))
     blk = model.blocks[1]

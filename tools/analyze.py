@@ -16,7 +16,7 @@ reads them; `--set KEY=VALUE` overrides single knobs. Writes to --out:
   lambdas and the share of attention / MLP output energy written to lane 1 (the MLP lane);
   singular values of embed/head projections, rotations (of B A and of I + B A) and head matrices;
   the logit lens on --text; per-row embedding statistics by training-token frequency.
-- profile.png: the per-block profile (the V shape of SPEC 2.1).
+- profile.png: the per-block profile (effective contribution of attention and MLP per block).
 """
 from __future__ import annotations
 
