@@ -337,8 +337,10 @@ RECORD_ENV = {
     "ARTIFACT_DIR": "ARTIFACT_PATH", "FORCE_STOP_STEP": "ITERATIONS",
     **dict.fromkeys("PARALLEL_FINAL_LANE ROPE_YARN COMPRESSOR CASEOPS_ENABLED VAL_DOC_FRACTION".split(), ""),
 }
-RECORD_ENV_PREFIXES = ("TTT_LORA_", "GLOBAL_TTT_", "PHASED_TTT_", "ETLB_", "LQER_", "GATE_", "GATED_ATTN_",
-                       "ATTN_OUT_GATE_", "SMEAR_GATE_")  # no equivalent
+RECORD_ENV_PREFIXES = {"TTT_LORA_": "LORA_TTT_ENABLED=1 and the LORA_* knobs", "GLOBAL_TTT_": "the PHASED_* knobs",
+                       "PHASED_TTT_": "the PHASED_* knobs", "SMEAR_GATE_": "SMEAR_GATE and GATE_WINDOW",
+                       "GATED_ATTN_": "ATTN_GATE=dense", "ATTN_OUT_GATE_": "ATTN_GATE", "GATE_": "ATTN_GATE and GATE_WINDOW",
+                       "ETLB_": "", "LQER_": ""}
 
 
 def parse_env_value(key: str, raw: str, typ) -> object:
@@ -376,7 +378,7 @@ def check_unknown_env(env, known: dict) -> None:
     for key in env:
         if key in known or key in _FOREIGN_ENV:
             continue
-        ours = RECORD_ENV.get(key, "" if key.startswith(RECORD_ENV_PREFIXES) else None)
+        ours = RECORD_ENV.get(key, next((v for p, v in RECORD_ENV_PREFIXES.items() if key.startswith(p)), None))
         if ours is not None:
             raise ConfigError(f"{key} is a setting of other record scripts, not of this one; "
                               + (f"use {ours} instead" if ours else "there is no equivalent here, unset it"))

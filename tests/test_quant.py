@@ -155,7 +155,10 @@ def test_hessians_equal_direct_xtx_over_every_pass(over, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(dataset):
-    h = tg.Hyperparameters(**{**TINY, "iterations": 40, "model_dim": 128, "gptq_calibration_batches": 8})
+    # the 04-09 LR schedule: at 40 steps the record's (LR floor 0.1, warmdown 0.85, beta2 0.99) leaves
+    # a model whose int4 RTN gap is small (GPTQ/RTN measured 0.81 there, 0.22 with this schedule)
+    h = tg.Hyperparameters(**{**TINY, "iterations": 40, "model_dim": 128, "gptq_calibration_batches": 8,
+                              "min_lr": 0.0, "warmdown_frac": 0.72, "beta2": 0.95})
     torch.manual_seed(0)
     tr = tg.Trainer(h, CPU, tg.Logger(CPU, None), tg.GPT(h), tg.shard_paths(str(dataset), "train"))
     tr.run(lambda m: None)
