@@ -81,6 +81,7 @@ def staged_clock(monkeypatch, tick: float, plain: float, sliding: float, ttt: fl
     monkeypatch.setattr(tg, "eval_ttt", eval_ttt)
     monkeypatch.setattr(tg, "load_artifact", load_artifact)
     monkeypatch.setattr(tg, "build_byte_luts", lambda path, vocab: synthetic_luts(vocab))
+    monkeypatch.setattr(tg, "check_tokenizer_built_shards", lambda *a, **k: 0)  # synthetic ids: no tokenizer made them
     return clock
 
 
@@ -140,6 +141,7 @@ def test_size_limit_counts_code_and_model(margin, rc, full_run, synth_data, tmp_
     total = len(tg.pack_source((REPO / "train_gpt.py").read_bytes())) + artifact.stat().st_size
     monkeypatch.setattr(tg, "SIZE_LIMIT", total + margin)
     monkeypatch.setattr(tg, "build_byte_luts", lambda path, vocab: synthetic_luts(vocab))
+    monkeypatch.setattr(tg, "check_tokenizer_built_shards", lambda *a, **k: 0)  # synthetic ids: no tokenizer made them
     h = hparams(synth_data, tmp_path, "size", eval_artifact=str(artifact), sliding_window_enabled=False,
                 ttt_enabled=False)
     assert tg.train_and_eval(h, CPU) == rc
