@@ -133,6 +133,17 @@ class Hyperparameters:
     matrix_clip_sigmas: float = 12.85  # SDClip k: step = k*std(row)/R, the artifact-size dial
     embed_bits: int = 8  # tied embedding
     embed_clip_sigmas: float = 20.0  # SDClip k of the embedding
+    mlp_clip_sigmas: float = 0.0  # SDClip k of MLP matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 11.5)
+    attn_clip_sigmas: float = 0.0  # SDClip k of attention matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 13)
+    quant_gate: bool = True  # attention-output gate weights as int8 rows (PR #1855), not fp16
+    lqer_top_n: int = 0  # LQER: rank-r correction of the n tensors with the largest GPTQ error (PR #1855: 3)
+    lqer_rank: int = 4  # LQER: rank r of the error's truncated SVD
+    lqer_a_bits: int = 2  # LQER: bits of factor A (one scale per tensor)
+    lqer_b_bits: int = 4  # LQER: bits of factor B (one scale per LQER_GROUP values)
+    lqer_group: int = 64  # LQER: group size of B's scales
+    awq_lite: bool = False  # keep each GPTQ matrix's most salient 64-column group at int8 (open PRs after #1855)
+    compressor: str = "brotli"  # brotli (one byte-shuffled stream) | pergroup (streams by role, smallest codec each)
+    row_reorder: bool = False  # pergroup: reorder the rows of each code matrix by a greedy L1 chain (stored permutation)
     artifact_path: str = ""  # "" -> {log_dir}/{run_id}.ptz
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
     # --- evaluation ---
@@ -231,6 +242,11 @@ class Hyperparameters:
              f"NUM_EXTRA_EMBEDS={self.num_extra_embeds} must be >= 0 and needs RESID_MIX_ENABLED=1")
         need(0 <= self.embed_sparsity < 1 and round((1 - self.embed_sparsity) * self.model_dim_embed) >= 1,
              f"EMBED_SPARSITY={self.embed_sparsity} must lie in [0, 1) and keep a value per row")
+        need(min(self.mlp_clip_sigmas, self.attn_clip_sigmas) >= 0 and min(self.matrix_clip_sigmas, self.embed_clip_sigmas) > 0,
+             "*_CLIP_SIGMAS must be > 0 (MLP_/ATTN_CLIP_SIGMAS: 0 means MATRIX_CLIP_SIGMAS)")
+        need(self.lqer_top_n >= 0 and self.lqer_rank > 0 and self.lqer_group > 0 and 2 <= min(self.lqer_a_bits, self.lqer_b_bits)
+             and max(self.lqer_a_bits, self.lqer_b_bits) <= 8, "LQER_TOP_N must be >= 0, LQER_RANK/LQER_GROUP > 0, LQER_*_BITS in [2, 8]")
+        need(self.compressor in ("brotli", "pergroup"), f"COMPRESSOR={self.compressor!r} must be brotli or pergroup")
         need(self.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={self.embed_tier_rank!r} must be freq or damage")
         if self.embed_bits_tiers:  # rows are ranked in the GPTQ calibration pass
             need(self.gptq_enabled and not self.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
@@ -934,14 +950,26 @@ SIZE_LIMIT = 16_000_000
 _DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+# Matrix groups with their own SDClip k (knob <GROUP>_CLIP_SIGMAS, 0 -> MATRIX_CLIP_SIGMAS).
+CLIP_GROUPS = (("mlp", ".mlp."), ("attn", ".attn."))
+# Gate weights the record stores as int8 rows with max-abs scales (GATED_ATTN_QUANT_GATE, PR #1855).
+QUANT_GATE_PATTERNS = ("attn_gate",)
+AWQ_GROUP = 64  # columns kept at int8 by AWQ-lite
+
+
 def quant_spec(name: str, p: Tensor, h: Hyperparameters) -> tuple[int, float] | None:
     """(bits, clip_sigmas) for quantized tensors, None for fp16 passthrough (control tensors, and
-    rotation matrices of <= 65,536 elements, the passthrough size of the baseline)."""
+    rotation matrices of <= 65,536 elements, the passthrough size of the baseline). clip 0 marks
+    gate rows: int8 with max-abs row scales, no GPTQ."""
     group = param_group(name, p)
     if group == "embed":
         return h.embed_bits, h.embed_clip_sigmas
-    small_rot = "_rot." in name and p.numel() <= 65_536
-    return (h.matrix_bits, h.matrix_clip_sigmas) if group == "muon" and not small_rot else None
+    if h.quant_gate and p.ndim == 2 and 32 <= p.numel() <= 8192 and any(g in name for g in QUANT_GATE_PATTERNS):
+        return 8, 0.0
+    if group != "muon" or ("_rot." in name and p.numel() <= 65_536):
+        return None
+    clip = next((getattr(h, f"{g}_clip_sigmas") for g, pat in CLIP_GROUPS if pat in name), 0.0)
+    return h.matrix_bits, clip or h.matrix_clip_sigmas
 
 
 def parse_tiers(spec: str, vocab: int, clip: float) -> list[tuple[int, int, float]]:
@@ -1004,12 +1032,25 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
     return q.float() * scales.float()[:, None]
 
 
-def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128) -> tuple[Tensor, Tensor]:
+def awq_scales(scales: Tensor, bits: int) -> Tensor:
+    """Row steps of the AWQ-lite int8 columns: the matrix's step refined to the int8 grid."""
+    return (scales.float() * qmax(bits) / qmax(8)).clamp(torch.finfo(torch.float16).tiny).half()
+
+
+def awq_group(w: Tensor, hess: Tensor) -> int:
+    """First column of the most salient AWQ_GROUP-column group: largest sum of H_jj * ||W[:, j]||^2,
+    the expected squared output each input column carries over the calibration data."""
+    sal = hess.diagonal().float().to(w.device) * w.float().square().sum(0)
+    return int(torch.argmax(F.pad(sal, (0, -sal.numel() % AWQ_GROUP)).reshape(-1, AWQ_GROUP).sum(1))) * AWQ_GROUP
+
+
+def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, keep: int | None = None) -> tuple[Tensor, Tensor]:
     """GPTQ (act-order, 1% damping, Cholesky of H^-1, 128-column blocks) with fixed SDClip scales.
 
     Each column is rounded, and its error, weighted by the inverse Hessian, is pushed onto the
     columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised. bits and
-    clip_sigmas may be per-row tensors (embedding bit tiers).
+    clip_sigmas may be per-row tensors (embedding bit tiers). keep: first column of an AWQ-lite
+    group rounded on the int8 grid (awq_scales) inside the same pass.
     """
     r = qmax_rows(bits, w.device)[:, 0]
     scales = sdclip_scales(w, bits, clip_sigmas)
@@ -1023,12 +1064,16 @@ def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128) 
     W = w.float()[:, perm].clone()
     W[:, dead[perm]] = 0.0
     Q = torch.zeros_like(W)
+    hi = [keep <= c < keep + AWQ_GROUP for c in perm.tolist()] if keep is not None else None
+    if hi:
+        s8, r8 = awq_scales(scales, bits).float(), float(qmax(8))
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
         err = torch.zeros(W.size(0), i2 - i1, device=W.device)
         for j in range(i1, i2):
-            Q[:, j] = torch.clamp(torch.round(W[:, j] / s), -r, r)
-            err[:, j - i1] = (W[:, j] - Q[:, j] * s) / U[j, j]
+            sj, rj = (s8, r8) if hi and hi[j] else (s, r)
+            Q[:, j] = torch.clamp(torch.round(W[:, j] / sj), -rj, rj)
+            err[:, j - i1] = (W[:, j] - Q[:, j] * sj) / U[j, j]
             W[:, j + 1 : i2] -= err[:, j - i1 : j - i1 + 1] * U[j, j + 1 : i2]
         W[:, i2:] -= err @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)].to(torch.int8), scales
@@ -1077,13 +1122,51 @@ def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tenso
     return {k: v / n for k, v in hess.items()}
 
 
+def quantize_asym(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """Codes in [-2^(b-1), 2^(b-1)-1] with one fp16 step max|g|/(2^(b-1)-1/2) per `group` consecutive
+    values: int2 codes are {-2,-1,0,1} at step max/1.5 (LQER factors, PR #1855)."""
+    g = x.float().reshape(-1, group)
+    s = (g.abs().amax(1) / (2 ** (bits - 1) - 0.5)).clamp(torch.finfo(torch.float16).tiny).half()
+    q = torch.clamp(torch.round(g / s.float()[:, None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return q.to(torch.int8).reshape(x.shape), s
+
+
+def dequantize_asym(q: Tensor, s: Tensor) -> Tensor:
+    return (q.float().reshape(s.numel(), -1) * s.float()[:, None]).reshape(q.shape)
+
+
+def lqer_factors(err: Tensor, h: Hyperparameters) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """LQER: rank-r truncated SVD of the quantization error E ~ (U S)(V^T) = A B; A with one scale,
+    B in groups of LQER_GROUP (one group per row of B when its size does not divide)."""
+    U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
+    r = min(h.lqer_rank, S.numel())
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    qa, sa = quantize_asym(A, h.lqer_a_bits, A.numel())
+    qb, sb = quantize_asym(B, h.lqer_b_bits, h.lqer_group if B.numel() % h.lqer_group == 0 else B.size(1))
+    return qa, sa, qb, sb
+
+
+def dequantize_int(tensors: dict[str, Tensor], name: str, m: dict) -> Tensor:
+    """Codes x row steps; AWQ-lite columns on their int8 steps; plus the LQER term A B if stored."""
+    q, s = tensors[name + ".q"], tensors[name + ".scale"]
+    w = dequantize(q, s)
+    if "awq" in m:
+        a = m["awq"]
+        w[:, a : a + AWQ_GROUP] = dequantize(q[:, a : a + AWQ_GROUP], awq_scales(s, m["bits"]))
+    if name + ".lqa" in tensors:
+        w += dequantize_asym(tensors[name + ".lqa"], tensors[name + ".lqa_s"]) @ dequantize_asym(tensors[name + ".lqb"], tensors[name + ".lqb_s"])
+    return w
+
+
 def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] | None) -> tuple[dict, dict]:
     """State dict -> (tensors, meta) for the artifact; GPTQ where a Hessian is given, else RTN.
 
     A sparse embedding (EMBED_SPARSITY) is stored as a row-major bitmap of its nonzeros plus their
     fp16 values; a tiered one (EMBED_BITS_TIERS) stores its per-row bit widths beside the codes.
+    AWQ-lite marks its int8 column group in the meta; LQER adds factors <name>.lqa/.lqb (+ _s steps)
+    to the LQER_TOP_N tensors with the largest ||W - Q s||_F.
     """
-    tensors, meta, stats = {}, {}, hessians or {}
+    tensors, meta, stats, errs = {}, {}, hessians or {}, {}
     for name, p in model.state_dict().items():
         p, dtype = p.detach(), str(p.dtype).removeprefix("torch.")
         if name == "tok_emb.weight" and h.embed_sparsity > 0:
@@ -1101,13 +1184,25 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
         if name == "tok_emb.weight" and h.embed_bits_tiers:
             bits, clip = (t.to(p.device) for t in embed_row_tiers(h, stats))
             tensors[name + ".bits"] = bits.to(torch.int8).cpu()
-        if name in stats:
-            q, s = gptq_quantize(p, stats[name], bits, clip)
+        keep = None
+        if not clip:  # gate rows
+            s = (p.float().abs().amax(1) / qmax(bits)).clamp(torch.finfo(torch.float16).tiny).half()
+            q = quantize_rtn(p, s, bits)
+        elif name in stats:
+            keep = awq_group(p, stats[name]) if h.awq_lite and isinstance(bits, int) and bits < 8 else None
+            q, s = gptq_quantize(p, stats[name], bits, clip, keep=keep)
         else:
             s = sdclip_scales(p, bits, clip)
             q = quantize_rtn(p, s, bits)
         tensors[name + ".q"], tensors[name + ".scale"] = q.cpu(), s.cpu()
         meta[name] = dict(kind="int", bits=int(torch.as_tensor(bits).max()), dtype=dtype)
+        if keep is not None:
+            meta[name]["awq"] = keep
+        if h.lqer_top_n and clip:
+            errs[name] = p.detach().float().cpu() - dequantize_int(tensors, name, meta[name])
+    for name in sorted(errs, key=lambda n: -float(torch.linalg.norm(errs[n])))[: h.lqer_top_n]:
+        for key, t in zip((".lqa", ".lqa_s", ".lqb", ".lqb_s"), lqer_factors(errs[name], h)):
+            tensors[name + key] = t
     return tensors, meta
 
 
@@ -1120,7 +1215,7 @@ def dequantize_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor
             mask = torch.from_numpy(np.unpackbits(tensors[name + ".mask"].numpy(), axis=1, count=m["cols"]).astype(bool))
             t = torch.zeros(mask.shape).masked_scatter_(mask, tensors[name + ".values"].float())
         else:
-            t = dequantize(tensors[name + ".q"], tensors[name + ".scale"]) if m["kind"] == "int" else tensors[name]
+            t = dequantize_int(tensors, name, m) if m["kind"] == "int" else tensors[name]
         out[name] = t.to(_DTYPES[m["dtype"]])
     return out
 
