@@ -947,7 +947,7 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 ARTIFACT_MAGIC = b"PGQ1"
 SHUFFLE_MAGIC = b"BSHF"
 SIZE_LIMIT = 16_000_000
-_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # Matrix groups with their own SDClip k (knob <GROUP>_CLIP_SIGMAS, 0 -> MATRIX_CLIP_SIGMAS).
@@ -1302,6 +1302,134 @@ def compress_artifact(data: bytes) -> bytes:
     return _brotli().compress(byte_shuffle(data), quality=11)
 
 
+# COMPRESSOR=pergroup (the record's layout, pip codecs instead of lrzip): the int8 code matrices of each
+# role (the name without its block index) form one stream, optionally row-reordered; everything else
+# (steps, fp16 tensors, LQER factors, meta and the stream manifest) is one byte-shuffled stream.
+# Each stream takes the smallest of the codecs installed. Container: PGC1 | u8 n | n x (u8 codec id,
+# u32 length) | streams, the rest stream first.
+PERGROUP_MAGIC = b"PGC1"
+CODECS = ("brotli", "lzma", "zstd")  # ids are positions; zstd (pip zstandard) is optional
+
+
+def codec_fns(name: str):
+    """(compress, decompress, error type) of a codec, or None when its package is not installed."""
+    import lzma
+
+    if name == "brotli":
+        b = _brotli()
+        return (lambda d: b.compress(d, quality=11, lgwin=24)), b.decompress, b.error
+    if name == "lzma":
+        f = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+        return (lambda d: lzma.compress(d, format=lzma.FORMAT_RAW, filters=f)), \
+            (lambda d: lzma.decompress(d, format=lzma.FORMAT_RAW, filters=f)), lzma.LZMAError
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return (lambda d: zstandard.ZstdCompressor(level=22).compress(d)), \
+        (lambda d: zstandard.ZstdDecompressor().decompress(d)), zstandard.ZstdError
+
+
+def smallest_stream(data: bytes) -> tuple[int, bytes]:
+    """(codec id, bytes) of the smallest encoding among the installed codecs."""
+    outs = [(len(c), i, c) for i, fns in enumerate(map(codec_fns, CODECS)) if fns for c in [fns[0](data)]]
+    return min(outs)[1:]
+
+
+def l1_chain(q: Tensor) -> Tensor:
+    """Greedy nearest-neighbour row order: start at row 0, then always the unused row closest in L1."""
+    x, left, order = q.numpy().astype(np.int16), np.arange(1, q.size(0)), [0]
+    while left.size:
+        k = int(np.abs(x[left] - x[order[-1]]).sum(1).argmin())
+        order.append(int(left[k]))
+        left = np.delete(left, k)
+    return torch.tensor(order, dtype=torch.int16 if q.size(0) < 2**15 else torch.int32)
+
+
+def tensor_role(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[2:]) if parts[0] == "blocks" and parts[1].isdigit() else name
+
+
+def encode_pergroup(tensors: dict[str, Tensor], meta: dict, reorder: bool) -> bytes:
+    groups: dict[str, list[str]] = {}
+    for name, t in tensors.items():
+        if name.endswith(".q") and t.dtype == torch.int8 and t.ndim == 2:
+            groups.setdefault(tensor_role(name), []).append(name)
+    rest = {n: t for n, t in tensors.items() if not any(n in g for g in groups.values())}
+    streams, manifest = [], []
+    for names in groups.values():
+        parts = []
+        for n in names:
+            t = tensors[n]
+            if reorder:
+                rest[n + ".perm"] = perm = l1_chain(t)
+                t = t[perm.long()]
+            parts.append(t.T.contiguous().numpy().tobytes())  # column-major, as the record stores codes
+        streams.append(smallest_stream(b"".join(parts)))
+        manifest.append([[n, list(tensors[n].shape)] for n in names])
+    head = smallest_stream(byte_shuffle(serialize_tensors(rest, dict(meta, _streams=manifest))))
+    streams = [head] + streams
+    return PERGROUP_MAGIC + bytes([len(streams)]) + b"".join(bytes([c]) + len(d).to_bytes(4, "little") for c, d in streams) \
+        + b"".join(d for _, d in streams)
+
+
+def _unstream(cid: int, data: bytes) -> bytes:
+    if cid >= len(CODECS):
+        raise ValueError(f"unknown codec id {cid}")
+    fns = codec_fns(CODECS[cid])
+    if fns is None:
+        raise ConfigError(f"the artifact has a {CODECS[cid]} stream but its package is missing; pip install zstandard")
+    try:
+        return fns[1](data)
+    except fns[2]:
+        raise ValueError(f"{CODECS[cid]} stream invalid (truncated or corrupted)") from None
+
+
+def decode_pergroup(blob: bytes) -> tuple[dict[str, Tensor], dict]:
+    n = blob[4] if len(blob) > 4 else 0
+    pos = 5 + 5 * n
+    table = [(blob[5 + 5 * i], int.from_bytes(blob[6 + 5 * i : 10 + 5 * i], "little")) for i in range(n)] if len(blob) >= pos else []
+    if n == 0 or not table or len(blob) != pos + sum(size for _, size in table):
+        raise ValueError("pergroup container truncated or padded")
+    datas = []
+    for cid, size in table:
+        datas.append(_unstream(cid, blob[pos : pos + size]))
+        pos += size
+    tensors, meta = deserialize_tensors(byte_unshuffle(datas[0]))
+    manifest = meta.pop("_streams", None)
+    if not isinstance(manifest, list) or len(manifest) != n - 1:
+        raise ValueError("pergroup manifest does not match the streams")
+    try:
+        for entries, data in zip(manifest, datas[1:]):
+            buf, off = np.frombuffer(data, dtype=np.int8), 0
+            for name, (rows, cols) in entries:
+                t = torch.from_numpy(buf[off : off + rows * cols].reshape(cols, rows).T.copy())
+                off += rows * cols
+                perm = tensors.pop(name + ".perm", None)
+                if perm is not None:
+                    t[perm.long()] = t.clone()
+                tensors[name] = t
+            if off != buf.size:
+                raise ValueError("a code stream is longer than its tensors")
+    except (TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"pergroup stream does not match its manifest ({type(e).__name__}: {e})") from None
+    return tensors, meta
+
+
+def encode_artifact(tensors: dict[str, Tensor], meta: dict, h: Hyperparameters) -> bytes:
+    if h.compressor == "pergroup":
+        return encode_pergroup(tensors, meta, h.row_reorder)
+    return compress_artifact(serialize_tensors(tensors, meta))
+
+
+def decode_artifact(blob: bytes) -> tuple[dict[str, Tensor], dict]:
+    """Either container back to (tensors, meta); corrupt input raises ValueError."""
+    if blob[:4] == PERGROUP_MAGIC:
+        return decode_pergroup(blob)
+    return deserialize_tensors(decompress_artifact(blob))
+
+
 def decompress_artifact(blob: bytes) -> bytes:
     brotli = _brotli()
     try:
@@ -1320,7 +1448,7 @@ _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
 
 def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, looping: bool) -> int:
     config = {k: getattr(h, k) for k in SHAPE_KEYS if getattr(h, k) != _DEFAULTS[k]}
-    blob = compress_artifact(serialize_tensors(tensors, dict(state=meta, config=config, looping=looping)))
+    blob = encode_artifact(tensors, dict(state=meta, config=config, looping=looping), h)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(blob)
@@ -1331,7 +1459,7 @@ def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, loo
 def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], bool]:
     """Read, decompress and dequantize an artifact: (state dict for a model built from h, looping)."""
     try:
-        tensors, meta = deserialize_tensors(decompress_artifact(Path(path).read_bytes()))
+        tensors, meta = decode_artifact(Path(path).read_bytes())
     except OSError as e:
         raise ConfigError(f"cannot read artifact {path}: {e}") from None
     except ValueError as e:
