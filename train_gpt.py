@@ -1231,6 +1231,12 @@ def quant_report(tensors: dict[str, Tensor], meta: dict, h: Hyperparameters) -> 
     if m.get("kind") == "sparse":
         lines.append(f"embed_sparsity target:{h.embed_sparsity} effective:{m['sparsity']:.6f} "
                      f"kept_per_row:{round((1 - h.embed_sparsity) * m['cols'])} values:{tensors['tok_emb.weight.values'].numel()}")
+    lqer = [n[: -len(".lqa")] for n in tensors if n.endswith(".lqa")]
+    if lqer:
+        lines.append(f"lqer rank:{h.lqer_rank} a_bits:{h.lqer_a_bits} b_bits:{h.lqer_b_bits} tensors:{','.join(lqer)}")
+    awq = sum("awq" in m for m in meta.values())
+    if awq:
+        lines.append(f"awq_lite matrices:{awq} group:{AWQ_GROUP}")
     if "tok_emb.weight.bits" in tensors:
         b = tensors["tok_emb.weight.bits"].long()
         lines.append(f"embed_tiers spec:{h.embed_bits_tiers} rank:{h.embed_tier_rank} rows_by_bits:"
@@ -1474,24 +1480,81 @@ def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], boo
     return dequantize_state(tensors, meta["state"]), bool(meta["looping"])
 
 
-# Self-extracting code: raw LZMA2 + base85, run with exec (the 04-09 record's wrapper format).
-_PACK_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"'
-_PACK_TAIL = b'"),format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\n'
+# Self-extracting code: the stripped source, raw LZMA2 (the 04-09 record's wrapper) or brotli-11
+# (PR #1855's), whichever is smaller, + base85, run with exec.
+_PACK_HEADS = (b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"', b'import brotli,base64;exec(brotli.decompress(base64.b85decode(b"')
+_PACK_TAILS = (b'"),format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\n', b'")))\n')
+
+
+def strip_source(src: bytes) -> bytes:
+    """The shipped source: docstrings, comments, blank lines and function annotations removed and
+    blocks indented by one space per level. Everything is located with ast and tokenize, so string
+    literals and all other code stay byte-identical (a body left empty gets `pass`)."""
+    import ast
+    import io
+    import tokenize
+
+    text = src.decode()
+    lines = text.splitlines(keepends=True)
+    char = lambda r, c: len(lines[r - 1].encode()[:c].decode())  # ast columns are utf-8 offsets  # noqa: E731
+    cuts: dict[int, list] = {}
+    gone = set()  # docstring lines after the first
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.arg) and node.annotation and node.annotation.end_lineno == node.lineno:
+            cuts.setdefault(node.lineno, []).append((char(node.lineno, node.col_offset) + len(node.arg),
+                                                     char(node.lineno, node.annotation.end_col_offset)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns and node.returns.lineno == node.returns.end_lineno:
+            r = node.returns.lineno
+            c0 = lines[r - 1].rfind("->", 0, char(r, node.returns.col_offset))
+            cuts.setdefault(r, []).append((len(lines[r - 1][:c0].rstrip()), char(r, node.returns.end_col_offset)))
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            d = body[0]
+            if lines[d.lineno - 1][: d.col_offset].strip() or lines[d.end_lineno - 1].encode()[d.end_col_offset :].strip():
+                continue  # shares its line with code: leave it
+            cuts.setdefault(d.lineno, []).append((d.col_offset, None if len(body) > 1 else "pass"))
+            gone.update(range(d.lineno + 1, d.end_lineno + 1))
+    keep, starts, depth, at_start = set(), {}, 0, True
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            cuts.setdefault(tok.start[0], []).append((tok.start[1], None))
+        elif tok.type in (tokenize.INDENT, tokenize.DEDENT):
+            depth += 1 if tok.type == tokenize.INDENT else -1
+        elif tok.type == tokenize.NEWLINE:
+            at_start = True
+        elif tok.type != tokenize.NL and at_start:
+            starts[tok.start[0]], at_start = depth, False
+        if tok.end[0] > tok.start[0]:
+            keep.update(range(tok.start[0] + 1, tok.end[0] + 1))  # inside a multi-line string: as is
+    out = []
+    for r, line in enumerate(lines, 1):
+        for c0, c1 in sorted(cuts.get(r, []), reverse=True):
+            line = line[:c0] + ("\n" if c1 is None else c1 + "\n" if isinstance(c1, str) else line[c1:])
+        if r in gone:
+            continue
+        if r in keep:
+            out.append(line)
+        elif line.strip():
+            out.append(" " * starts.get(r, 1) + line.strip() + "\n")
+    return "".join(out).encode()
 
 
 def pack_source(src: bytes) -> bytes:
-    """The counted form of the code: behaves identically, ships readable source inside."""
+    """The counted form of the code: the stripped source in the smaller self-extracting wrapper."""
     import base64
     import lzma
 
-    raw = lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-    return _PACK_HEAD + base64.b85encode(raw) + _PACK_TAIL
+    src = strip_source(src)
+    raw = (lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
+           _brotli().compress(src, quality=11))
+    return min((h + base64.b85encode(r) + t for h, r, t in zip(_PACK_HEADS, raw, _PACK_TAILS)), key=len)
 
 
 def counted_code_bytes() -> int:
     """Size of the packed wrapper of this file (or of this file itself when it is the wrapper)."""
     src = Path(__file__).read_bytes()
-    return len(src) if src.startswith(_PACK_HEAD) else len(pack_source(src))
+    return len(src) if src.startswith(_PACK_HEADS) else len(pack_source(src))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1880,15 +1943,20 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
         hessians = collect_hessians(model, trainer.calibration_batches(), h)
         for v in hessians.values():
             all_reduce(v).div_(d.world_size)
-        end = train_time + trainer.sync_time() - t0
-        log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)} calib_data:train")
+        took = trainer.sync_time() - t0
+        end = train_time + took
+        over = " OVER_CAP" if 0 < h.max_wallclock_seconds < end else ""
+        log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)} calib_data:train "
+            f"hessian_time:{took:.1f}s batches:{h.gptq_calibration_batches}{over}")
     if d.is_main:
         t0 = time.perf_counter()
         tensors, meta = quantize_state(model, h, hessians)
         kinds = [f"int{m['bits']}" if m["kind"] == "int" else m["kind"] for m in meta.values()]
         log("quantized " + " ".join(f"{k}:{kinds.count(k)}" for k in sorted(set(kinds)))
             + f" method:{'gptq' if hessians else 'rtn'} quant_time:{time.perf_counter() - t0:.1f}s")
-        write_artifact(h.artifact_file, tensors, meta, h, model.looping_active)
+        t0 = time.perf_counter()
+        size = write_artifact(h.artifact_file, tensors, meta, h, model.looping_active)
+        log(f"artifact_write bytes:{size} compressor:{h.compressor} row_reorder:{int(h.row_reorder)} time:{time.perf_counter() - t0:.1f}s")
         for line in quant_report(tensors, meta, h):
             log(line)
     if dist.is_available() and dist.is_initialized():
@@ -1932,7 +2000,9 @@ def train_and_eval(h: Hyperparameters, d: Dist) -> int:
     # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
     t0 = time.perf_counter()
     eval_model = GPT(h).to(d.device)
+    t1 = time.perf_counter()
     state, looping = load_artifact(artifact, h)
+    log(f"artifact_decode time:{time.perf_counter() - t1:.2f}s")
     try:
         eval_model.load_state_dict(state, strict=True)
     except RuntimeError as e:

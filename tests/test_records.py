@@ -20,6 +20,7 @@ import plot_runs  # noqa: E402
 import records  # noqa: E402
 import runlog  # noqa: E402
 import significance as sig  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 META = {"name": "tiny_two_seeds", "author": "A. Golfer", "github_id": "agolfer", "track": "track_10min_16mb",
         "date": "2026-01-02", "summary": "Tiny CPU config, two seeds."}
@@ -239,7 +240,7 @@ def test_pack_ships_the_counted_code(packed, logs):
     code = re.search(r"^code bytes:(\d+) sha256:(\w+)", logs[0].read_text(), re.M)
     assert int(code.group(1)) == len(source) and records.sha256(source).startswith(code.group(2))
     assert f"bytes_code:{len(shipped)} " in logs[0].read_text()  # the size the artifact counted
-    assert records.unpack_wrapper(shipped) == source
+    assert records.unpack_wrapper(shipped) == tg.strip_source(source)
 
 
 def test_readme_tables_and_exact_command(packed, logs):
