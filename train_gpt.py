@@ -1312,7 +1312,7 @@ def compress_artifact(data: bytes) -> bytes:
 # role (the name without its block index) form one stream, optionally row-reordered; everything else
 # (steps, fp16 tensors, LQER factors, meta and the stream manifest) is one byte-shuffled stream.
 # Each stream takes the smallest of the codecs installed. Container: PGC1 | u8 n | n x (u8 codec id,
-# u32 length) | streams, the rest stream first.
+# u32 length, u32 crc32 of the decoded stream) | streams, the rest stream first.
 PERGROUP_MAGIC = b"PGC1"
 CODECS = ("brotli", "lzma", "zstd")  # ids are positions; zstd (pip zstandard) is optional
 
@@ -1336,10 +1336,12 @@ def codec_fns(name: str):
         (lambda d: zstandard.ZstdDecompressor().decompress(d)), zstandard.ZstdError
 
 
-def smallest_stream(data: bytes) -> tuple[int, bytes]:
-    """(codec id, bytes) of the smallest encoding among the installed codecs."""
+def smallest_stream(data: bytes) -> tuple[int, bytes, int]:
+    """(codec id, bytes, crc32 of data) of the smallest encoding among the installed codecs."""
+    import zlib
+
     outs = [(len(c), i, c) for i, fns in enumerate(map(codec_fns, CODECS)) if fns for c in [fns[0](data)]]
-    return min(outs)[1:]
+    return min(outs)[1:] + (zlib.crc32(data),)
 
 
 def l1_chain(q: Tensor) -> Tensor:
@@ -1376,8 +1378,8 @@ def encode_pergroup(tensors: dict[str, Tensor], meta: dict, reorder: bool) -> by
         manifest.append([[n, list(tensors[n].shape)] for n in names])
     head = smallest_stream(byte_shuffle(serialize_tensors(rest, dict(meta, _streams=manifest))))
     streams = [head] + streams
-    return PERGROUP_MAGIC + bytes([len(streams)]) + b"".join(bytes([c]) + len(d).to_bytes(4, "little") for c, d in streams) \
-        + b"".join(d for _, d in streams)
+    return PERGROUP_MAGIC + bytes([len(streams)]) + b"".join(bytes([c]) + len(d).to_bytes(4, "little") + crc.to_bytes(4, "little")
+                                                             for c, d, crc in streams) + b"".join(d for _, d, _ in streams)
 
 
 def _unstream(cid: int, data: bytes) -> bytes:
@@ -1393,14 +1395,19 @@ def _unstream(cid: int, data: bytes) -> bytes:
 
 
 def decode_pergroup(blob: bytes) -> tuple[dict[str, Tensor], dict]:
+    import zlib
+
     n = blob[4] if len(blob) > 4 else 0
-    pos = 5 + 5 * n
-    table = [(blob[5 + 5 * i], int.from_bytes(blob[6 + 5 * i : 10 + 5 * i], "little")) for i in range(n)] if len(blob) >= pos else []
-    if n == 0 or not table or len(blob) != pos + sum(size for _, size in table):
+    pos = 5 + 9 * n
+    u32 = lambda i: int.from_bytes(blob[i : i + 4], "little")  # noqa: E731
+    table = [(blob[5 + 9 * i], u32(6 + 9 * i), u32(10 + 9 * i)) for i in range(n)] if len(blob) >= pos else []
+    if n == 0 or not table or len(blob) != pos + sum(size for _, size, _ in table):
         raise ValueError("pergroup container truncated or padded")
     datas = []
-    for cid, size in table:
+    for cid, size, crc in table:
         datas.append(_unstream(cid, blob[pos : pos + size]))
+        if zlib.crc32(datas[-1]) != crc:
+            raise ValueError(f"{CODECS[cid]} stream corrupted (crc32 mismatch)")
         pos += size
     tensors, meta = deserialize_tensors(byte_unshuffle(datas[0]))
     manifest = meta.pop("_streams", None)

@@ -287,6 +287,7 @@ def test_check_passes_then_catches_an_edit(packed, tmp_path):
     assert any(p.startswith("$.compliance.eval_time_le_600s:") for p in problems)
     (copy / "train_gpt_readable.py").write_bytes(b"# edited\n")
     assert any("train_gpt_readable.py is missing or differs" in p for p in records.check(copy))
+    shutil.copyfile(packed / "train_gpt_readable.py", copy / "train_gpt_readable.py")  # the wrapper holds stripped code
     (copy / "train_gpt.py").write_bytes((copy / "train_gpt.py").read_bytes() + b"\n")
     assert "counted bytes_code:" in records.check(copy)[0]
 

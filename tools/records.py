@@ -495,7 +495,7 @@ def check(folder: Path) -> list[str]:
         _, _, again = prepare(logs, folder / sub["code"]["file"], meta, sig and sig["reference"],
                               sig["margin_nats"] if sig else significance.DEFAULT_MARGIN_NATS, shas, readable)
     except PackError as e:
-        return [str(e)]
+        return errs + [str(e)]
     return errs + _differences(sub, again)
 
 
