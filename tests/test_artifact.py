@@ -244,3 +244,22 @@ def test_shipped_wrapper_runs_the_same(dataset, tmp_path):
     assert "artifact_decode time:" in logs["src_run"] and "lqer rank:4" in logs["src_run"]
     assert normalized_log(logs["src_run"]) == normalized_log(logs["pack_run"])
     assert sum(l.startswith("final_") for l in normalized_log(logs["src_run"])) >= 2
+
+
+def test_compression_report_per_group_and_codec(tmp_path):
+    h, m, hess = legacy_fixture(compressor="pergroup", lqer_top_n=1)
+    tensors, meta = tg.quantize_state(m, h, hess)
+    path = tmp_path / "a.ptz"
+    tg.write_artifact(str(path), tensors, meta, h, looping=False)
+    rep = subprocess.run([sys.executable, str(REPO / "tools" / "compression_report.py"), str(path), "--by", "role"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert rep[0] == f"artifact_bytes:{path.stat().st_size} container:pergroup"
+    rows = {l.split()[0][len("group:"):]: dict(t.split(":", 1) for t in l.split()[1:]) for l in rep[1:]}
+    fc = rows["mlp.fc.weight.q"]
+    codes = b"".join(tensors[f"blocks.{i}.mlp.fc.weight.q"].T.contiguous().numpy().tobytes() for i in range(4))
+    assert int(fc["tensors"]) == 4 and int(fc["raw_bytes"]) == len(codes)
+    for c in tg.CODECS:
+        if tg.codec_fns(c):
+            assert int(fc[f"{c}_bytes"]) == len(tg.codec_fns(c)[0](codes))
+    assert fc["best"] == min((c for c in tg.CODECS if tg.codec_fns(c)), key=lambda c: int(fc[f"{c}_bytes"]))
+    assert float(fc["entropy_bytes"]) <= min(int(fc[f"{c}_bytes"]) for c in tg.CODECS if tg.codec_fns(c))

@@ -235,3 +235,53 @@ def test_over_limit_exits_nonzero_after_evals(dataset, tmp_path, monkeypatch, ca
     log = (tmp_path / "big.txt").read_text()
     assert "final_quantized" in log and "OVER_LIMIT by" in log
     assert log.index("final_quantized") < log.index("OVER_LIMIT")
+
+
+def layer_inputs(model, dataset, names):
+    """Held-out inputs of the named weights (the head input for the tied embedding), rows = tokens."""
+    x = next(iter(tg.TrainLoader(tg.shard_paths(str(dataset), "train"), 64, seed=7).next_batch(16, 0, 1)))
+    acts, mods = {}, dict(model.named_modules())
+    hooks = [mods[n[: -len(".weight")]].register_forward_pre_hook(lambda m, a, n=n: acts.update({n: a[0].flatten(0, 1)}))
+             for n in names if n != "tok_emb.weight"]
+    with torch.no_grad():
+        acts["tok_emb.weight"] = model.hidden(x).flatten(0, 1)
+    for hk in hooks:
+        hk.remove()
+    return acts
+
+
+def test_lqer_lowers_output_error_of_the_chosen_tensors(trained, dataset):
+    """LQER (record settings: top 3, rank 4, A int2, B int4 in groups of 64) against plain GPTQ."""
+    h, model, hess, _ = trained
+    h_on = dataclasses.replace(h, lqer_top_n=3)
+    plain, meta = tg.quantize_state(model, h, hess)
+    corr, meta_on = tg.quantize_state(model, h_on, hess)
+    chosen = [n[: -len(".lqa")] for n in corr if n.endswith(".lqa")]
+    w = model.state_dict()
+    errs = {n: float(torch.linalg.norm(w[n] - tg.dequantize_int(plain, n, meta[n]))) for n in meta if meta[n]["kind"] == "int"}
+    assert sorted(chosen) == sorted(sorted(errs, key=errs.get)[-3:])  # the 3 largest ||W - Q s||_F
+    assert all(torch.equal(corr[k], plain[k]) for k in plain)  # codes and steps untouched
+    acts = layer_inputs(model, dataset, chosen)
+    for n in chosen:
+        assert corr[n + ".lqa"].abs().max() <= 2 and corr[n + ".lqb"].abs().max() <= 8
+        X = acts[n]
+        out_err = lambda t, m: float(torch.linalg.norm((w[n] - tg.dequantize_int(t, n, m[n])) @ X.T))  # noqa: E731
+        ratio = out_err(corr, meta_on) / out_err(plain, meta)
+        print(f"{n}: held-out output error LQER/GPTQ {ratio:.4f}")
+        assert ratio < 1.0
+
+
+def test_awq_lite_lowers_output_error(trained, dataset):
+    h, model, hess, _ = trained
+    plain, meta = tg.quantize_state(model, h, hess)
+    awq, meta_on = tg.quantize_state(model, dataclasses.replace(h, awq_lite=True), hess)
+    names = [n for n in meta_on if "awq" in meta_on[n]]
+    assert names == [n for n in meta if meta[n]["kind"] == "int" and n in hess]  # every GPTQ'd matrix below 8 bits
+    w, acts = model.state_dict(), layer_inputs(model, dataset, names)
+    ratios = []
+    for n in names:
+        X = acts[n]
+        ratios.append(float(torch.linalg.norm((w[n] - tg.dequantize_int(awq, n, meta_on[n])) @ X.T)
+                            / torch.linalg.norm((w[n] - tg.dequantize_int(plain, n, meta[n])) @ X.T)))
+    print("AWQ-lite/GPTQ held-out output error:", " ".join(f"{r:.3f}" for r in ratios))
+    assert max(ratios) < 1.0
