@@ -277,7 +277,7 @@ def test_lqer_lowers_error_of_the_chosen_tensors(trained, dataset):
         assert all(torch.equal(corr[k], plain[k]) for k in plain)  # codes and steps untouched
         acts = layer_inputs(model, dataset, chosen)
         for n in chosen:
-            assert corr[n + ".lqa"].min() >= -(2 ** (a_bits - 1)) and corr[n + ".lqb"].max() < 2 ** (b_bits - 1)
+            assert int(corr[n + ".lqa"].min()) >= -(2 ** (a_bits - 1)) and int(corr[n + ".lqb"].max()) < 2 ** (b_bits - 1)
             new = w[n] - tg.dequantize_int(corr, n, meta_on[n])
             old = w[n] - tg.dequantize_int(plain, n, meta[n])
             frob = float(torch.linalg.norm(new) / torch.linalg.norm(old))
