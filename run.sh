@@ -8,54 +8,42 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-if [[ "${1:-}" == "test" ]]; then
+MODE=main
+if [[ "${1:-}" == "test" || "${1:-}" == "sweep" ]]; then
+    MODE=$1
     shift
-    # An unpinned torch would pull a multi-GB CUDA build; 2.13.0 resolves to the CPU wheel here.
-    if ! python3 -c "import torch" 2>/dev/null; then
-        python3 -m pip install torch==2.13.0
-    fi
-    python3 -m pip install -r requirements.txt pytest
-    exec python3 -m pytest -q tests "$@"
-fi
-if [[ "${1:-}" == "sweep" ]]; then
-    shift
-    if ! python3 -c "import torch, numpy, sentencepiece, brotli" 2>/dev/null; then
-        python3 -m pip install -r requirements.txt
-    fi
-    repo=$PWD
-    cd "$OLDPWD"  # FILE and --out are relative to where ./run.sh was called
-    exec python3 "$repo/tools/sweep.py" "$@"
-fi
-if [[ $# -gt 0 ]]; then
+elif [[ $# -gt 0 ]]; then
     echo "usage: ./run.sh [test [pytest args...] | sweep FILE [options]]  (configure the main job with env vars)" >&2
     exit 2
 fi
-
-CORE="torch numpy sentencepiece brotli"
-if ! python3 -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
-        $CORE huggingface_hub matplotlib; then
-    # Few retries: on a machine without network this should fail in seconds, not minutes.
-    if ! python3 -m pip install --retries 1 --timeout 15 -r requirements.txt; then
-        if ! python3 -c "import ${CORE// /, }" 2>/dev/null; then
-            echo "error: packages from requirements.txt are missing and pip could not install them (no network?); install them, then run again" >&2
-            exit 2
-        fi
-        echo "run.sh: pip could not install everything in requirements.txt; training does not need the rest, going on" >&2
-    fi
+# The Python to use, with what MODE needs installed: python3, or the project's .venv where python3
+# refuses pip installs (PEP 668); torch's CPU build when no NVIDIA GPU is visible (tools/setup_env.py).
+PY=$(python3 tools/setup_env.py "$MODE") || exit $?
+if [[ $MODE == test ]]; then
+    exec "$PY" -m pytest -q tests "$@"
 fi
-NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" | tail -n 1)
+if [[ $MODE == sweep ]]; then
+    repo=$PWD
+    cd "$OLDPWD"  # FILE and --out are relative to where ./run.sh was called
+    exec "$PY" "$repo/tools/sweep.py" "$@"
+fi
+
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" | tail -n 1)
+if (( NGPU == 0 )) && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q "^GPU "; then
+    echo "run.sh: nvidia-smi lists a GPU but this torch ($("$PY" -c "import torch; print(torch.__version__)")) cannot use it; install a CUDA build of torch to train on it" >&2
+fi
 
 if (( NGPU >= 1 )); then
     if [[ -z "${DATA_PATH+set}" ]]; then
         # Download the published data for the paths train_gpt.py will read (preset and env applied) when
         # the validation split or the tokenizer is missing, or TRAIN_SHARDS asks for a number of shards.
-        PATHS=$(python3 -c 'import sys, train_gpt as t
+        PATHS=$("$PY" -c 'import sys, train_gpt as t
 try: h = t.Hyperparameters.from_env()
 except t.ConfigError as e: sys.exit(f"error: {e}")
 print(h.vocab_size, h.dataset_dir, h.tokenizer_file, sep="\n")')
         { read -r VOCAB; read -r DATASET; read -r TOKENIZER; } <<< "$PATHS"
         if [[ -n "${TRAIN_SHARDS:-}" || ! -f "$DATASET/fineweb_val_000000.bin" || ! -f "$TOKENIZER" ]]; then
-            python3 data/download_fineweb.py --variant "sp$VOCAB" --train-shards "${TRAIN_SHARDS:-80}" --data-dir "${DATA_DIR:-./data}"
+            "$PY" data/download_fineweb.py --variant "sp$VOCAB" --train-shards "${TRAIN_SHARDS:-80}" --data-dir "${DATA_DIR:-./data}"
         fi
     fi
     NPROC=$NGPU
@@ -63,7 +51,7 @@ print(h.vocab_size, h.dataset_dir, h.tokenizer_file, sep="\n")')
     if (( NPROC != NGPU )); then
         echo "run.sh: $NGPU GPUs visible; the GPU count must divide 8, so using $NPROC" >&2
     fi
-    exec torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py
+    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_gpt.py  # = torchrun
 fi
 
 # No GPU: the tiny smoke preset on CPU. Data, first found: DATA_PATH (+ TOKENIZER_PATH) if set; the
@@ -78,7 +66,7 @@ elif [[ -d "$SHARED/corpus" && -f "$SHARED/tokenizers/fineweb_1024_bpe.model" ]]
     TOKENIZER=$SHARED/tokenizers/fineweb_1024_bpe.model
     echo "corpus source:$SHARED/corpus (FineWeb sample + enwiki sample) tokenizer:$TOKENIZER dataset:$SMOKE"
     if [[ ! -f "$SMOKE/fineweb_val_000000.bin" ]]; then
-        python3 data/build_shards.py \
+        "$PY" data/build_shards.py \
             --input "$SHARED/corpus/fineweb_docs_sample200.jsonl" "$SHARED/corpus/enwiki_2015_wikiextractor_sample.jsonl" \
             --tokenizer "$TOKENIZER" --out "$SMOKE" --val-docs 50 --max-docs 1200
     fi
@@ -86,9 +74,9 @@ else
     SUFFIX=${LOCAL_CORPUS_DOCS:+_docs$LOCAL_CORPUS_DOCS}
     SMOKE=data/datasets/pydocs_sp1024$SUFFIX
     TOKENIZER=data/tokenizers/pydocs_1024_bpe$SUFFIX.model
-    python3 data/local_corpus.py --vocab-size 1024 --out "$SMOKE" --tokenizer "$TOKENIZER" \
+    "$PY" data/local_corpus.py --vocab-size 1024 --out "$SMOKE" --tokenizer "$TOKENIZER" \
         ${LOCAL_CORPUS_DOCS:+--max-docs "$LOCAL_CORPUS_DOCS"}
 fi
 unset LOCAL_CORPUS_DOCS
 export PRESET="${PRESET-smoke}" DATA_PATH="$SMOKE" TOKENIZER_PATH="${TOKENIZER_PATH-$TOKENIZER}"
-exec python3 train_gpt.py
+exec "$PY" train_gpt.py

@@ -209,6 +209,21 @@ def text_fingerprint(texts: Iterable[str]) -> str:
     return sha.hexdigest()[:16]
 
 
+TOKENIZER_META = "tokenizer.json"  # train_gpt.py refuses a tokenizer whose sha256 differs from this record
+
+
+def write_tokenizer_meta(out_dir: PathLike, tokenizer_path: PathLike) -> dict:
+    """Record which tokenizer built the shards in out_dir: file name, sha256 of its bytes, piece count."""
+    data = Path(tokenizer_path).read_bytes()
+    meta = {"file": Path(tokenizer_path).name, "sha256": hashlib.sha256(data).hexdigest(),
+            "vocab_size": spm.SentencePieceProcessor(model_proto=data).vocab_size()}
+    path = Path(out_dir) / TOKENIZER_META
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return meta
+
+
 class _ShardWriter:
     """Packs a token stream into fixed-size shards, ignoring document boundaries."""
 
@@ -353,6 +368,8 @@ def build_shards(
                     train.add(doc)
                 progress.add(len(doc))
         train.close()
+        written.append(out / TOKENIZER_META)
+        tok_meta = write_tokenizer_meta(out, tokenizer_path)
     except BaseException:
         for path in written:
             with contextlib.suppress(FileNotFoundError):
@@ -370,6 +387,7 @@ def build_shards(
         "files": [str(p) for p in val.files + train.files],
         "val_fingerprint": val.sha.hexdigest()[:16],
         "val_text_fingerprint": val_text,
+        "tokenizer_sha256": tok_meta["sha256"],
     }
 
 
@@ -434,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
-    for key in ("val_docs", "val_tokens", "train_docs", "train_tokens", "val_fingerprint", "val_text_fingerprint"):
+    for key in ("val_docs", "val_tokens", "train_docs", "train_tokens", "val_fingerprint", "val_text_fingerprint", "tokenizer_sha256"):
         print(f"{key}:{summary[key]}")
     print(f"val_files:{len(summary['val_files'])}")
     print(f"train_files:{len(summary['train_files'])}")

@@ -38,7 +38,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 # sp1024 is the challenge's own export (data/cached_challenge_fineweb.py); sp4096 and sp8192 are
-# the exports of the same documents that the SP4096/SP8192 records download (SPEC part 3 §1.1).
+# the exports of the same documents that the SP4096/SP8192 records download.
 DEFAULT_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
     "sp4096": "kevclark/parameter-golf",
@@ -46,7 +46,7 @@ DEFAULT_REPOS = {
 }
 DEFAULT_PREFIX = "datasets"  # folder of the repo that holds manifest.json, datasets/ and tokenizers/
 DEFAULT_TRAIN_SHARDS = 80  # 8e9 tokens, the challenge downloader's default
-NUM_VAL_DOCS = 50_000  # SPEC part 3 §1.1: the first 50,000 documents are validation
+NUM_VAL_DOCS = 50_000  # the challenge's data/download_hf_docs_and_tokenize.py: the first 50,000 documents are validation
 BOS_ID = 1
 VARIANT_RE = re.compile(r"sp(\d+)")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-# SPEC part 3 §1.1, from the challenge's data/download_hf_docs_and_tokenize.py.
+# From the challenge's data/download_hf_docs_and_tokenize.py.
 PUBLIC_SETTINGS = dict(
     model_type="bpe",
     character_coverage=0.999,

@@ -208,7 +208,10 @@ def test_cli_success_prints_summary_and_refuses_rerun(shared_data, tmp_path):
     assert fields["val_docs"] == "2" and fields["train_docs"] == "3"
     assert len(fields["val_fingerprint"]) == 16
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(before) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert sorted(before) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "tokenizer.json"]
+    meta = json.loads(before["tokenizer.json"])
+    assert meta == {"file": SP1024.name, "sha256": hashlib.sha256(SP1024.read_bytes()).hexdigest(), "vocab_size": 1024}
+    assert fields["tokenizer_sha256"] == meta["sha256"]
 
     rerun = run_cli(*args)
     assert_one_line_error(rerun, "already holds")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+import ttt_legality as legal
 from conftest import FINEWEB, REPO, SP1024, TINY, tiny_env
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -74,40 +75,64 @@ def test_ttt_chunks_own_the_windows_that_start_scoring_in_them():
 # --- Sliding and plain eval against direct references -------------------------------------------
 
 
-def test_plain_eval_equals_direct_computation():
-    h = tiny()
-    model, luts, tokens = random_model(h), fake_luts(1024), stream(64 * 10)
-    r, nll = tg.eval_windows(h, model.token_nll, CPU, tokens, luts, h.eval_seq_len, collect=True)
-    x, y = tokens[:-1].view(-1, 64), tokens[1:].view(-1, 64)
+def boundary_luts(vocab: int):
+    """fake_luts plus boundary tokens (BOS and every 7th id, no bytes of their own), so the dropped
+    leading space after a boundary is exercised."""
+    base, lead, _ = fake_luts(vocab)
+    boundary = torch.arange(vocab) % 7 == 0
+    boundary[tg.BOS_ID] = True
+    return torch.where(boundary, 0, base), lead & ~boundary, boundary
+
+
+def stream_with_bos(n: int, vocab: int = 1024, seed: int = 0, every: int = 23) -> torch.Tensor:
+    """A random stream with a BOS every `every` tokens, many of them followed by a leading-space token."""
+    t = stream(n, vocab, seed)
+    t[::every] = tg.BOS_ID
+    t[1::every * 2] = 3  # a leading-space id (3 % 3 == 0) right after BOS
+    return t
+
+
+def reference_eval(model, tokens: torch.Tensor, luts, T: int, stride: int):
+    """Per target, written out: its window [s, s+T) (the last one holding it with >= T-stride tokens
+    of context, or the first window), its NLL there and its bytes from the tables by hand."""
+    base, lead, boundary = luts
+    total, cache = tokens.numel() - 1, {}
+    nll, nbytes = torch.zeros(total), []
     with torch.no_grad():
-        ref = model.token_nll(x, y).flatten()
-    nbytes = tg.target_bytes(x, y, luts).sum().item()
-    assert torch.allclose(nll, ref, atol=1e-6)
-    assert r.tokens == 640 and r.bytes == nbytes
-    assert r.val_bpb == pytest.approx(ref.double().sum().item() / (math.log(2) * nbytes), rel=1e-6)
-    assert tg.eval_val(h, model, CPU, tokens, luts).val_bpb == pytest.approx(r.val_bpb, rel=1e-12)
+        for i in range(total):
+            s = ((i - T) // stride + 1) * stride if i >= T else 0
+            if s not in cache:
+                w = tokens[s : min(s + T, total) + 1]
+                cache[s] = model.token_nll(w[None, :-1], w[None, 1:])[0]
+            nll[i] = cache[s][i - s]
+            prev, tgt = int(tokens[i]), int(tokens[i + 1])
+            nbytes.append(int(base[tgt]) + int(bool(lead[tgt]) and not bool(boundary[prev])))
+    return nll, sum(nbytes)
 
 
-def test_sliding_eval_equals_window_by_window_reference():
+@pytest.mark.parametrize("stride", [16, 64])  # 64 = EVAL_SEQ_LEN: the plain eval
+def test_sliding_and_plain_eval_equal_window_by_window_reference(stride):
     h = tiny(val_batch_tokens=3 * 64)  # 3 windows per batch: exercises padding of the last batch
-    model, luts, tokens = random_model(h), fake_luts(1024), stream(500)
-    r, nll = tg.eval_windows(h, model.token_nll, CPU, tokens, luts, 16, collect=True)
-    ref = torch.full((500,), float("nan"))
-    with torch.no_grad():  # target i scored from the window [s, s+64) with the longest context
-        for i in range(500):
-            s = ((i - 64) // 16 + 1) * 16 if i >= 64 else 0
-            w = tokens[s : min(s + 64, 500) + 1]
-            ref[i] = model.token_nll(w[None, :-1], w[None, 1:])[0, i - s]
-    assert torch.allclose(nll, ref, atol=1e-5)
-    assert r.tokens == 500
+    model, luts, tokens = random_model(h), boundary_luts(1024), stream_with_bos(500)
+    after_boundary = luts[2][tokens[:-1]] & luts[1][tokens[1:]]
+    assert after_boundary.sum() >= 10  # the stream exercises the dropped-space term
+    r, nll = tg.eval_windows(h, model.token_nll, CPU, tokens, luts, stride, collect=True)
+    ref, ref_bytes = reference_eval(model, tokens, luts, 64, stride)
+    assert torch.allclose(nll, ref, atol=1e-5)  # 500 targets: the last window is partial
+    assert r.tokens == 500 and r.bytes == ref_bytes
     assert r.val_loss == pytest.approx(ref.double().mean().item(), rel=1e-6)
+    assert r.val_bpb == pytest.approx(ref.double().sum().item() / (math.log(2) * ref_bytes), rel=1e-6)
+    if stride == 64:
+        assert tg.eval_val(h, model, CPU, tokens, luts).val_bpb == pytest.approx(r.val_bpb, rel=1e-12)
 
 
-def test_sliding_with_stride_seq_len_equals_plain():
-    h = tiny(eval_stride=64)
-    model, luts, tokens = random_model(h), fake_luts(1024), stream(64 * 9)
-    slide = tg.eval_windows(h, model.token_nll, CPU, tokens, luts, h.eval_stride)[0]
-    assert slide == tg.eval_val(h, model, CPU, tokens, luts)
+def test_plain_windows_are_the_direct_reshape():
+    h = tiny()
+    model, luts, tokens = random_model(h), boundary_luts(1024), stream_with_bos(64 * 10)
+    _, nll = tg.eval_windows(h, model.token_nll, CPU, tokens, luts, h.eval_seq_len, collect=True)
+    with torch.no_grad():
+        ref = model.token_nll(tokens[:-1].view(-1, 64), tokens[1:].view(-1, 64)).flatten()
+    assert torch.allclose(nll, ref, atol=1e-6)
 
 
 # --- TTT ---------------------------------------------------------------------------------------------
@@ -181,6 +206,65 @@ def test_ttt_step_shares_partition_each_step():
         assert g0 == g1 and n0 + n1 == g0 and f0 + n0 == f1
 
 
+def reference_ttt_steps(h: tg.Hyperparameters, total: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The targets of each TTT step by definition: every chunk but the last, once scored, is cut into
+    TTT_CHUNK_TOKENS / EVAL_SEQ_LEN sequences; each epoch walks them TTT_BATCH_SEQS at a time, and
+    a rank trains on its contiguous share of a step's sequences."""
+    T, C = h.eval_seq_len, h.ttt_chunk_tokens
+    steps = []
+    for c in range(math.ceil(total / C) - 1):
+        for _ in range(h.ttt_epochs):
+            for s in range(0, C // T, h.ttt_batch_seqs):
+                n = min(h.ttt_batch_seqs, C // T - s)
+                a, b = s + n * rank // world, s + n * (rank + 1) // world
+                steps.append(list(range(c * C + a * T, c * C + b * T)))
+    return steps
+
+
+def spied_ttt(h, monkeypatch, tokens, d=CPU):
+    model = random_model(h)
+    tg.prepare_ttt(model, h)
+    with monkeypatch.context() as mp:
+        events, loss = legal.spy_ttt(mp, tg, tokens, model)
+        tg.eval_ttt(h, model, model.token_nll, loss, d, tokens, fake_luts(1024))
+    return events
+
+
+TTT_SPY = dict(TTT, ttt_chunk_tokens=256, ttt_batch_seqs=3)  # 4 sequences a chunk: steps of 3 and 1
+
+
+@pytest.mark.parametrize("over", [{}, dict(ttt_epochs=1, ttt_hash_embed=True, ttt_hash_buckets=64,
+                                           ttt_freeze_blocks=2, ttt_chunk_tokens=128, eval_stride=24)])
+def test_ttt_trains_exactly_the_scored_chunks(over, monkeypatch):
+    h = tiny(**{**TTT_SPY, **over})
+    tokens = legal.position_stream(700, 1024)
+    events = spied_ttt(h, monkeypatch, tokens)
+    legal.assert_score_first(events, 700)
+    assert legal.train_steps(events) == reference_ttt_steps(h, 700)
+    scored = torch.cat([p for kind, p in events if kind == "score"])
+    assert sorted(scored.tolist()) == list(range(700))  # every target scored exactly once
+
+
+def test_ttt_rank_shares_make_up_each_step(monkeypatch):
+    h = tiny(**TTT_SPY)
+    tokens = legal.position_stream(700, 1024)
+    per_rank = [spied_ttt(h, monkeypatch, tokens, tg.Dist(r, 2, r, torch.device("cpu"))) for r in range(2)]
+    for r, events in enumerate(per_rank):
+        assert legal.train_steps(events) == reference_ttt_steps(h, 700, r, 2)
+    assert [k for k, _ in per_rank[0]] == [k for k, _ in per_rank[1]]  # same step sequence on both ranks
+    merged = [(k, torch.cat([a, b])) for (k, a), (_, b) in zip(*per_rank)]
+    legal.assert_score_first(merged, 700)
+    assert legal.train_steps(merged) == reference_ttt_steps(h, 700)
+
+
+def test_score_first_check_catches_a_one_token_look_ahead():
+    scored = [("score", torch.arange(0, 128)), ("train", torch.arange(1, 129))]
+    with pytest.raises(AssertionError, match=r"not yet scored: \[128\]"):
+        legal.assert_score_first(scored, 256)
+    with pytest.raises(AssertionError, match="scored twice"):
+        legal.assert_score_first([("score", torch.arange(0, 128)), ("score", torch.arange(127, 130))], 256)
+
+
 # --- Causality by perturbation -------------------------------------------------------------------
 
 
@@ -208,7 +292,7 @@ def test_causality_check_catches_a_leak(stage):
     assert r["mismatches"] > 0
 
 
-# --- End to end: NLL dump, budget line, causality tool, distributed equivalence -----------------
+# --- End to end: NLL dump, causality tool, distributed equivalence ----------------------------
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +310,8 @@ def eval_run(small_dataset, tmp_path_factory):
     tmp, dataset = tmp_path_factory.mktemp("evalrun"), small_dataset
     env = tiny_env(iterations=8, data_path=str(dataset), tokenizer_path=str(SP1024), run_id="ev",
                    sliding_window_enabled=1, ttt_enabled=1, ttt_hash_embed=1, ttt_lr=0.02,
-                   eval_nll_dir=str(tmp / "nll"))
+                   doc_eval_enabled=1, lora_ttt_enabled=1, lora_rank=4, lora_chunk_tokens=64, lora_batch_docs=4,
+                   lora_warm_start_a=0, phased_prefix_docs=2, phased_num_phases=1, eval_nll_dir=str(tmp / "nll"))
     res = run_script(env, tmp)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp, env, res.stdout
@@ -243,7 +328,7 @@ def test_nll_dump_recomputes_logged_bpb(eval_run, small_dataset):
     luts = tg.build_byte_luts(str(SP1024), 1024)
     nbytes = np.load(tmp / "nll" / "bytes.npy")
     assert np.array_equal(nbytes, tg.target_bytes(val[:-1], val[1:], luts).numpy())
-    for stage in ("pre_quant", "quantized", "sliding", "ttt"):
+    for stage in ("pre_quant", "quantized", "sliding", "ttt", "doc_quantized", "doc_sliding", "lora_ttt"):
         nll = np.load(tmp / "nll" / f"{stage}.npy")
         assert nll.dtype == np.float32 and nll.shape == (val.numel() - 1,)
         bpb = nll.astype(np.float64).sum() / (math.log(2) * nbytes.sum())
@@ -254,10 +339,11 @@ def test_eval_budget_line_sums_the_stages(eval_run):
     _, _, out = eval_run
     line = next(l for l in out.splitlines() if l.startswith("eval_budget "))
     fields = dict(kv.split(":", 1) for kv in line.split()[1:])
-    assert fields["limit"] == "600s" and fields["stages"] == "load+warmup+quantized+sliding+ttt"
-    stage_s = sum(logged(out, s)["eval_time"] for s in ("quantized", "sliding", "ttt")) / 1000
+    stages = ("quantized", "sliding", "doc_quantized", "doc_sliding", "ttt", "lora_ttt")
+    assert fields["limit"] == "600s" and fields["stages"] == "load+warmup+" + "+".join(stages)
+    stage_s = sum(logged(out, s)["eval_time"] for s in stages) / 1000
     assert stage_s <= float(fields["used"].rstrip("s")) + 0.1
-    assert "ttt_progress chunk:" in out
+    assert "ttt_progress chunk:" in out and "lora_ttt_phase 1/1 docs:2" in out
 
 
 def test_causality_tool_on_saved_artifact(eval_run):
@@ -271,7 +357,9 @@ def test_causality_tool_on_saved_artifact(eval_run):
                           str(tmp / "logs" / "ev.ptz"), "--tokens", "1200", "--positions", "1"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "result:ok" in res.stdout and res.stdout.count("causal:1") == 3 * 3
+    lines = [l for l in res.stdout.splitlines() if " causal:" in l]
+    n_points = int(res.stdout.split(" points:")[1].split()[0])
+    assert "result:ok" in res.stdout and len(lines) == 6 * n_points and all(l.endswith("causal:1") for l in lines)
 
 
 def test_two_processes_match_one_on_sliding_and_ttt(eval_run, tmp_path):
@@ -279,5 +367,5 @@ def test_two_processes_match_one_on_sliding_and_ttt(eval_run, tmp_path):
     env = {**env, "EVAL_ARTIFACT": str(tmp / "logs" / "ev.ptz"), "RUN_ID": "ev2", "EVAL_NLL_DIR": ""}
     res = run_script(env, tmp_path, torchrun=2)
     assert res.returncode == 0, res.stderr[-3000:]
-    for stage in ("quantized", "sliding", "ttt"):
+    for stage in ("quantized", "sliding", "ttt", "doc_quantized", "doc_sliding", "lora_ttt"):
         assert logged(res.stdout, stage)["val_bpb"] == pytest.approx(logged(out, stage)["val_bpb"], abs=1e-5)

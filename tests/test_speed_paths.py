@@ -1,6 +1,6 @@
 """The fast paths give the same numbers as the plain ones: batched Newton-Schulz, Muon sharded over
-ranks, the prefetching loader; and the benchmark tool runs on CPU."""
-import os
+ranks, the prefetching loader; and the benchmark tool's numbers agree with the model on CPU."""
+import math
 import subprocess
 import sys
 
@@ -80,18 +80,46 @@ def run_bench(args, env_over):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_bench_tool_on_cpu():
+def bench_modes(stdout: str) -> dict[str, dict[str, str]]:
+    modes = [dict(w.split(":", 1) for w in l.split()) for l in stdout.splitlines() if l.startswith("mode:")]
+    return {m["mode"]: m for m in modes}
+
+
+def test_bench_numbers_are_consistent_with_the_model():
     res = run_bench(["--steps", "1", "--warmup", "0"], {})
     assert res.returncode == 0, res.stderr[-2000:]
-    modes = [l for l in res.stdout.splitlines() if l.startswith("mode:")]
-    assert [l.split()[0] for l in modes] == ["mode:looping_off", "mode:looping_on"]
-    kv = dict(w.split(":", 1) for w in modes[0].split())
-    assert float(kv["ms/step"]) > 0 and int(kv["flops/token"]) > 0
+    h = tg.Hyperparameters(**TINY)
+    model = tg.GPT(h)
+    head = dict(w.split(":", 1) for w in next(l for l in res.stdout.splitlines() if l.startswith("model_params:")).split())
+    assert int(head["model_params"]) == tg.count_params(model)
+    tokens = int(head["tokens_per_step_per_gpu"])
+    assert tokens == h.train_batch_tokens
+    modes = bench_modes(res.stdout)
+    assert list(modes) == ["looping_off", "looping_on"]
+    # FLOPs per token as documented: 6 x (weight matrices of each layer application + tied head)
+    # + 6 x applications x seq_len x d (causal attention), from the parameter shapes
+    matrices = [sum(p.numel() for n, p in b.named_parameters() if tg.param_group(n, p) == "muon") for b in model.blocks]
+    for mode, looping in (("looping_off", False), ("looping_on", True)):
+        m, sched = modes[mode], model.schedules[looping]
+        apps = sched.encoder + sched.decoder
+        flops = 6 * (sum(matrices[i] for i in apps) + h.vocab_size * h.model_dim) + 6 * len(apps) * h.train_seq_len * h.model_dim
+        assert int(m["flops/token"]) == flops, mode
+        ms = float(m["ms/step"])
+        assert ms > 0 and abs(float(m["tokens/s_per_gpu"]) - tokens / (ms / 1000)) <= 1
+        assert float(m["peak_mem_mib"]) > 0 and m["mfu"] == "n/a" and m["warmup"] == "0.0s"
+    # the first timed step is the first step: the loss of uniform guessing
+    assert abs(float(modes["looping_off"]["loss"]) - math.log(h.vocab_size)) < 0.02
 
 
-def test_bench_compare_reports_ratio():
+def test_bench_compare_reports_medians_and_ratio():
     res = run_bench(["--steps", "1", "--warmup", "0", "--rounds", "1", "--compare", "", "NUM_LOOPS=0"], {})
     assert res.returncode == 0, res.stderr[-2000:]
+    rounds = {l.split()[1]: dict(w.split(":", 1) for w in l.split()[2:]) for l in res.stdout.splitlines()
+              if l.startswith("round:")}
+    assert set(rounds["config:A"]) == {"looping_off", "looping_on"}
+    assert set(rounds["config:B"]) == {"looping_off"}  # NUM_LOOPS=0 reached config B's process only
     line = next(l for l in res.stdout.splitlines() if l.startswith("compare mode:looping_off"))
     kv = dict(w.split(":", 1) for w in line.split()[1:])
+    assert float(kv["A_ms/step"]) == float(rounds["config:A"]["looping_off"].rstrip("ms"))  # median of 1 round
+    assert float(kv["B_ms/step"]) == float(rounds["config:B"]["looping_off"].rstrip("ms"))
     assert float(kv["ratio_B/A"]) == pytest.approx(float(kv["B_ms/step"]) / float(kv["A_ms/step"]), rel=1e-3)

@@ -1,4 +1,4 @@
-"""Embedding & head studies (SPEC part 2): each switch trains, survives the artifact round trip and
+"""Embedding & head studies: each switch trains, survives the artifact round trip and
 evaluates; switched off, the default model is untouched. tools/analyze.py against direct computations."""
 import dataclasses
 import json
@@ -30,7 +30,7 @@ SWITCHES = {
     "tiers_damage": dict(embed_bits_tiers="64:8,256:6,rest:4:6", embed_tier_rank="damage"),
     "sparsity": dict(embed_sparsity=0.75),
 }
-# Parameters each switch adds to TINY, counted from the SPEC's shapes.
+# Parameters each switch adds to TINY, counted from the modules' shapes.
 EXTRA_PARAMS = {
     "embedding_dim": V * (32 - D) + 2 * 32 * D,
     "rotation": 2 * (4 * D + D * 4),  # A: r x d and B: d x r at both ends
@@ -107,7 +107,7 @@ def test_rotation_is_the_exact_identity_at_init():
 
 
 def test_extra_embeds_and_no_x0_block_inputs():
-    """x_in = m0 x + m1 x0 + m2 x01 + m3 x02 (SPEC 2.4); without resid_mix x_in = x."""
+    """x_in = m0 x + m1 x0 + m2 x01 + m3 x02 ; without resid_mix x_in = x."""
     torch.manual_seed(0)
     model = perturbed(tg.GPT(tiny(num_extra_embeds=2)))
     blk = model.blocks[1]
@@ -327,6 +327,7 @@ def test_analysis_matches_direct_computation(analyzed, dataset):
         assert b["attn_eff"] == pytest.approx(np.linalg.norm(s[:, None] * wo), rel=1e-6)
         assert b["mlp_eff"] == pytest.approx(np.linalg.norm(sm[:, None] * wd), rel=1e-6)
         assert b["q_gain_std"] == pytest.approx(np.std(state[f"blocks.{i}.attn.q_gain"].numpy()), rel=1e-5, abs=1e-7)
+        assert b["attn_gate_norm"] == pytest.approx(np.linalg.norm(state[f"blocks.{i}.attn.attn_gate_w"].numpy()), rel=1e-5)
         mix = state[f"blocks.{i}.resid_mix"].numpy()
         assert (b["x0_weight"], b["x01_weight"]) == (pytest.approx(mix[1].mean(), abs=1e-7), pytest.approx(mix[2].mean(), abs=1e-7))
     tot = [b["attn_eff"] + b["mlp_eff"] for b in rep["blocks"]]
@@ -347,7 +348,12 @@ def test_analysis_matches_direct_computation(analyzed, dataset):
     ids = torch.tensor([tg.BOS_ID] + sp.encode(text))
     assert rep["logit_lens"]["tokens"] == ids.tolist()
     rot = lambda x, n: x + x @ state[f"{n}.a.weight"].T @ state[f"{n}.b.weight"].T  # noqa: E731
-    x0 = tg.rms_norm(rot(state["tok_emb.weight"][ids] @ state["embed_proj.weight"].T, "in_rot"))
+    e = state["tok_emb.weight"][ids]
+    lam, w = state["smear_lambda"][0], state["smear_gate.weight"][0]
+    assert lam != 0 and rep["smear"]["smear_lambda"] == pytest.approx(float(lam))
+    gate = lam * torch.sigmoid(e[:, :12] @ w) * (ids != tg.BOS_ID)  # SmearGate, written out
+    e = torch.cat([e[:1], e[1:] + gate[1:, None] * e[:-1]])
+    x0 = tg.rms_norm(rot(e @ state["embed_proj.weight"].T, "in_rot"))
     head_in = rot(tg.rms_norm(x0), "out_rot") @ state["head_proj.weight"].T
     logits = 30 * torch.tanh(head_in @ state["tok_emb.weight"].T / 30)
     assert rep["logit_lens"]["topk"]["x0"] == logits.topk(3, dim=-1).indices.tolist()

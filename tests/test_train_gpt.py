@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -30,8 +31,12 @@ def test_defaults_are_record_config():
     h = tg.Hyperparameters()
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 8192)
     assert (h.loop_start, h.loop_end, h.num_loops, h.parallel_residual_start) == (3, 5, 2, 8)
-    assert (h.qk_gain_init, h.muon_momentum, h.ema_decay) == (5.0, 0.97, 0.997)
-    assert h.train_budget_seconds == pytest.approx(600 - 13)
+    assert (h.qk_gain_init, h.muon_momentum, h.ema_decay) == (5.0, 0.97, 0.9965)
+    # the 1.0611 record (#1855): schedule, Adam beta2, trimmed GPTQ calibration, the new parts
+    assert (h.matrix_lr, h.beta2, h.warmdown_frac, h.min_lr, h.gptq_calibration_batches) == (0.026, 0.99, 0.85, 0.10, 16)
+    assert (h.doc_mask, h.smear_gate, h.attn_gate, h.sparse_attn_gate_scale, h.polar_express, h.fused_ce) == (
+        True, True, "sparse", 0.5, True, True)
+    assert h.train_budget_seconds == pytest.approx(600 - 8)
     assert h.dataset_dir == os.path.join("./data", "datasets", "fineweb10B_sp8192")
 
 
@@ -135,15 +140,18 @@ def test_default_schedule_matches_spec():
     plain, looped = tg.layer_schedule(h, False), tg.layer_schedule(h, True)
     assert plain == tg.Schedule([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10], 5, 3)
     assert looped == tg.Schedule([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10], 8, 6)
-    # LIFO skips: decoder position j receives the output of encoder position len(enc)-1-j (SPEC 2.5 table)
+    # LIFO skips: decoder position j receives the output of encoder position len(enc)-1-j
     pairs = [(looped.decoder[j], looped.encoder[len(looped.encoder) - 1 - j]) for j in range(looped.n_skip)]
     assert pairs == [(5, 4), (3, 3), (4, 5), (5, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
     assert tg.layer_schedule(tg.Hyperparameters(num_loops=0), True) == plain
 
 
 def test_default_param_count():
-    # 04-09 shapes: 35,944,536 (SPEC 2.12) + 66 lane parameters (11x2 resid + 11x2x2 post)
-    assert tg.count_params(tg.GPT(tg.Hyperparameters())) == 35_944_536 + 66
+    # 04-09 shapes: 35,944,536 + 66 lane parameters (11x2 resid + 11x2x2 post) + 13 SmearGate
+    # + 11 x 8 x 12 sparse attention gates = 35,945,671, the count of the 1.0611 record (#1855)
+    assert tg.count_params(tg.GPT(tg.Hyperparameters())) == 35_944_536 + 66 + 13 + 1056 == 35_945_671
+    off = tg.Hyperparameters(smear_gate=False, attn_gate="none")
+    assert tg.count_params(tg.GPT(off)) == 35_944_536 + 66
 
 
 def test_embedding_projections():
@@ -186,7 +194,7 @@ def test_future_tokens_cannot_change_past_losses(looping):
 
 
 def test_parallel_lanes_follow_spec_equations():
-    """One two-lane block against the SPEC 2.9 equations written out by hand."""
+    """One two-lane block against the PR #1530 two-lane equations written out by hand."""
     torch.manual_seed(0)
     h = tiny()
     model = tg.GPT(h)
@@ -300,6 +308,42 @@ def test_tiny_model_learns_real_text(dataset, shared_data):
     assert after.bytes == int(tg.target_bytes(val[:-1], val[1:], luts).sum())
 
 
+class SlowLog:
+    """Logger stand-in: records lines; each train-loss line takes `delay` seconds to write."""
+
+    def __init__(self, delay: float):
+        self.delay, self.lines = delay, []
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        self.lines.append(msg)
+        if "train_loss:" in msg:
+            time.sleep(self.delay)
+
+
+def test_training_clock_counts_logging_and_excludes_validation(dataset):
+    """train_time = wall time of the loop minus validation passes; slow logging is on the clock."""
+    h = tiny(iterations=5, train_log_every=1, val_loss_every=2)
+    torch.manual_seed(h.seed)
+    log = SlowLog(0.2)
+    tr = tg.Trainer(h, CPU, log, tg.GPT(h), tg.shard_paths(str(dataset), "train"))
+    val_passes = []
+
+    def slow_val(model):
+        val_passes.append(1)
+        time.sleep(0.5)
+        return tg.EvalResult(1.0, 1.0, 1, 1)
+
+    t0 = time.perf_counter()
+    train_time = tr.run(slow_val)
+    wall = time.perf_counter() - t0
+    assert len(val_passes) == 2  # before steps 3 and 5
+    # Five train-loss lines of 0.2 s each are on the clock, the two 0.5 s validation passes are not.
+    assert 2 * 0.5 <= wall - train_time < 2 * 0.5 + 0.3
+    assert sum(l.startswith("train_clock:") for l in log.lines) == 1
+    last = next(l for l in log.lines if l.startswith("train_steps:"))
+    assert last == f"train_steps:5 train_time:{train_time * 1000:.0f}ms budget:0.0s"
+
+
 def test_nonfinite_loss_stops_the_run(dataset):
     tr = make_trainer(tiny(), dataset)
     with torch.no_grad():
@@ -330,13 +374,59 @@ def test_two_process_run_matches_single_process(dataset, tmp_path):
                    run_id="dist", enable_looping_at=0.5)
     single = run_script(env, tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = run_script(env, tmp_path, torchrun=2)
+    double = run_script({**env, "RUN_ID": "dist2"}, tmp_path, torchrun=2)
     assert double.returncode == 0, double.stderr[-3000:]
     for label in ("model_params:", "val_tokens:", "looping:on", "final_pre_quant"):
         assert label in single.stdout and label in double.stdout
     assert abs(final_bpb(single.stdout) - final_bpb(double.stdout)) < 1e-4
+    assert "terminate called" not in double.stderr  # ranks leave the process group together
     log = (tmp_path / "logs" / "dist.txt").read_text()
     assert "hp num_layers:4" in log and "final_pre_quant" in log
+
+
+def test_two_process_config_error_exits_cleanly_on_both_ranks(tmp_path):
+    """Both ranks hit the same bad input: rank 0 prints the one-line error once, every rank leaves
+    the group through the barrier with exit 2; no rank is aborted mid-teardown."""
+    env = tiny_env(data_path=str(tmp_path / "nope"), tokenizer_path=str(tmp_path / "nope.model"), run_id="bad")
+    res = run_script(env, tmp_path, torchrun=2, timeout=300)
+    assert res.returncode != 0
+    errors = [l for l in res.stderr.splitlines() if l.startswith("error: tokenizer ")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "terminate called" not in res.stderr and "exitcode  : 2" in res.stderr
+
+
+def _stuck_peer_worker(rank: int, init: str, out: str):
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(600)  # alive but never reaches the barrier, like a rank stuck after a lone failure
+    t0 = time.perf_counter()
+    tg.shutdown_distributed(None, timeout_s=5.0)
+    with open(out + ".tmp", "w") as f:
+        f.write(f"{time.perf_counter() - t0:.3f} {int(dist.is_initialized())}")
+    os.replace(out + ".tmp", out)
+
+
+def test_shutdown_barrier_is_bounded(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.txt"
+    ctx = mp.spawn(_stuck_peer_worker, args=(f"file://{tmp_path / 'store'}", str(out)), nprocs=2, join=False)
+    try:
+        deadline = time.time() + 300
+        while not out.exists() and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        for p in ctx.processes:
+            p.kill()
+            p.join()
+    waited, still_initialized = out.read_text().split()
+    assert 4.5 < float(waited) < 30 and still_initialized == "0"  # waited for the peer, then gave up
 
 
 def corrupt_copy(dataset, tmp_path):

@@ -9,12 +9,14 @@ was trained with: the `hp name:value` dump of its log (--log), else the env vars
 reads them; `--set KEY=VALUE` overrides single knobs. Writes to --out:
 - report.md / report.json: per block the effective contribution of attention and MLP
   (||diag(scale) W_out||_F: output projection rows times the learned output scale), q_gain mean and
-  std over heads, resid_mix weights of x and x0 (and of each extra embedding); per U-net skip its
+  std over heads, resid_mix weights of x and x0 (and of each extra embedding), the norm of the
+  attention-output gate weights (ATTN_GATE; 0 = every head at its init gate); SmearGate lambda and
+  gate-weight norm (SMEAR_GATE); per U-net skip its
   effective weight mean((1 - sigmoid(gate)) * w); per parallel lane block the residual and routing
   lambdas and the share of attention / MLP output energy written to lane 1 (the MLP lane);
   singular values of embed/head projections, rotations (of B A and of I + B A) and head matrices;
   the logit lens on --text; per-row embedding statistics by training-token frequency.
-- profile.png: the per-block profile (the V shape of SPEC 2.1).
+- profile.png: the per-block profile (effective contribution of attention and MLP per block).
 """
 from __future__ import annotations
 
@@ -78,12 +80,21 @@ def block_profile(model: tg.GPT) -> list[dict]:
         g = b.attn.q_gain.detach()
         row = dict(block=i, params=sum(p.numel() for p in b.parameters()), attn_eff=attn, mlp_eff=mlp,
                    total_eff=attn + mlp, q_gain_mean=_f(g.mean()), q_gain_std=_f(g.std(correction=0)))
+        if b.attn.attn_gate_w is not None:
+            row.update(attn_gate_norm=_f(b.attn.attn_gate_w.detach().norm()))
         if b.resid_mix is not None:
             mix = b.resid_mix.detach()
             row.update(x_weight=_f(mix[0].mean()), x0_weight=_f(mix[1].mean()))
             row.update({f"x0{j}_weight": _f(mix[1 + j].mean()) for j in range(1, mix.size(0) - 1)})
         rows.append(row)
     return rows
+
+
+def smear_profile(model: tg.GPT) -> dict:
+    """SmearGate: e_t += lambda * sigmoid(w . e_t[:window]) * e_{t-1}; lambda = 0 means off."""
+    if not model.h.smear_gate:
+        return {}
+    return dict(smear_lambda=_f(model.smear_lambda.detach()[0]), smear_w_norm=_f(model.smear_gate.weight.detach().norm()))
 
 
 def skip_profile(model: tg.GPT) -> list[dict]:
@@ -139,6 +150,8 @@ def logit_lens(model: tg.GPT, ids: torch.Tensor, k: int) -> dict[str, torch.Tens
     the final residual (the model's prediction), the embedding x0 and each extra embedding."""
     ids = ids[None]
     e = model.tok_emb(ids)
+    if model.h.smear_gate:
+        e = model.smear(e, ids)
     if model.embed_proj is not None:
         e = model.embed_proj(e)
     if model.in_rot is not None:
@@ -250,7 +263,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     blocks = block_profile(model)
     rep = dict(model=a.model, params=tg.count_params(model), looping=model.looping_active, blocks=blocks,
-               summary=summary(blocks), skips=skip_profile(model), lanes=lane_profile(model), spectra=spectra(model))
+               summary=summary(blocks), skips=skip_profile(model), lanes=lane_profile(model), spectra=spectra(model),
+               smear=smear_profile(model))
     lines = [f"# Weight analysis of {a.model}", "",
              f"params:{rep['params']} looping:{int(model.looping_active)} head:{h.head_kind} "
              f"overrides: {' '.join(f'{k}={v}' for k, v in vars(h).items() if v != tg._DEFAULTS[k] and k not in ('run_id', 'data_path', 'tokenizer_path', 'log_dir')) or 'none'}",
@@ -258,6 +272,7 @@ def main(argv=None) -> int:
              "", *_table(blocks), "",
              "peak block {peak_block}; spread max/min {spread:.2f}x; first+last blocks: {boundary_share:.1%} of the total "
              "with {boundary_params} params".format(**rep["summary"]), "", "![profile](profile.png)", "",
+             *(["SmearGate " + " ".join(f"{k}:{v:.4g}" for k, v in rep["smear"].items()), ""] if rep["smear"] else []),
              "## U-net skips", "", *_table(rep["skips"]), "", "## Parallel lanes", "",
              "Share = post[src,1]^2 / (post[src,0]^2 + post[src,1]^2): output energy routed to lane 1 (the MLP lane).",
              "", *_table(rep["lanes"]), "", "## Singular values", ""]

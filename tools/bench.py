@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
@@ -113,8 +112,7 @@ def bench(args) -> int:
                 print(f"mode:looping_{'on' if looping else 'off'} ms/step:{sec * 1000:.2f} tokens/s_per_gpu:{tokens / sec:.0f} "
                       f"peak_mem_mib:{peak_memory_mib(d.device):.0f} flops/token:{flops} mfu:{mfu} "
                       f"warmup:{warm:.1f}s loss:{loss.item():.4f}", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    tg.shutdown_distributed(d)
     return 0
 
 

@@ -4,9 +4,11 @@ For a prefix of the validation stream, score every target with a stage; then rep
 after stream position p with a different random token and score again. A causal stage gives every
 target at or before p (target i is token i+1, so i < p) a bit-identical NLL. TTT stages start from
 a fresh copy of the artifact on each run, so their weight updates are part of what is checked.
+The document stages (doc_plain, doc_sliding, lora_ttt) score documents in stream order, so the same
+check covers them; the points include document starts and the LoRA stage's phase boundaries.
 
     python3 tools/causality_check.py --artifact logs/run.ptz [--stage plain sliding ttt] \
-        [--tokens 20000] [--positions 3] [--seed 0]
+        [--tokens 20000] [--positions 3] [--seed 0]   # --stage also doc_plain doc_sliding lora_ttt
 
 The model config comes from the same env vars as the run that wrote the artifact (PRESET,
 VOCAB_SIZE, ..., DATA_PATH, TOKENIZER_PATH, EVAL_STRIDE, TTT_*). Runs on CPU in float32, where
@@ -25,12 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
-STAGES = ("plain", "sliding", "ttt")
+STAGES = ("plain", "sliding", "ttt", "doc_plain", "doc_sliding", "lora_ttt")
 
 
 def stage_nll(h: tg.Hyperparameters, make_model, tokens: torch.Tensor, luts, stage: str, scorer=None) -> torch.Tensor:
     """Per-target NLL of one stage on a fresh model; scorer overrides model.token_nll (for controls)."""
     model = make_model()
+    if stage == "lora_ttt":
+        return tg.eval_lora_ttt(h, model, model, CPU, tokens, luts, collect=True)[1]
+    if stage.startswith("doc_"):
+        stride = h.eval_seq_len if stage == "doc_plain" else h.eval_stride
+        return tg.eval_doc_windows(h, scorer or model.token_nll, CPU, tokens, luts, stride, collect=True)[1]
     if stage == "ttt":
         tg.prepare_ttt(model, h)
         return tg.eval_ttt(h, model, scorer or model.token_nll, model, CPU, tokens, luts, collect=True)[1]
@@ -55,6 +62,17 @@ def check_causality(h, make_model, tokens, luts, stage: str, p: int, seed: int =
     return dict(stage=stage, p=p, checked=p, mismatches=int(bad.numel()),
                 first_mismatch=int(bad[0]) if bad.numel() else -1,
                 changed_after=int((a[p:] != b[p:]).sum()))
+
+
+def boundary_points(h: tg.Hyperparameters, tokens: torch.Tensor) -> set[int]:
+    """Around the second document start and around the first target after each phase of lora_ttt."""
+    starts, _ = tg.doc_spans(tokens)
+    n, out = tokens.numel() - 1, set()
+    marks = [int(starts[1])] if len(starts) > 1 else []
+    marks += [int(starts[b]) for b in tg.phase_bounds(h, len(starts)) if b < len(starts)]
+    for m in marks:
+        out |= {p for p in (m - 1, m, m + 1) if 0 < p < n}
+    return out
 
 
 def main(argv=None) -> int:
@@ -83,7 +101,8 @@ def main(argv=None) -> int:
     n = tokens.numel() - 1
     # Spread points, including ones right at and after a TTT chunk boundary when the stream has one.
     points = sorted({int(n * (k + 1) / (args.positions + 1)) for k in range(args.positions)}
-                    | ({h.ttt_chunk_tokens, h.ttt_chunk_tokens + 1} if h.ttt_chunk_tokens + 1 < n else set()))
+                    | ({h.ttt_chunk_tokens, h.ttt_chunk_tokens + 1} if h.ttt_chunk_tokens + 1 < n else set())
+                    | boundary_points(h, tokens))
     leaks = 0
     for stage in args.stage:
         for p in points:

@@ -3,7 +3,7 @@
     python tools/pack_code.py [--src train_gpt.py] [--out records/.../train_gpt.py]
 
 The wrapper runs the exact readable source with exec, so it behaves identically; its size is what
-train_gpt.py logs as bytes_code (code_packed:1). The readable file stays the source of truth.
+train_gpt.py logs as counted_code_bytes (code_packed:1). The readable file stays the source of truth.
 """
 import argparse
 import sys

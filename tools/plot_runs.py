@@ -1,9 +1,13 @@
 """Plot training loss and val_bpb of one or several runs from their logs to a PNG.
 
     python tools/plot_runs.py logs/a.txt logs/b.txt --out curves.png [--x step|time]
+    python tools/plot_runs.py logs/a.txt records/track_10min_16mb/<record>/train_seed42.log --out c.png
 
 Left: train_loss per logged step. Right: the periodic `step:.. val_bpb` points as lines, and each
-final_<stage> val_bpb as a marker at the last step (the score, the last stage, is filled).
+final_<stage> val_bpb as a marker at the last step (the score, the last stage, is filled). Logs of
+the accepted records are read too (tools/runlog.py parse_record_log): their step lines give the
+training time in tenths of a minute, and their validation points get the time of the step lines
+around them.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ def curves(r: runlog.RunLog, x: str = "step") -> dict:
     end = (r.train_steps if x == "step" else r.train_time_s)
     if end is None:  # unfinished training: the last logged point
         end = r.train_points[-1][xi] if r.train_points else 0
+    val = [p for p in r.val_points if p[vxi] is not None]  # a record's val point outside its step lines
     return {
         "train": ([p[xi] for p in r.train_points], [p[1] for p in r.train_points]),
-        "val": ([p[vxi] for p in r.val_points], [p[2] for p in r.val_points]),
+        "val": ([p[vxi] for p in val], [p[2] for p in val]),
         "finals": [(s.name, end, s.val_bpb) for s in r.stages.values()],
     }
 
@@ -41,13 +46,16 @@ def plot(runs: list[runlog.RunLog], out: Path, x: str = "step") -> Path:
         c = curves(r, x)
         color = f"C{i % 10}"
         name = r.run_id or Path(r.path).stem
+        if r.record_log and len(name) > 40:  # record folders are named <date>_<long title>
+            name = f"{Path(r.path).parent.name[:10]}/{Path(r.path).stem}"
         ax_loss.plot(*c["train"], color=color, label=name)
         if c["val"][0]:
             ax_bpb.plot(*c["val"], color=color, marker=".", label=f"{name} (live weights)")
         for j, (stage, xs, bpb) in enumerate(c["finals"]):
             last = j == len(c["finals"]) - 1
             ax_bpb.scatter([xs], [bpb], marker=markers[j % len(markers)], edgecolors=color,
-                           facecolors=color if last else "none", label=f"{name} final_{stage}")
+                           facecolors=color if last else "none",
+                           label=f"{name} {stage if r.record_log else 'final_' + stage}")
     xlabel = "step" if x == "step" else "training time (s)"
     ax_loss.set(xlabel=xlabel, ylabel="train_loss (nats/token)", title="training loss")
     ax_bpb.set(xlabel=xlabel, ylabel="val_bpb", title="validation bits per byte")
@@ -75,7 +83,7 @@ def main() -> int:
         return 2
     empty = [r.path for r in runs if not r.train_points and not r.stages]
     if empty:
-        print(f"error: {empty[0]} has no train_loss or final_<stage> lines to plot", file=sys.stderr)
+        print(f"error: {empty[0]} has no step lines with train_loss and no line with val_bpb to plot", file=sys.stderr)
         return 2
     print(f"plot:{plot(runs, Path(a.out), a.x)} runs:{len(runs)}")
     return 0

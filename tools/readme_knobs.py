@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Generate the README table of env knobs from train_gpt.Hyperparameters.
+"""Generate the knob table of docs/knobs.md from train_gpt.Hyperparameters, and README.md's counted code size.
 
 Every dataclass field becomes one row: env var (field name upper-cased), default (from the
 dataclass) and meaning (the trailing `# ...` comment on the field's line in train_gpt.py, or the
 section name from the `# --- section ---` header above it, in italics, when the field has no comment).
-Rows are grouped under bold section rows in source order.
+Rows are grouped under bold section rows in source order. README.md states the size of the packed
+train_gpt.py (what the artifact counts) between code-size markers.
 
     python3 tools/readme_knobs.py           # print the table
-    python3 tools/readme_knobs.py --write   # replace the table between the markers in README.md
-    python3 tools/readme_knobs.py --check   # exit 1 if README.md is stale
+    python3 tools/readme_knobs.py --write   # rewrite the table in docs/knobs.md and the size in README.md
+    python3 tools/readme_knobs.py --check   # exit 1 if either is stale
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from typing import NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_gpt.py"
 README = REPO / "README.md"
+KNOBS_DOC = REPO / "docs" / "knobs.md"
 START, END = "<!-- knobs:start -->", "<!-- knobs:end -->"
+SIZE_START, SIZE_END = "<!-- code-size:start -->", "<!-- code-size:end -->"
 SECTION_RE = re.compile(r"#\s*-+\s*(.*?)\s*-+\s*$")  # applied to comment tokens only: "# --- model ---"
 
 
@@ -105,44 +108,64 @@ def uncommented_fields() -> list[str]:
     return [k.name for k in parse_knobs(SCRIPT.read_text(encoding="utf-8")) if not k.comment]
 
 
+def _between(text: str, start: str, end: str, what: str) -> str:
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{what} must contain exactly one {start} ... {end} block")
+    return text[text.index(start) + len(start) : text.index(end)].strip()
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start, 1)
+    return f"{head}{start}{body}{end}{rest.split(end, 1)[1]}"
+
+
 def readme_table(text: str) -> str:
-    """The text between the knob markers of README.md, stripped."""
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"README.md must contain exactly one {START} ... {END} block")
-    return text[text.index(START) + len(START) : text.index(END)].strip()
+    """The text between the knob markers (of docs/knobs.md), stripped."""
+    return _between(text, START, END, "docs/knobs.md")
 
 
 def render_readme(text: str, table: str) -> str:
     readme_table(text)  # validates the markers
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}\n{END}{tail}"
+    return _replace(text, START, END, f"\n{table}\n")
+
+
+def code_size_text() -> str:
+    """The counted code size as README.md states it, e.g. '33,545'."""
+    return f"{_import_train_gpt().counted_code_bytes():,}"
+
+
+def readme_code_size(text: str) -> str:
+    return _between(text, SIZE_START, SIZE_END, "README.md")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="update the table in README.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 if README.md's table is stale")
+    mode.add_argument("--write", action="store_true", help="update docs/knobs.md and README.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if either is stale")
     args = p.parse_args(argv)
-    table = knob_table()
+    table, size = knob_table(), code_size_text()
     if not (args.write or args.check):
         print(table)
         return 0
     try:
-        text = README.read_text(encoding="utf-8")
-        current = readme_table(text)
+        doc, readme = KNOBS_DOC.read_text(encoding="utf-8"), README.read_text(encoding="utf-8")
+        stale_table, stale_size = readme_table(doc) != table, readme_code_size(readme) != size
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.check:
-        if current != table:
-            print("README.md knob table is stale; run: python3 tools/readme_knobs.py --write", file=sys.stderr)
+        if stale_table or stale_size:
+            print("docs/knobs.md or README.md's code size is stale; run: python3 tools/readme_knobs.py --write",
+                  file=sys.stderr)
             return 1
         return 0
-    if current != table:
-        README.write_text(render_readme(text, table), encoding="utf-8")
-        print("README.md knob table updated")
+    if stale_table:
+        KNOBS_DOC.write_text(render_readme(doc, table), encoding="utf-8")
+        print("docs/knobs.md knob table updated")
+    if stale_size:
+        README.write_text(_replace(readme, SIZE_START, SIZE_END, size), encoding="utf-8")
+        print(f"README.md counted code size updated: {size} bytes")
     bare = uncommented_fields()
     if bare:
         print(f"note: no trailing comment (meaning = section name): {', '.join(bare)}", file=sys.stderr)

@@ -3,13 +3,16 @@
     python tools/records.py pack --name NAME --author A --github-id G [--track T] [--date D]
         [--code train_gpt.py] [--summary TEXT] [--reference ... | --reference-bpb X | --reference-seeds a,b]
         LOG [LOG ...]
-    python tools/records.py check records/<track>/<date>_<name>
+    python tools/records.py check records/track_<track>/<date>_<name>
 
-pack writes records/<track>/<date>_<name>/: README.md, submission.json (tools/submission.schema.json),
-train_seed<seed>.log per log, train_gpt.py (the counted code, packed when the run counted it packed)
-and train_gpt_readable.py. Every number comes from the logs. It refuses (one line, nothing written)
-when a log is incomplete, when seeds differ in any setting other than SEED/RUN_ID, or when a log's
-`code bytes:<n> sha256:<hex>` does not match the code being shipped. check re-derives
+pack writes records/track_<track>/<date>_<name>/: README.md, submission.json, train_seed<seed>.log
+per log, train_gpt.py (the counted code, packed when the run counted it packed) and
+train_gpt_readable.py. submission.json has the keys the accepted records use (seed_results keyed by
+seed, val_bpb mean and sample std, seeds, name, author, github_id, date, track, hardware,
+pytorch_version, bytes_total, compliance) plus our own (tools/submission.schema.json describes all).
+Every number comes from the logs. It refuses (one line, nothing written) when a log is incomplete
+or not a train_gpt.py log, when seeds differ in any setting other than SEED/RUN_ID, or when a log's
+`code file_bytes:<n> sha256:<hex>` does not match the code being shipped. check re-derives
 submission.json from the folder's logs and code and reports any difference.
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ SCHEMA_PATH = TOOLS / "submission.schema.json"
 SIZE_LIMIT = 16_000_000
 TIME_LIMIT_S = 600.0
 PER_SEED_KNOBS = {"seed", "run_id"}  # the only settings allowed to differ between a record's seeds
-DEFAULT_TRACK = "track_10min_16mb"
+DEFAULT_TRACK = "10min_16mb"  # the accepted records' `track`; their folders live in records/track_<track>/
 
 
 class PackError(ValueError):
@@ -160,16 +163,16 @@ def match_code(path: Path, runs: list[runlog.RunLog], readable_path: Path | None
         raise PackError(f"{path} has no pack_source(); pass --code with the packed train_gpt.py that ran")
     packed = given if readable is not given else module.pack_source(readable)
     for r in runs:
-        if r.code_bytes is None:
-            raise PackError(f"log {r.path} has no `code bytes:<n> sha256:<hex>` line; cannot tell which code produced it")
-        ran = next((c for c in (readable, packed) if len(c) == r.code_bytes and sha256(c).startswith(r.code_sha256)), None)
+        if r.code_file_bytes is None:
+            raise PackError(f"log {r.path} has no `code file_bytes:<n> sha256:<hex>` line; cannot tell which code produced it")
+        ran = next((c for c in (readable, packed) if len(c) == r.code_file_bytes and sha256(c).startswith(r.code_sha256)), None)
         if ran is None:
-            raise PackError(f"log {r.path} was produced by code bytes:{r.code_bytes} sha256:{r.code_sha256} but {path} is "
-                            f"bytes:{len(readable)} sha256:{sha256(readable)[:16]}; pass --code with the file that ran")
+            raise PackError(f"log {r.path} was produced by code file_bytes:{r.code_file_bytes} sha256:{r.code_sha256} but "
+                            f"{path} is file_bytes:{len(readable)} sha256:{sha256(readable)[:16]}; pass --code with the file that ran")
         counted = packed if r.artifact.get("code_packed", "1") == "1" else readable
-        if len(counted) != r.artifact["bytes_code"]:
-            raise PackError(f"log {r.path} counted bytes_code:{r.artifact['bytes_code']} but the code packs to {len(counted)} "
-                            "bytes here (different lzma?); pack on the machine that ran")
+        if len(counted) != r.artifact["counted_code_bytes"]:
+            raise PackError(f"log {r.path} has counted_code_bytes:{r.artifact['counted_code_bytes']} but the code packs to "
+                            f"{len(counted)} bytes here (different lzma?); pack on the machine that ran")
     return Code(readable, counted, ran is not readable, module)
 
 
@@ -190,16 +193,17 @@ def ttt_single_pass(r: runlog.RunLog) -> bool:
 
 
 def compliance(r: runlog.RunLog) -> dict[str, bool]:
-    """SPEC 5.6 limits, from one log: the training data is read only inside 600 s (training loop and
-    the GPTQ Hessian pass), evaluation inside 600 s, artifact inside 16,000,000 bytes, TTT scores
-    before it adapts, and quantizer calibration uses training data (or there is none: RTN)."""
+    """The challenge's limits, from one log (names as in the accepted records' compliance blocks):
+    the training data is read only inside 600 s (training loop and the GPTQ Hessian pass), evaluation
+    inside 600 s, artifact inside 16,000,000 bytes, TTT scores before it adapts, and quantizer
+    calibration uses training data (or there is none: RTN)."""
     train_end = max(r.train_time_s, r.hessian_end_s or 0.0)
     rtn = r.quantized.get("method") == "rtn"
     return {
-        "train_time_le_600s": train_end <= TIME_LIMIT_S,
-        "eval_time_le_600s": r.eval_used_s <= TIME_LIMIT_S and not r.eval_budget.get("over_budget"),
-        "bytes_total_le_16000000": r.bytes_total <= SIZE_LIMIT and r.over_limit is None,
-        "ttt_score_first": ttt_single_pass(r),
+        "train_under_600s": train_end <= TIME_LIMIT_S,
+        "eval_under_600s": r.eval_used_s <= TIME_LIMIT_S and not r.eval_budget.get("over_budget"),
+        "artifact_under_16mb": r.bytes_total <= SIZE_LIMIT and r.over_limit is None,
+        "score_first_ttt": ttt_single_pass(r),
         "calibration_on_train_data": rtn or r.calib_data == "train",
     }
 
@@ -215,6 +219,8 @@ def check_runs(runs: list[runlog.RunLog]) -> None:
     if not runs:
         raise PackError("no logs given")
     for r in runs:
+        if r.record_log:
+            raise PackError(f"log {r.path} is not a train_gpt.py log (no run_id line); pack takes this script's logs")
         if r.runs_in_file > 1:
             raise PackError(f"log {r.path} holds {r.runs_in_file} runs (a reused RUN_ID appends); keep only the last run")
         miss = r.missing()
@@ -234,7 +240,7 @@ def check_runs(runs: list[runlog.RunLog]) -> None:
             raise PackError(f"seeds used different configs: {k.upper()}={first.hp.get(k)!r} in {first.path} but "
                             f"{r.hp.get(k)!r} in {r.path} (only SEED and RUN_ID may differ)")
         for what, f in (("validation set (val_tokens, val_bytes)", lambda x: (x.val_tokens, x.val_bytes)),
-                        ("code", lambda x: f"bytes:{x.code_bytes} sha256:{x.code_sha256}"),
+                        ("code", lambda x: f"file_bytes:{x.code_file_bytes} sha256:{x.code_sha256}"),
                         ("hardware", hardware), ("torch version", lambda x: x.versions.get("torch")),
                         ("score stage", lambda x: x.score.name)):
             if f(first) != f(r):
@@ -278,13 +284,13 @@ def find_artifact(r: runlog.RunLog) -> Path | None:
     return None
 
 
-def per_seed_entry(r: runlog.RunLog, artifact_sha: str | None) -> dict:
+def seed_entry(r: runlog.RunLog, artifact_sha: str | None) -> dict:
+    """One seed_results value: the accepted records' keys first, then ours."""
     return {
-        "seed": r.seed, "run_id": r.run_id, "log": f"train_seed{r.seed}.log",
-        "val_bpb": r.score.val_bpb, "val_loss": r.score.val_loss,
-        "bytes_total": r.artifact["bytes_total"], "bytes_code": r.artifact["bytes_code"],
-        "bytes_model": r.artifact["bytes_model"], "steps": r.train_steps, "train_time_s": r.train_time_s,
-        "gptq_hessian_end_s": r.hessian_end_s, "eval_time_s": r.eval_used_s,
+        "val_bpb": r.score.val_bpb, "val_loss": r.score.val_loss, "artifact_bytes": r.artifact["bytes_total"],
+        "steps": r.train_steps, "train_time_s": r.train_time_s, "eval_time_s": r.eval_used_s,
+        "run_id": r.run_id, "log": f"train_seed{r.seed}.log", "counted_code_bytes": r.artifact["counted_code_bytes"],
+        "bytes_model": r.artifact["bytes_model"], "gptq_hessian_end_s": r.hessian_end_s,
         "stages": {s.name: {"val_bpb": s.val_bpb, "val_loss": s.val_loss, "eval_time_s": s.eval_time_s}
                    for s in r.stages.values()},
         "artifact_sha256": artifact_sha,
@@ -293,25 +299,26 @@ def per_seed_entry(r: runlog.RunLog, artifact_sha: str | None) -> dict:
 
 def build_submission(runs: list[runlog.RunLog], code: Code, meta: dict, artifact_shas: dict,
                      sig: dict | None) -> dict:
+    """submission.json in the accepted records' shape (their keys first), with our evidence after."""
     runs = sorted(runs, key=lambda r: r.seed)
     bpb, nats = [r.score.val_bpb for r in runs], [r.score.val_loss for r in runs]
     comp = {k: all(compliance(r)[k] for r in runs) for k in compliance(runs[0])}
+    comp["three_seeds"] = len(runs) >= 3
     (mb, sb), (ml, sl) = significance.mean_std(bpb), significance.mean_std(nats)
     return {
-        "schema_version": 1, "name": meta["name"], "author": meta["author"], "github_id": meta["github_id"],
-        "date": meta["date"], "track": meta["track"], "score_stage": f"final_{runs[0].score.name}",
-        "val_bpb": mb, "val_bpb_std": sb, "val_loss": ml, "val_loss_std": sl,
-        "seeds": [r.seed for r in runs],
-        "per_seed": [per_seed_entry(r, artifact_shas.get(r.path)) for r in runs],
+        "name": meta["name"], "author": meta["author"], "github_id": meta["github_id"],
+        "date": meta["date"], "track": meta["track"], "val_bpb": mb, "val_bpb_std": sb, "val_loss": ml,
+        "val_loss_std": sl, "seeds": [r.seed for r in runs],
+        "seed_results": {str(r.seed): seed_entry(r, artifact_shas.get(r.path)) for r in runs},
+        "hardware": hardware(runs[0]), "pytorch_version": runs[0].versions.get("torch", ""),
         "bytes_total": max(r.artifact["bytes_total"] for r in runs),
-        "val_tokens": runs[0].val_tokens, "val_bytes": runs[0].val_bytes,
-        "hardware": hardware(runs[0]), "torch_version": runs[0].versions.get("torch", ""),
+        "technique_summary": meta.get("summary", ""), "compliance": comp, "compliant": all(comp.values()),
+        "score_stage": f"final_{runs[0].score.name}", "val_tokens": runs[0].val_tokens, "val_bytes": runs[0].val_bytes,
         "python_version": runs[0].versions.get("python", ""),
         "code": {"file": "train_gpt.py", "bytes": len(code.counted), "sha256": sha256(code.counted),
                  "readable_file": "train_gpt_readable.py", "readable_sha256": sha256(code.readable),
                  "logged_sha256": runs[0].code_sha256},
-        "technique_summary": meta.get("summary", ""),
-        "compliance": comp, "compliant": all(comp.values()), "significance": sig,
+        "significance": sig,
     }
 
 
@@ -341,7 +348,7 @@ def render_readme(sub: dict, runs: list[runlog.RunLog], code: Code, folder_rel: 
     lines = [f"# {sub['name']}", "",
              f"**val_bpb {sub['val_bpb']:.8f}**{std}, {n} seed{'s' * (n > 1)}, score stage `{sub['score_stage']}`; "
              f"val_loss {sub['val_loss']:.8f} nats/token. Largest artifact {sub['bytes_total']:,} bytes. "
-             f"{sub['hardware']}, torch {sub['torch_version']}. Author {sub['author']} (@{sub['github_id']}), {sub['date']}.",
+             f"{sub['hardware']}, torch {sub['pytorch_version']}. Author {sub['author']} (@{sub['github_id']}), {sub['date']}.",
              ""]
     if sub["technique_summary"]:
         lines += [sub["technique_summary"], ""]
@@ -360,12 +367,13 @@ def render_readme(sub: dict, runs: list[runlog.RunLog], code: Code, folder_rel: 
                          + " |" * (len(stages) + 2) + " |")
     c = sub["compliance"]
     evidence = {
-        "train_time_le_600s": "max over seeds of the timed training loop and the GPTQ Hessian pass end: "
-                              + _f(max(max(r.train_time_s, r.hessian_end_s or 0) for r in runs)) + " s",
-        "eval_time_le_600s": f"largest `eval_budget used`: {_f(max(r.eval_used_s for r in runs))} s",
-        "bytes_total_le_16000000": f"largest bytes_total: {sub['bytes_total']:,}",
-        "ttt_score_first": "TTT logged one sequential scored pass (ttt_progress to n/n equals final_ttt), or no TTT",
+        "train_under_600s": "max over seeds of the timed training loop and the GPTQ Hessian pass end: "
+                            + _f(max(max(r.train_time_s, r.hessian_end_s or 0) for r in runs)) + " s",
+        "eval_under_600s": f"largest `eval_budget used`: {_f(max(r.eval_used_s for r in runs))} s",
+        "artifact_under_16mb": f"largest bytes_total: {sub['bytes_total']:,} (limit 16,000,000)",
+        "score_first_ttt": "TTT logged one sequential scored pass (ttt_progress to n/n equals final_ttt), or no TTT",
         "calibration_on_train_data": "GPTQ Hessians logged `calib_data:train`, or RTN (no calibration)",
+        "three_seeds": f"{n} seed{'s' * (n > 1)}",
     }
     lines += ["", "## Compliance", "", "| check | ok | evidence |", "|---|---|---|"]
     lines += [f"| {k} | {'yes' if v else '**no**'} | {evidence[k]} |" for k, v in c.items()]
@@ -395,7 +403,7 @@ def render_readme(sub: dict, runs: list[runlog.RunLog], code: Code, folder_rel: 
               f"for SEED in {seeds}; do",
               f"  SEED=$SEED RUN_ID={sub['name']}_seed$SEED {env + ' ' if env else ''}{launch(ws, script)}",
               "done", "```", "",
-              f"`train_gpt.py` is the counted code ({len(code.counted):,} bytes, the logged `bytes_code`); "
+              f"`train_gpt.py` is the counted code ({len(code.counted):,} bytes, the logged `counted_code_bytes`); "
               f"`train_gpt_readable.py` is its source. The logs print `code sha256:{runs[0].code_sha256}`, the hash of "
               f"{'train_gpt.py' if code.ran_packed else 'train_gpt_readable.py'}, "
               "the file that ran."]
@@ -434,10 +442,13 @@ def pack(log_paths: list[str], code_path: Path, meta: dict, records_dir: Path, r
     """Write the record folder (staged, then renamed, so a failure leaves nothing behind)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", meta["name"]):
         raise PackError(f"--name {meta['name']!r} must be letters, digits, '_', '.', '-'")
+    meta = {**meta, "track": meta["track"].removeprefix("track_")}
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", meta["track"]):
+        raise PackError(f"--track {meta['track']!r} must be letters, digits, '_', '.', '-' (e.g. {DEFAULT_TRACK})")
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", meta["date"]):
         raise PackError(f"--date {meta['date']!r} must be YYYY-MM-DD")
     runs, code, sub = prepare(log_paths, code_path, meta, ref, margin_nats)
-    parent = records_dir / meta["track"]
+    parent = records_dir / f"track_{meta['track']}"
     final = parent / f"{meta['date']}_{meta['name']}"
     if final.exists():
         raise PackError(f"{final} already exists; choose another --name or remove it")
@@ -488,8 +499,9 @@ def check(folder: Path) -> list[str]:
     if not readable.is_file() or sha256(readable.read_bytes()) != sub["code"]["readable_sha256"]:
         errs.append(f"{readable} is missing or differs from the code's readable_sha256")
     meta = {k: sub[k] for k in ("name", "author", "github_id", "date", "track")} | {"summary": sub["technique_summary"]}
-    logs = [str(folder / s["log"]) for s in sub["per_seed"]]
-    shas = {str(folder / s["log"]): s["artifact_sha256"] for s in sub["per_seed"]}
+    seeds = sub["seed_results"].values()
+    logs = [str(folder / s["log"]) for s in seeds]
+    shas = {str(folder / s["log"]): s["artifact_sha256"] for s in seeds}
     sig = sub["significance"]
     try:
         _, _, again = prepare(logs, folder / sub["code"]["file"], meta, sig and sig["reference"],
@@ -519,7 +531,7 @@ def main() -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--author", required=True)
     p.add_argument("--github-id", required=True)
-    p.add_argument("--track", default=DEFAULT_TRACK)
+    p.add_argument("--track", default=DEFAULT_TRACK, help="the submission's track; the folder is records/track_<track>/")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--code", default=str(REPO / "train_gpt.py"), help="the train_gpt.py (or packed wrapper) that ran")
     p.add_argument("--summary", default="", help="technique summary (one paragraph)")

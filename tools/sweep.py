@@ -14,6 +14,10 @@ whose complete log already exists is skipped, so rerunning a sweep resumes it; a
 first moved aside to <RUN_ID>.txt.<n>.partial. After each run DIR/summary.md and DIR/summary.csv are
 rewritten: all runs sorted by the val_bpb of their last final_<stage> line.
 
+Stopping the sweep (Ctrl-C, SIGTERM, SIGHUP) stops the running training process group too and exits
+with 128 + the signal number. DIR/.sweep.lock keeps a second sweep out of DIR while one runs, and a
+log still held by a running train_gpt.py is never moved aside (both locks die with their process).
+
 Launch as ./run.sh does: torchrun on the largest divisor of 8 not above the visible GPU count;
 without a GPU python3 with PRESET=smoke, DATA_PATH=data/datasets/smoke_sp1024 and the shared 1024
 tokenizer, each only where you have not set it.
@@ -25,6 +29,7 @@ import itertools
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -136,6 +141,68 @@ def plan(specs: list[tuple[int, dict[str, str]]], base_env: dict[str, str], stem
     return runs
 
 
+def log_in_use(path: Path) -> bool:
+    """True while a train_gpt.py process holds its log (the lock dies with that process)."""
+    import fcntl
+
+    with open(path, "a", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def lock_out_dir(out_dir: Path):
+    """Hold DIR/.sweep.lock for this sweep's lifetime; a second sweep on the same DIR is refused."""
+    import fcntl
+
+    f = open(out_dir / ".sweep.lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        f.close()
+        raise SweepError(f"another sweep is writing to {out_dir}; wait for it or stop it first") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGHUP/SIGINT reached the sweep: stop the running child, then exit 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, _frame):
+    raise Stopped(signum)
+
+
+def run_child(cmd: list[str], env: dict[str, str], out) -> int:
+    """Run one training process in its own process group; if the sweep is stopped, stop the group too
+    (torchrun and its workers included), so nothing keeps writing after the sweep is gone."""
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    print(f"  pid:{proc.pid}", flush=True)
+    try:
+        return proc.wait()
+    except BaseException:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
+
+
 def set_aside(path: Path) -> Path:
     """Move an unfinished run's file out of the way without overwriting anything."""
     n = 1
@@ -167,13 +234,19 @@ def execute(runs: list[Run], cmd: list[str], out_dir: Path) -> dict[str, str]:
                 print("  status:skipped (complete log exists)", flush=True)
                 write_summary(runs, status, out_dir)
                 continue
+            if log_in_use(run.log):
+                raise SweepError(f"{run.log} is still being written by a running process (an earlier sweep's run?); "
+                                 "stop it, then run the sweep again")
             print(f"  moved incomplete log to {set_aside(run.log)}", flush=True)
+            artifact = Path(run.env.get("ARTIFACT_PATH") or run.log.with_suffix(".ptz"))
+            if artifact.exists():  # train_gpt.py refuses a RUN_ID whose artifact exists
+                print(f"  moved its artifact to {set_aside(artifact)}", flush=True)
         out = out_dir / f"{run.run_id}.out"
         if out.exists():
             set_aside(out)
         t0 = time.perf_counter()
         with open(out, "w", encoding="utf-8") as f:
-            rc = subprocess.run(cmd, env=run.env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+            rc = run_child(cmd, run.env, f)
         r = runlog.read_log(run.log) if run.log.is_file() else None
         st = "ok" if rc == 0 and r is not None and r.complete else f"failed rc={rc}"
         status[str(run.log)] = st
@@ -203,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"sweep file {path} not found")
         if a.steps is not None and a.steps <= 0:
             raise SweepError(f"--steps {a.steps} must be positive")
-        specs = parse_sweep(path.read_text(encoding="utf-8"))
+        try:
+            specs = parse_sweep(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise SweepError(f"sweep file {path} is not text (byte {e.start} is not UTF-8); "
+                             "give a text file of KEY=VALUE lines") from None
         if not specs:
             raise SweepError(f"{path} has no runs (one line of KEY=VALUE settings per run)")
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)
@@ -224,7 +301,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run_id:{r.run_id} line:{r.line} {r.label}")
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    status = execute(runs, cmd, out_dir)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _raise_stopped)
+    try:
+        lock = lock_out_dir(out_dir)  # noqa: F841 (held until exit)
+        status = execute(runs, cmd, out_dir)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"error: sweep stopped by {name}; its running training process was stopped too; "
+              f"run the same command again to resume", file=sys.stderr, flush=True)
+        return 128 + e.signum
     print(write_summary(runs, status, out_dir), end="")
     print(f"summary:{out_dir / 'summary.md'} csv:{out_dir / 'summary.csv'}")
     if a.plot:

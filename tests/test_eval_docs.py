@@ -1,0 +1,212 @@
+"""Document-masked eval stages and per-document LoRA TTT with phased global SGD: planning against
+direct references, score-first by perturbation (inside a document, at document starts, at phase
+boundaries), document independence, LoRA at LR 0 == document-masked sliding, and a position spy on
+every training step."""
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO
+from test_eval import CPU, fake_luts, random_model, stream, tiny
+
+sys.path.insert(0, str(REPO / "tools"))
+import causality_check as cc  # noqa: E402
+import ttt_legality as legal  # noqa: E402
+
+
+def doc_stream(n: int, seed: int = 0, mean: int = 90) -> torch.Tensor:
+    """Random tokens with a BOS at 0 and about n/mean more BOS at random places (documents of varied length)."""
+    t = stream(n, seed=seed)
+    t[t == tg.BOS_ID] = 2
+    t[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[: n // mean]] = tg.BOS_ID
+    t[0] = tg.BOS_ID
+    return t
+
+
+def replace_tokens(tokens: torch.Tensor, lo: int, hi: int, seed: int = 5) -> torch.Tensor:
+    """Every non-BOS token at positions [lo, hi) replaced by another non-BOS token (same documents)."""
+    out = tokens.clone()
+    shift = torch.randint(1, 1021, tokens.shape, generator=torch.Generator().manual_seed(seed))
+    new = (tokens - 2 + shift) % 1022 + 2  # in [2, 1024) and never the old token
+    mask = tokens != tg.BOS_ID
+    mask[:lo] = False
+    mask[hi:] = False
+    out[mask] = new[mask]
+    return out
+
+
+def change_docs(tokens: torch.Tensor, keep: int) -> torch.Tensor:
+    """Every document but `keep` changed (token e[keep] is its last target: the next BOS or the stream end)."""
+    s, e = tg.doc_spans(tokens)
+    return replace_tokens(replace_tokens(tokens, 0, int(s[keep])), int(e[keep]) + 1, tokens.numel(), seed=6)
+
+
+LORA = dict(eval_stride=16, lora_rank=4, lora_alpha=8.0, lora_chunk_tokens=16, lora_batch_docs=3, lora_lr=0.05,
+            phased_prefix_docs=4, phased_num_phases=2, phased_lr=0.05, ttt_chunk_tokens=128, ttt_batch_seqs=2)
+
+
+def run_lora(h, tokens, luts, seed=0, trace=None):
+    model = random_model(h, seed)
+    return tg.eval_lora_ttt(h, model, model, CPU, tokens, luts, collect=True, trace=trace)
+
+
+# --- Planning ------------------------------------------------------------------------------------
+
+
+def test_doc_spans_partition_targets_at_bos():
+    t = torch.tensor([5, 1, 7, 8, 1, 1, 9, 4])  # no BOS at 0: a leading pseudo-document
+    s, e = tg.doc_spans(t)
+    assert s.tolist() == [0, 1, 4, 5] and e.tolist() == [1, 4, 5, 7]
+
+
+@pytest.mark.parametrize("T,stride", [(64, 16), (64, 64), (64, 48), (32, 7)])
+def test_doc_windows_score_each_target_once_inside_its_document(T, stride):
+    tokens = doc_stream(900, seed=T + stride)
+    starts, ends = tg.doc_spans(tokens)
+    ws, first, end = tg.doc_windows(starts, ends, T, stride)
+    counts = np.zeros(900, dtype=np.int64)
+    for w, f, e in zip(ws, first, end):
+        k = np.searchsorted(starts, w, side="right") - 1
+        assert starts[k] <= w <= f < e <= ends[k] and e - w <= T  # one document, at most T tokens
+        counts[f:e] += 1
+        for i in range(f, e):  # context of target i: the window ending at its chunk end, or the doc start
+            c_end = starts[k] + ((i - starts[k]) // stride + 1) * stride  # nominal: not cut at the doc end
+            want = (starts[k] + (i - starts[k]) // T * T) if stride == T else max(starts[k], c_end - T)
+            assert w == want
+    assert (counts == 1).all()
+
+
+# --- Document-masked stages against direct references -------------------------------------------
+
+
+def test_doc_plain_equals_each_document_alone_and_sliding_equals_direct_windows():
+    h = tiny(eval_stride=16, val_batch_tokens=3 * 64)
+    model, luts, tokens = random_model(h), fake_luts(1024), doc_stream(300, seed=3, mean=100)
+    starts, ends = tg.doc_spans(tokens)
+    rp, plain = tg.eval_doc_windows(h, model.token_nll, CPU, tokens, luts, 64, collect=True)
+    rs, slide = tg.eval_doc_windows(h, model.token_nll, CPU, tokens, luts, 16, collect=True)
+    for s, e in zip(starts, ends):  # plain: the document as a stream of its own, cut every 64
+        _, ref = tg.eval_windows(h, model.token_nll, CPU, tokens[s : e + 1], luts, 64, collect=True)
+        assert torch.allclose(plain[s:e], ref, atol=1e-5)
+    with torch.no_grad():  # sliding: target i from the window ending at its 16-chunk end, inside its doc
+        for i in range(0, 300, 3):
+            k = np.searchsorted(starts, i, side="right") - 1
+            w = max(starts[k], starts[k] + ((i - starts[k]) // 16 + 1) * 16 - 64)
+            x = tokens[w : i + 1]
+            assert torch.allclose(slide[i], model.token_nll(x[None], tokens[w + 1 : i + 2][None])[0, -1], atol=1e-5)
+    nbytes = tg.target_bytes(tokens[:-1], tokens[1:], luts).sum().item()
+    assert rp.tokens == rs.tokens == 300 and rp.bytes == rs.bytes == nbytes
+    assert rs.val_loss == pytest.approx(slide.double().mean().item(), rel=1e-9)
+
+
+def test_lora_at_lr_zero_without_phases_equals_doc_sliding():
+    h = tiny(**{**LORA, "lora_lr": 0.0, "phased_num_phases": 0})
+    luts, tokens = fake_luts(1024), doc_stream(400, seed=4, mean=60)
+    r, nll = run_lora(h, tokens, luts)
+    rs, ref = tg.eval_doc_windows(h, random_model(h).token_nll, CPU, tokens, luts, 16, collect=True)
+    assert torch.equal(nll, ref) and r == rs
+    r2, nll2 = run_lora(dataclasses.replace(h, lora_lr=0.05), tokens, luts)
+    assert not torch.equal(nll2, ref)  # the adapters do move once they learn
+
+
+def test_fresh_adapters_are_the_identity_and_targets_knob():
+    h = tiny(**LORA, lora_targets="k,o,mlp,head")
+    model, x = random_model(h), doc_stream(3 * 64)[:-1].view(3, 64)
+    lora = tg.DocLoRA(h, model, 3, torch.device("cpu"))
+    assert {t for _, t in lora.a} == {"k", "o", "mlp", "head"}
+    n_slots = len(model.schedules[False].encoder) + len(model.schedules[False].decoder)
+    assert len(lora.a) == 3 * n_slots + 1  # one set per virtual layer slot, one head
+    with torch.no_grad():
+        assert torch.equal(model.logits(x, lora=lora), model.logits(x))
+        for b in lora.b.values():
+            b.normal_()
+        assert not torch.allclose(model.logits(x, lora=lora), model.logits(x))
+    with pytest.raises(tg.ConfigError, match="LORA_TARGETS"):
+        tiny(lora_targets="q,gate").validate()
+    with pytest.raises(tg.ConfigError, match="LORA_CHUNK_TOKENS"):  # a chunk longer than its window
+        tiny(lora_chunk_tokens=65).validate()
+
+
+# --- Legality: score-first by perturbation, document independence, position spy ------------------
+
+
+@pytest.mark.parametrize("stage", ["doc_plain", "doc_sliding", "lora_ttt"])
+def test_new_stages_are_score_first(stage):
+    """p inside a document, around a document start, around each phase bound (the first target scored
+    with the updated base), and near the end where the perturbation changes the document count."""
+    h = tiny(**{**LORA, "lora_lr": 0.5, "phased_lr": 0.5})  # large LRs make any leak through an update visible
+    luts, tokens = fake_luts(1024), doc_stream(400, seed=1, mean=60)
+    starts, ends = tg.doc_spans(tokens)
+    bounds = [int(starts[b]) for b in tg.phase_bounds(h, len(starts))]
+    assert len(bounds) == 2 and len(starts) > 5
+    # p = a document's end - 1 replaces the next BOS: that document (longer than a window, last chunk
+    # partial) no longer ends there, so nothing before p may depend on where it ended
+    k = next(k for k in range(len(starts) - 1) if ends[k] - starts[k] > 80 and (ends[k] - starts[k]) % 16)
+    points = sorted({int(starts[1]) + 20, int(ends[k]) - 1, int(starts[2]), bounds[0] + 1, bounds[1], 390})
+    base = cc.stage_nll(h, lambda: random_model(h), tokens, luts, stage)
+    for p in points:
+        other = cc.stage_nll(h, lambda: random_model(h), cc.perturb_after(tokens, p, 1024, p), luts, stage)
+        assert torch.equal(other[:p], base[:p]), (p, (other[:p] != base[:p]).nonzero().flatten()[:5])
+        assert not torch.equal(other[p:], base[p:]), p
+
+
+@pytest.mark.parametrize("stage", ["doc_plain", "doc_sliding", "lora_ttt"])
+def test_documents_are_independent(stage):
+    h = tiny(**{**LORA, "phased_num_phases": 0, "lora_warm_start_a": False})
+    luts, tokens = fake_luts(1024), doc_stream(400, seed=2, mean=60)
+    starts, ends = tg.doc_spans(tokens)
+    nll = lambda t: cc.stage_nll(h, lambda: random_model(h), t, luts, stage)  # noqa: E731
+    base = nll(tokens)
+    for k in (0, len(starts) - 1):
+        other = nll(change_docs(tokens, k))
+        assert torch.equal(other[starts[k] : ends[k]], base[starts[k] : ends[k]]), k
+        assert not torch.equal(other, base)
+
+
+def test_phased_sgd_carries_a_document_only_into_documents_scored_after_its_phase():
+    h = tiny(**{**LORA, "lora_warm_start_a": False})
+    luts, tokens = fake_luts(1024), doc_stream(400, seed=2, mean=60)
+    starts, ends = tg.doc_spans(tokens)
+    b1 = tg.phase_bounds(h, len(starts))[0]  # documents [0, b1) train the base before b1.. are scored
+    base = run_lora(h, tokens, luts)[1]
+    other = run_lora(h, change_docs(tokens, keep=1), luts)[1]  # every document but 1 changes
+    assert torch.equal(other[starts[1] : ends[1]], base[starts[1] : ends[1]])
+    other = run_lora(h, replace_tokens(tokens, 0, int(ends[0])), luts)[1]  # only document 0 changes
+    assert torch.equal(other[starts[1] : starts[b1]], base[starts[1] : starts[b1]])  # same phase: untouched
+    assert not torch.equal(other[starts[b1] :], base[starts[b1] :])  # after its phase: the updated base
+
+
+def test_position_spy_every_trained_target_was_scored_first():
+    h = tiny(**LORA)
+    luts, tokens = fake_luts(1024), doc_stream(400, seed=6, mean=60)
+    starts, ends = tg.doc_spans(tokens)
+    trace = []
+    run_lora(h, tokens, luts, trace=trace)
+    scored = np.zeros(400, dtype=bool)
+    last_score, n_lora, n_sgd, phase_ends, prev = {}, 0, 0, [], None
+    bounds = [int(starts[b]) for b in tg.phase_bounds(h, len(starts))]
+    for kind, a, b in trace:
+        k = int(np.searchsorted(starts, a, side="right") - 1)
+        if kind == "score":
+            assert not scored[a:b].any()  # each target scored once
+            scored[a:b] = True
+            last_score[k] = (a, b)
+        elif kind == "train":  # a LoRA step: exactly the chunk this document just scored, never its last
+            assert (a, b) == last_score[k] and b < ends[k], (a, b)
+            n_lora += 1
+        else:  # global SGD: scored targets of documents before a phase bound
+            assert scored[a:b].all() and b <= bounds[-1], (a, b)
+            n_sgd += 1
+            phase_ends += [b] if prev != "sgd" else []
+            phase_ends[-1] = max(phase_ends[-1], b)
+        prev = kind
+    assert scored.all()
+    legal.assert_score_first([("score" if k == "score" else "train", torch.arange(a, b)) for k, a, b in trace], 400)
+    n_chunks = len(tg.doc_chunks(starts, ends, h.lora_chunk_tokens)[0])
+    assert n_lora == n_chunks - len(starts)  # every chunk but each document's last trains once
+    C = h.ttt_chunk_tokens  # each phase trains every whole chunk before its bound, and nothing else
+    assert phase_ends == [b // C * C for b in bounds if b >= C] and n_sgd > 0

@@ -1,0 +1,128 @@
+"""tools/gpu_check.py: the dry run, every step at CPU size, and the step runner's failure handling."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FINEWEB, REPO, SP1024, clean_environ
+
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_check  # noqa: E402
+
+SCRIPT = REPO / "tools" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def small_data(shared_data, tmp_path_factory):
+    """2 validation documents cut to 3,000 characters (~2k tokens) and 28 training documents, sp1024."""
+    import build_shards
+
+    d = tmp_path_factory.mktemp("gpu_check")
+    docs = [json.loads(l) for l in FINEWEB.read_text(encoding="utf-8").splitlines()[:30]]
+    for doc in docs[:2]:
+        doc["text"] = doc["text"][:3000]
+    (d / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+    build_shards.build_shards([d / "docs.jsonl"], SP1024, d / "sp1024", val_docs=2)
+    return d / "sp1024"
+
+
+def run_check(*args, timeout=900):
+    env = {**clean_environ(), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_dry_run_prints_the_plan_and_checks_inputs(small_data, tmp_path):
+    res = run_check("--dry-run", "--out", tmp_path / "rep", "--data", small_data, "--tokenizer", SP1024)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for n, name, *_ in gpu_check.STEPS:
+        assert f"step {n} {name} " in out
+    assert "MAX_WALLCLOCK_SECONDS=90" in out and "--compare '' COMPILE=0" in out and out.rstrip().endswith("inputs:ok")
+    assert not (tmp_path / "rep").exists()  # a dry run writes nothing
+    missing = run_check("--dry-run", "--out", tmp_path / "rep", "--data", tmp_path / "nothing", "--tokenizer", SP1024)
+    assert missing.returncode == 2
+    assert f"missing: val shards in {tmp_path / 'nothing'}: run python3 tools/gpu_check.py --prepare" in missing.stdout
+    assert missing.stdout.rstrip().endswith("inputs:MISSING")
+
+
+def test_cpu_sized_check_runs_steps_1_to_5(small_data, tmp_path):
+    out, work = tmp_path / "rep", tmp_path / "work"
+    res = run_check("--cpu-sized", "--steps", "1-5", "--cap", 3000, "--out", out, "--work", work, "--data", small_data,
+                    "--tokenizer", SP1024, timeout=3000)
+    report = (out / "report.md").read_text()
+    assert res.returncode == 0, report + res.stderr[-2000:]
+    for n, name, *_ in gpu_check.STEPS[:5]:
+        assert f"| {n} | {name} | ok |" in report
+    assert "| 6 |" not in report
+    assert "attention:sdpa" in report and "compile target:train_step looping:1" in report
+    assert "compile target:ttt_loss" in report and "[compare_compile] compare mode:looping_on" in report
+    for label in ("train_clock:", "artifact counted_code_bytes:", "final_quantized", "final_sliding", "final_ttt",
+                  "projected final_ttt", "result:ok"):
+        assert label in report, label
+    figures = report.split("## Figures")[1].split("\n## ")[0]
+    for label in ("- compile train_step looping:1:", "- looping_on: ", "tokens/s per GPU", "- final_ttt ",
+                  "- artifact counted_code_bytes:", "- projected final_sliding", "- causality targets:"):
+        assert label in figures, label
+    logs = {p.name for p in out.iterdir()}
+    assert {"1_versions_versions.log", "3_bench_compare_compile.log", "4_pipeline_gpu_check.txt",
+            "5_causality_causality.log", "plan.txt"} <= logs
+    assert not list(out.glob("*.ptz"))  # the artifact stays in --work
+
+
+def test_loss_step_on_cpu_twice_is_bit_identical(small_data, tmp_path, monkeypatch, capsys):
+    """Step 6's runner (in-process, CPU as both sides): same init and data -> identical losses."""
+    args = argparse.Namespace(cpu_sized=True, out=str(tmp_path), work=None, data=str(small_data), tokenizer=str(SP1024))
+    ctx = gpu_check.Ctx(args)
+    device_cmd, cpu_cmd = gpu_check.cmds_losses(ctx)
+    assert device_cmd.argv[-2:] == ["--device", "cpu"] and cpu_cmd.argv[-2:] == ["--device", "cpu"]
+    for k, v in {**ctx.env(), **cpu_cmd.env}.items():
+        monkeypatch.setenv(k, v)
+    runs = []
+    for label in ("device", "cpu_fp32"):
+        assert gpu_check.internal_losses("cpu") == 0
+        runs += [f"[{label}] {l}" for l in capsys.readouterr().out.splitlines()]
+    assert len(runs) == 8 and runs[0].startswith("[device] loss step:1 value:")
+    rows, verdict = gpu_check.loss_table(runs, 4)
+    assert verdict.startswith("steps_compared:4 first_abs_diff:0.0000 max_abs_diff:0.0000 verdict:ok"), verdict
+
+
+def fake_step(n, name, argv, needs=False):
+    return (n, name, name, lambda ctx: [gpu_check.Cmd(name, argv)], r"^out", needs)
+
+
+def test_failed_and_timed_out_steps_do_not_stop_the_rest(monkeypatch, small_data, tmp_path):
+    py = sys.executable
+    monkeypatch.setattr(gpu_check, "STEPS", [
+        fake_step(1, "crash", [py, "-c", "print('out 1'); raise SystemExit(3)"]),
+        fake_step(2, "hang", [py, "-c", "import time; print('out 2', flush=True); time.sleep(60)"]),
+        fake_step(3, "fine", [py, "-c", "print('out 3')"]),
+        fake_step(5, "needs_artifact", [py, "-c", "print('out 5')"], needs=True),
+    ])
+    monkeypatch.setitem(gpu_check.SIZES["cpu"], "caps", {1: 30, 2: 2, 3: 30, 5: 30})
+    rc = gpu_check.main(["--cpu-sized", "--out", str(tmp_path / "rep"), "--work", str(tmp_path / "w"),
+                         "--data", str(small_data), "--tokenizer", str(SP1024), "--steps", "1-3,5"])
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert rc == 1
+    assert "| 1 | crash | crash: failed (exit 3) |" in report
+    assert "| 2 | hang | hang: timeout (2s) |" in report and "out 2" in report
+    assert "| 3 | fine | ok |" in report and "out 3" in report
+    assert "| 5 | needs_artifact | skipped (no artifact: step 4 did not write one) |" in report
+
+
+def test_loss_table_verdict():
+    lines = [f"[{lab}] loss step:{s} value:{v + (0.001 * s if lab == 'device' else 0):.4f}"
+             for s, v in ((1, 9.0), (2, 8.5), (3, 8.0)) for lab in ("device", "cpu_fp32")]
+    rows, verdict = gpu_check.loss_table(lines, 3)
+    assert rows[2] == "| 1 | 9.0010 | 9.0000 | 0.0010 |" and verdict.endswith("verdict:ok (bounds 0.02/0.1)")
+    assert "verdict:CHECK" in gpu_check.loss_table(lines, 20)[1]  # steps missing
+    bad = lines + ["[device] loss step:4 value:7.5", "[cpu_fp32] loss step:4 value:7.3"]
+    assert "max_abs_diff:0.2000 verdict:CHECK" in gpu_check.loss_table(bad, 4)[1]
+
+
+def test_eval_projection_scales_to_full_split_on_8_gpus():
+    lines = ["val_tokens:100000 val_bytes:1", "final_sliding val_loss:1 val_bpb:1 eval_time:2000ms"]
+    (line,) = gpu_check.eval_projection(lines)
+    assert line.endswith(f"-> {2.0 * 40_540_160 / 100_000 / 8:.1f}s on 40540160 targets over 8 GPUs")
