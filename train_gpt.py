@@ -2015,7 +2015,7 @@ _PACK_TAILS = (b'"),format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\
 
 
 def strip_source(src: bytes) -> bytes:
-    """The shipped source: docstrings, comments, blank lines and function annotations removed and
+    """The shipped source: docstrings, comments, blank lines and undecorated functions' annotations removed and
     blocks indented by one space per level. Everything is located with ast and tokenize, so string
     literals and all other code stay byte-identical (a body left empty gets `pass`)."""
     import ast
@@ -2028,10 +2028,16 @@ def strip_source(src: bytes) -> bytes:
     cuts: dict[int, list] = {}
     gone = set()  # docstring lines after the first
     for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.arg) and node.annotation and node.annotation.end_lineno == node.lineno:
-            cuts.setdefault(node.lineno, []).append((char(node.lineno, node.col_offset) + len(node.arg),
-                                                     char(node.lineno, node.annotation.end_col_offset)))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns and node.returns.lineno == node.returns.end_lineno:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+            pass  # decorators may read annotations (torch.library.custom_op, triton.jit): kept
+        else:
+            a = node.args
+            for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
+                if arg.annotation and arg.annotation.end_lineno == arg.lineno:
+                    cuts.setdefault(arg.lineno, []).append((char(arg.lineno, arg.col_offset) + len(arg.arg),
+                                                            char(arg.lineno, arg.annotation.end_col_offset)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.decorator_list and node.returns \
+                and node.returns.lineno == node.returns.end_lineno:
             r = node.returns.lineno
             c0 = lines[r - 1].rfind("->", 0, char(r, node.returns.col_offset))
             cuts.setdefault(r, []).append((len(lines[r - 1][:c0].rstrip()), char(r, node.returns.end_col_offset)))
