@@ -148,6 +148,17 @@ class Hyperparameters:
     matrix_clip_sigmas: float = 12.85  # SDClip k: step = k*std(row)/R, the artifact-size dial
     embed_bits: int = 8  # tied embedding
     embed_clip_sigmas: float = 20.0  # SDClip k of the embedding
+    mlp_clip_sigmas: float = 0.0  # SDClip k of MLP matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 11.5)
+    attn_clip_sigmas: float = 0.0  # SDClip k of attention matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 13)
+    quant_gate: bool = True  # attention-output gate weights as int8 rows (PR #1855), not fp16
+    lqer_top_n: int = 0  # LQER: rank-r correction of the n tensors with the largest GPTQ error (PR #1855: 3)
+    lqer_rank: int = 4  # LQER: rank r of the error's truncated SVD
+    lqer_a_bits: int = 2  # LQER: bits of factor A (one scale per tensor)
+    lqer_b_bits: int = 4  # LQER: bits of factor B (one scale per LQER_GROUP values)
+    lqer_group: int = 64  # LQER: group size of B's scales
+    awq_lite: bool = False  # keep each GPTQ matrix's most salient 64-column group at int8 (open PRs after #1855)
+    compressor: str = "brotli"  # brotli (one byte-shuffled stream) | pergroup (streams by role, smallest codec each)
+    row_reorder: bool = False  # pergroup: reorder the rows of each code matrix by a greedy L1 chain (stored permutation)
     artifact_path: str = ""  # "" -> {log_dir}/{run_id}.ptz
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
     # --- evaluation ---
@@ -289,6 +300,11 @@ class Hyperparameters:
              f"NUM_EXTRA_EMBEDS={self.num_extra_embeds} must be >= 0 and needs RESID_MIX_ENABLED=1")
         need(0 <= self.embed_sparsity < 1 and round((1 - self.embed_sparsity) * self.model_dim_embed) >= 1,
              f"EMBED_SPARSITY={self.embed_sparsity} must lie in [0, 1) and keep a value per row")
+        need(min(self.mlp_clip_sigmas, self.attn_clip_sigmas) >= 0 and min(self.matrix_clip_sigmas, self.embed_clip_sigmas) > 0,
+             "*_CLIP_SIGMAS must be > 0 (MLP_/ATTN_CLIP_SIGMAS: 0 means MATRIX_CLIP_SIGMAS)")
+        need(self.lqer_top_n >= 0 and self.lqer_rank > 0 and self.lqer_group > 0 and 2 <= min(self.lqer_a_bits, self.lqer_b_bits)
+             and max(self.lqer_a_bits, self.lqer_b_bits) <= 8, "LQER_TOP_N must be >= 0, LQER_RANK/LQER_GROUP > 0, LQER_*_BITS in [2, 8]")
+        need(self.compressor in ("brotli", "pergroup"), f"COMPRESSOR={self.compressor!r} must be brotli or pergroup")
         need(self.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={self.embed_tier_rank!r} must be freq or damage")
         if self.embed_bits_tiers:  # rows are ranked in the GPTQ calibration pass
             need(self.gptq_enabled and not self.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
@@ -1446,17 +1462,29 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 ARTIFACT_MAGIC = b"PGQ1"
 SHUFFLE_MAGIC = b"BSHF"
 SIZE_LIMIT = 16_000_000
-_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# Matrix groups with their own SDClip k (knob <GROUP>_CLIP_SIGMAS, 0 -> MATRIX_CLIP_SIGMAS).
+CLIP_GROUPS = (("mlp", ".mlp."), ("attn", ".attn."))
+# Gate weights the record stores as int8 rows with max-abs scales (GATED_ATTN_QUANT_GATE, PR #1855).
+QUANT_GATE_PATTERNS = ("attn_gate",)
+AWQ_GROUP = 64  # columns kept at int8 by AWQ-lite
 
 
 def quant_spec(name: str, p: Tensor, h: Hyperparameters) -> tuple[int, float] | None:
     """(bits, clip_sigmas) for quantized tensors, None for fp16 passthrough (control tensors, and
-    rotation matrices of <= 65,536 elements, the passthrough size of the baseline)."""
+    rotation matrices of <= 65,536 elements, the passthrough size of the baseline). clip 0 marks
+    gate rows: int8 with max-abs row scales, no GPTQ."""
     group = param_group(name, p)
     if group == "embed":
         return h.embed_bits, h.embed_clip_sigmas
-    small_rot = "_rot." in name and p.numel() <= 65_536
-    return (h.matrix_bits, h.matrix_clip_sigmas) if group == "muon" and not small_rot else None
+    if h.quant_gate and p.ndim == 2 and 32 <= p.numel() <= 8192 and any(g in name for g in QUANT_GATE_PATTERNS):
+        return 8, 0.0
+    if group != "muon" or ("_rot." in name and p.numel() <= 65_536):
+        return None
+    clip = next((getattr(h, f"{g}_clip_sigmas") for g, pat in CLIP_GROUPS if pat in name), 0.0)
+    return h.matrix_bits, clip or h.matrix_clip_sigmas
 
 
 def parse_tiers(spec: str, vocab: int, clip: float) -> list[tuple[int, int, float]]:
@@ -1519,12 +1547,25 @@ def dequantize(q: Tensor, scales: Tensor) -> Tensor:
     return q.float() * scales.float()[:, None]
 
 
-def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128) -> tuple[Tensor, Tensor]:
+def awq_scales(scales: Tensor, bits: int) -> Tensor:
+    """Row steps of the AWQ-lite int8 columns: the matrix's step refined to the int8 grid."""
+    return (scales.float() * qmax(bits) / qmax(8)).clamp(torch.finfo(torch.float16).tiny).half()
+
+
+def awq_group(w: Tensor, hess: Tensor) -> int:
+    """First column of the most salient AWQ_GROUP-column group: largest sum of H_jj * ||W[:, j]||^2,
+    the expected squared output each input column carries over the calibration data."""
+    sal = hess.diagonal().float().to(w.device) * w.float().square().sum(0)
+    return int(torch.argmax(F.pad(sal, (0, -sal.numel() % AWQ_GROUP)).reshape(-1, AWQ_GROUP).sum(1))) * AWQ_GROUP
+
+
+def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, keep: int | None = None) -> tuple[Tensor, Tensor]:
     """GPTQ (act-order, 1% damping, Cholesky of H^-1, 128-column blocks) with fixed SDClip scales.
 
     Each column is rounded, and its error, weighted by the inverse Hessian, is pushed onto the
     columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised. bits and
-    clip_sigmas may be per-row tensors (embedding bit tiers).
+    clip_sigmas may be per-row tensors (embedding bit tiers). keep: first column of an AWQ-lite
+    group rounded on the int8 grid (awq_scales) inside the same pass.
     """
     r = qmax_rows(bits, w.device)[:, 0]
     scales = sdclip_scales(w, bits, clip_sigmas)
@@ -1538,12 +1579,16 @@ def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128) 
     W = w.float()[:, perm].clone()
     W[:, dead[perm]] = 0.0
     Q = torch.zeros_like(W)
+    hi = [keep <= c < keep + AWQ_GROUP for c in perm.tolist()] if keep is not None else None
+    if hi:
+        s8, r8 = awq_scales(scales, bits).float(), float(qmax(8))
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
         err = torch.zeros(W.size(0), i2 - i1, device=W.device)
         for j in range(i1, i2):
-            Q[:, j] = torch.clamp(torch.round(W[:, j] / s), -r, r)
-            err[:, j - i1] = (W[:, j] - Q[:, j] * s) / U[j, j]
+            sj, rj = (s8, r8) if hi and hi[j] else (s, r)
+            Q[:, j] = torch.clamp(torch.round(W[:, j] / sj), -rj, rj)
+            err[:, j - i1] = (W[:, j] - Q[:, j] * sj) / U[j, j]
             W[:, j + 1 : i2] -= err[:, j - i1 : j - i1 + 1] * U[j, j + 1 : i2]
         W[:, i2:] -= err @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)].to(torch.int8), scales
@@ -1592,13 +1637,51 @@ def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tenso
     return {k: v / n for k, v in hess.items()}
 
 
+def quantize_asym(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """Codes in [-2^(b-1), 2^(b-1)-1] with one fp16 step max|g|/(2^(b-1)-1/2) per `group` consecutive
+    values: int2 codes are {-2,-1,0,1} at step max/1.5 (LQER factors, PR #1855)."""
+    g = x.float().reshape(-1, group)
+    s = (g.abs().amax(1) / (2 ** (bits - 1) - 0.5)).clamp(torch.finfo(torch.float16).tiny).half()
+    q = torch.clamp(torch.round(g / s.float()[:, None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return q.to(torch.int8).reshape(x.shape), s
+
+
+def dequantize_asym(q: Tensor, s: Tensor) -> Tensor:
+    return (q.float().reshape(s.numel(), -1) * s.float()[:, None]).reshape(q.shape)
+
+
+def lqer_factors(err: Tensor, h: Hyperparameters) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """LQER: rank-r truncated SVD of the quantization error E ~ (U S)(V^T) = A B; A with one scale,
+    B in groups of LQER_GROUP (one group per row of B when its size does not divide)."""
+    U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
+    r = min(h.lqer_rank, S.numel())
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    qa, sa = quantize_asym(A, h.lqer_a_bits, A.numel())
+    qb, sb = quantize_asym(B, h.lqer_b_bits, h.lqer_group if B.numel() % h.lqer_group == 0 else B.size(1))
+    return qa, sa, qb, sb
+
+
+def dequantize_int(tensors: dict[str, Tensor], name: str, m: dict) -> Tensor:
+    """Codes x row steps; AWQ-lite columns on their int8 steps; plus the LQER term A B if stored."""
+    q, s = tensors[name + ".q"], tensors[name + ".scale"]
+    w = dequantize(q, s)
+    if "awq" in m:
+        a = m["awq"]
+        w[:, a : a + AWQ_GROUP] = dequantize(q[:, a : a + AWQ_GROUP], awq_scales(s, m["bits"]))
+    if name + ".lqa" in tensors:
+        w += dequantize_asym(tensors[name + ".lqa"], tensors[name + ".lqa_s"]) @ dequantize_asym(tensors[name + ".lqb"], tensors[name + ".lqb_s"])
+    return w
+
+
 def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] | None) -> tuple[dict, dict]:
     """State dict -> (tensors, meta) for the artifact; GPTQ where a Hessian is given, else RTN.
 
     A sparse embedding (EMBED_SPARSITY) is stored as a row-major bitmap of its nonzeros plus their
     fp16 values; a tiered one (EMBED_BITS_TIERS) stores its per-row bit widths beside the codes.
+    AWQ-lite marks its int8 column group in the meta; LQER adds factors <name>.lqa/.lqb (+ _s steps)
+    to the LQER_TOP_N tensors with the largest ||W - Q s||_F.
     """
-    tensors, meta, stats = {}, {}, hessians or {}
+    tensors, meta, stats, errs = {}, {}, hessians or {}, {}
     for name, p in model.state_dict().items():
         p, dtype = p.detach(), str(p.dtype).removeprefix("torch.")
         if name == "tok_emb.weight" and h.embed_sparsity > 0:
@@ -1616,13 +1699,25 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
         if name == "tok_emb.weight" and h.embed_bits_tiers:
             bits, clip = (t.to(p.device) for t in embed_row_tiers(h, stats))
             tensors[name + ".bits"] = bits.to(torch.int8).cpu()
-        if name in stats:
-            q, s = gptq_quantize(p, stats[name], bits, clip)
+        keep = None
+        if not clip:  # gate rows
+            s = (p.float().abs().amax(1) / qmax(bits)).clamp(torch.finfo(torch.float16).tiny).half()
+            q = quantize_rtn(p, s, bits)
+        elif name in stats:
+            keep = awq_group(p, stats[name]) if h.awq_lite and isinstance(bits, int) and bits < 8 else None
+            q, s = gptq_quantize(p, stats[name], bits, clip, keep=keep)
         else:
             s = sdclip_scales(p, bits, clip)
             q = quantize_rtn(p, s, bits)
         tensors[name + ".q"], tensors[name + ".scale"] = q.cpu(), s.cpu()
         meta[name] = dict(kind="int", bits=int(torch.as_tensor(bits).max()), dtype=dtype)
+        if keep is not None:
+            meta[name]["awq"] = keep
+        if h.lqer_top_n and clip:
+            errs[name] = p.detach().float().cpu() - dequantize_int(tensors, name, meta[name])
+    for name in sorted(errs, key=lambda n: -float(torch.linalg.norm(errs[n])))[: h.lqer_top_n]:
+        for key, t in zip((".lqa", ".lqa_s", ".lqb", ".lqb_s"), lqer_factors(errs[name], h)):
+            tensors[name + key] = t
     return tensors, meta
 
 
@@ -1635,7 +1730,7 @@ def dequantize_state(tensors: dict[str, Tensor], meta: dict) -> dict[str, Tensor
             mask = torch.from_numpy(np.unpackbits(tensors[name + ".mask"].numpy(), axis=1, count=m["cols"]).astype(bool))
             t = torch.zeros(mask.shape).masked_scatter_(mask, tensors[name + ".values"].float())
         else:
-            t = dequantize(tensors[name + ".q"], tensors[name + ".scale"]) if m["kind"] == "int" else tensors[name]
+            t = dequantize_int(tensors, name, m) if m["kind"] == "int" else tensors[name]
         out[name] = t.to(_DTYPES[m["dtype"]])
     return out
 
@@ -1651,6 +1746,12 @@ def quant_report(tensors: dict[str, Tensor], meta: dict, h: Hyperparameters) -> 
     if m.get("kind") == "sparse":
         lines.append(f"embed_sparsity target:{h.embed_sparsity} effective:{m['sparsity']:.6f} "
                      f"kept_per_row:{round((1 - h.embed_sparsity) * m['cols'])} values:{tensors['tok_emb.weight.values'].numel()}")
+    lqer = [n[: -len(".lqa")] for n in tensors if n.endswith(".lqa")]
+    if lqer:
+        lines.append(f"lqer rank:{h.lqer_rank} a_bits:{h.lqer_a_bits} b_bits:{h.lqer_b_bits} tensors:{','.join(lqer)}")
+    awq = sum("awq" in m for m in meta.values())
+    if awq:
+        lines.append(f"awq_lite matrices:{awq} group:{AWQ_GROUP}")
     if "tok_emb.weight.bits" in tensors:
         b = tensors["tok_emb.weight.bits"].long()
         lines.append(f"embed_tiers spec:{h.embed_bits_tiers} rank:{h.embed_tier_rank} rows_by_bits:"
@@ -1722,6 +1823,141 @@ def compress_artifact(data: bytes) -> bytes:
     return _brotli().compress(byte_shuffle(data), quality=11)
 
 
+# COMPRESSOR=pergroup (the record's layout, pip codecs instead of lrzip): the int8 code matrices of each
+# role (the name without its block index) form one stream, optionally row-reordered; everything else
+# (steps, fp16 tensors, LQER factors, meta and the stream manifest) is one byte-shuffled stream.
+# Each stream takes the smallest of the codecs installed. Container: PGC1 | u8 n | n x (u8 codec id,
+# u32 length, u32 crc32 of the decoded stream) | streams, the rest stream first.
+PERGROUP_MAGIC = b"PGC1"
+CODECS = ("brotli", "lzma", "zstd")  # ids are positions; zstd (pip zstandard) is optional
+
+
+def codec_fns(name: str):
+    """(compress, decompress, error type) of a codec, or None when its package is not installed."""
+    import lzma
+
+    if name == "brotli":
+        b = _brotli()
+        return (lambda d: b.compress(d, quality=11, lgwin=24)), b.decompress, b.error
+    if name == "lzma":
+        f = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+        return (lambda d: lzma.compress(d, format=lzma.FORMAT_RAW, filters=f)), \
+            (lambda d: lzma.decompress(d, format=lzma.FORMAT_RAW, filters=f)), lzma.LZMAError
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return (lambda d: zstandard.ZstdCompressor(level=22).compress(d)), \
+        (lambda d: zstandard.ZstdDecompressor().decompress(d)), zstandard.ZstdError
+
+
+def smallest_stream(data: bytes) -> tuple[int, bytes, int]:
+    """(codec id, bytes, crc32 of data) of the smallest encoding among the installed codecs."""
+    import zlib
+
+    outs = [(len(c), i, c) for i, fns in enumerate(map(codec_fns, CODECS)) if fns for c in [fns[0](data)]]
+    return min(outs)[1:] + (zlib.crc32(data),)
+
+
+def l1_chain(q: Tensor) -> Tensor:
+    """Greedy nearest-neighbour row order: start at row 0, then always the unused row closest in L1."""
+    x, left, order = q.numpy().astype(np.int16), np.arange(1, q.size(0)), [0]
+    while left.size:
+        k = int(np.abs(x[left] - x[order[-1]]).sum(1).argmin())
+        order.append(int(left[k]))
+        left = np.delete(left, k)
+    return torch.tensor(order, dtype=torch.int16 if q.size(0) < 2**15 else torch.int32)
+
+
+def tensor_role(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[2:]) if parts[0] == "blocks" and parts[1].isdigit() else name
+
+
+def encode_pergroup(tensors: dict[str, Tensor], meta: dict, reorder: bool) -> bytes:
+    groups: dict[str, list[str]] = {}
+    for name, t in tensors.items():
+        if name.endswith(".q") and t.dtype == torch.int8 and t.ndim == 2:
+            groups.setdefault(tensor_role(name), []).append(name)
+    rest = {n: t for n, t in tensors.items() if not any(n in g for g in groups.values())}
+    streams, manifest = [], []
+    for names in groups.values():
+        parts = []
+        for n in names:
+            t = tensors[n]
+            if reorder:
+                rest[n + ".perm"] = perm = l1_chain(t)
+                t = t[perm.long()]
+            parts.append(t.T.contiguous().numpy().tobytes())  # column-major, as the record stores codes
+        streams.append(smallest_stream(b"".join(parts)))
+        manifest.append([[n, list(tensors[n].shape)] for n in names])
+    head = smallest_stream(byte_shuffle(serialize_tensors(rest, dict(meta, _streams=manifest))))
+    streams = [head] + streams
+    return PERGROUP_MAGIC + bytes([len(streams)]) + b"".join(bytes([c]) + len(d).to_bytes(4, "little") + crc.to_bytes(4, "little")
+                                                             for c, d, crc in streams) + b"".join(d for _, d, _ in streams)
+
+
+def _unstream(cid: int, data: bytes) -> bytes:
+    if cid >= len(CODECS):
+        raise ValueError(f"unknown codec id {cid}")
+    fns = codec_fns(CODECS[cid])
+    if fns is None:
+        raise ConfigError(f"the artifact has a {CODECS[cid]} stream but its package is missing; pip install zstandard")
+    try:
+        return fns[1](data)
+    except fns[2]:
+        raise ValueError(f"{CODECS[cid]} stream invalid (truncated or corrupted)") from None
+
+
+def decode_pergroup(blob: bytes) -> tuple[dict[str, Tensor], dict]:
+    import zlib
+
+    n = blob[4] if len(blob) > 4 else 0
+    pos = 5 + 9 * n
+    u32 = lambda i: int.from_bytes(blob[i : i + 4], "little")  # noqa: E731
+    table = [(blob[5 + 9 * i], u32(6 + 9 * i), u32(10 + 9 * i)) for i in range(n)] if len(blob) >= pos else []
+    if n == 0 or not table or len(blob) != pos + sum(size for _, size, _ in table):
+        raise ValueError("pergroup container truncated or padded")
+    datas = []
+    for cid, size, crc in table:
+        datas.append(_unstream(cid, blob[pos : pos + size]))
+        if zlib.crc32(datas[-1]) != crc:
+            raise ValueError(f"{CODECS[cid]} stream corrupted (crc32 mismatch)")
+        pos += size
+    tensors, meta = deserialize_tensors(byte_unshuffle(datas[0]))
+    manifest = meta.pop("_streams", None)
+    if not isinstance(manifest, list) or len(manifest) != n - 1:
+        raise ValueError("pergroup manifest does not match the streams")
+    try:
+        for entries, data in zip(manifest, datas[1:]):
+            buf, off = np.frombuffer(data, dtype=np.int8), 0
+            for name, (rows, cols) in entries:
+                t = torch.from_numpy(buf[off : off + rows * cols].reshape(cols, rows).T.copy())
+                off += rows * cols
+                perm = tensors.pop(name + ".perm", None)
+                if perm is not None:
+                    t[perm.long()] = t.clone()
+                tensors[name] = t
+            if off != buf.size:
+                raise ValueError("a code stream is longer than its tensors")
+    except (TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"pergroup stream does not match its manifest ({type(e).__name__}: {e})") from None
+    return tensors, meta
+
+
+def encode_artifact(tensors: dict[str, Tensor], meta: dict, h: Hyperparameters) -> bytes:
+    if h.compressor == "pergroup":
+        return encode_pergroup(tensors, meta, h.row_reorder)
+    return compress_artifact(serialize_tensors(tensors, meta))
+
+
+def decode_artifact(blob: bytes) -> tuple[dict[str, Tensor], dict]:
+    """Either container back to (tensors, meta); corrupt input raises ValueError."""
+    if blob[:4] == PERGROUP_MAGIC:
+        return decode_pergroup(blob)
+    return deserialize_tensors(decompress_artifact(blob))
+
+
 def decompress_artifact(blob: bytes) -> bytes:
     brotli = _brotli()
     try:
@@ -1759,7 +1995,7 @@ def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, loo
     config = {k: getattr(h, k) for k in SHAPE_KEYS + FORWARD_KEYS if getattr(h, k) != _DEFAULTS[k]}
     info = dict(state=meta, config=config, looping=looping)
     info["checksum"] = payload_checksum(tensors, info)
-    return save_artifact_bytes(path, compress_artifact(serialize_tensors(tensors, info)))
+    return save_artifact_bytes(path, encode_artifact(tensors, info, h))
 
 
 def save_artifact_bytes(path: str, blob: bytes) -> int:
@@ -1786,7 +2022,7 @@ def save_artifact_bytes(path: str, blob: bytes) -> int:
 def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], bool]:
     """Read, decompress and dequantize an artifact: (state dict for a model built from h, looping)."""
     try:
-        tensors, meta = deserialize_tensors(decompress_artifact(Path(path).read_bytes()))
+        tensors, meta = decode_artifact(Path(path).read_bytes())
     except OSError as e:
         raise ConfigError(f"cannot read artifact {path}: {e}") from None
     except ValueError as e:
@@ -1804,24 +2040,87 @@ def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], boo
     return dequantize_state(tensors, meta["state"]), bool(meta["looping"])
 
 
-# Self-extracting code: raw LZMA2 + base85, run with exec (the 04-09 record's wrapper format).
-_PACK_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"'
-_PACK_TAIL = b'"),format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\n'
+# Self-extracting code: the stripped source, raw LZMA2 (the 04-09 record's wrapper) or brotli-11
+# (PR #1855's), whichever is smaller, + base85, run with exec.
+_PACK_HEADS = (b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"', b'import brotli,base64;exec(brotli.decompress(base64.b85decode(b"')
+_PACK_TAILS = (b'"),format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\n', b'")))\n')
+
+
+def strip_source(src: bytes) -> bytes:
+    """The shipped source: docstrings, comments, blank lines and undecorated functions' annotations removed and
+    blocks indented by one space per level. Everything is located with ast and tokenize, so string
+    literals and all other code stay byte-identical (a body left empty gets `pass`)."""
+    import ast
+    import io
+    import tokenize
+
+    text = src.decode()
+    lines = text.splitlines(keepends=True)
+    char = lambda r, c: len(lines[r - 1].encode()[:c].decode())  # ast columns are utf-8 offsets  # noqa: E731
+    cuts: dict[int, list] = {}
+    gone = set()  # docstring lines after the first
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+            pass  # decorators may read annotations (torch.library.custom_op, triton.jit): kept
+        else:
+            a = node.args
+            for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
+                if arg.annotation and arg.annotation.end_lineno == arg.lineno:
+                    cuts.setdefault(arg.lineno, []).append((char(arg.lineno, arg.col_offset) + len(arg.arg),
+                                                            char(arg.lineno, arg.annotation.end_col_offset)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.decorator_list and node.returns \
+                and node.returns.lineno == node.returns.end_lineno:
+            r = node.returns.lineno
+            c0 = lines[r - 1].rfind("->", 0, char(r, node.returns.col_offset))
+            cuts.setdefault(r, []).append((len(lines[r - 1][:c0].rstrip()), char(r, node.returns.end_col_offset)))
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            d = body[0]
+            if lines[d.lineno - 1][: d.col_offset].strip() or lines[d.end_lineno - 1].encode()[d.end_col_offset :].strip():
+                continue  # shares its line with code: leave it
+            cuts.setdefault(d.lineno, []).append((d.col_offset, None if len(body) > 1 else "pass"))
+            gone.update(range(d.lineno + 1, d.end_lineno + 1))
+    keep, starts, depth, at_start = set(), {}, 0, True
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            cuts.setdefault(tok.start[0], []).append((tok.start[1], None))
+        elif tok.type in (tokenize.INDENT, tokenize.DEDENT):
+            depth += 1 if tok.type == tokenize.INDENT else -1
+        elif tok.type == tokenize.NEWLINE:
+            at_start = True
+        elif tok.type != tokenize.NL and at_start:
+            starts[tok.start[0]], at_start = depth, False
+        if tok.end[0] > tok.start[0]:
+            keep.update(range(tok.start[0] + 1, tok.end[0] + 1))  # inside a multi-line string: as is
+    out = []
+    for r, line in enumerate(lines, 1):
+        for c0, c1 in sorted(cuts.get(r, []), reverse=True):
+            line = line[:c0] + ("\n" if c1 is None else c1 + "\n" if isinstance(c1, str) else line[c1:])
+        if r in gone:
+            continue
+        if r in keep:
+            out.append(line)
+        elif line.strip():
+            out.append(" " * starts.get(r, 1) + line.strip() + "\n")
+    return "".join(out).encode()
 
 
 def pack_source(src: bytes) -> bytes:
-    """The counted form of the code: behaves identically, ships readable source inside."""
+    """The counted form of the code: the stripped source in the smaller self-extracting wrapper."""
     import base64
     import lzma
 
-    raw = lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
-    return _PACK_HEAD + base64.b85encode(raw) + _PACK_TAIL
+    src = strip_source(src)
+    raw = (lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
+           _brotli().compress(src, quality=11))
+    return min((h + base64.b85encode(r) + t for h, r, t in zip(_PACK_HEADS, raw, _PACK_TAILS)), key=len)
 
 
 def counted_code_bytes() -> int:
     """Size of the packed wrapper of this file (or of this file itself when it is the wrapper)."""
     src = Path(__file__).read_bytes()
-    return len(src) if src.startswith(_PACK_HEAD) else len(pack_source(src))
+    return len(src) if src.startswith(_PACK_HEADS) else len(pack_source(src))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2509,15 +2808,20 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
         hessians = collect_hessians(model, trainer.calibration_batches(), h)
         for v in hessians.values():
             all_reduce(v).div_(d.world_size)
-        end = train_time + trainer.sync_time() - t0
-        log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)} calib_data:train")
+        took = trainer.sync_time() - t0
+        end = train_time + took
+        over = " OVER_CAP" if 0 < h.max_wallclock_seconds < end else ""
+        log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)} calib_data:train "
+            f"hessian_time:{took:.1f}s batches:{h.gptq_calibration_batches}{over}")
     if d.is_main:
         t0 = time.perf_counter()
         tensors, meta = quantize_state(model, h, hessians)
         kinds = [f"int{m['bits']}" if m["kind"] == "int" else m["kind"] for m in meta.values()]
         log("quantized " + " ".join(f"{k}:{kinds.count(k)}" for k in sorted(set(kinds)))
             + f" method:{'gptq' if hessians else 'rtn'} quant_time:{time.perf_counter() - t0:.1f}s")
-        write_artifact(h.artifact_file, tensors, meta, h, model.looping_active)
+        t0 = time.perf_counter()
+        size = write_artifact(h.artifact_file, tensors, meta, h, model.looping_active)
+        log(f"artifact_write bytes:{size} compressor:{h.compressor} row_reorder:{int(h.row_reorder)} time:{time.perf_counter() - t0:.1f}s")
         for line in quant_report(tensors, meta, h):
             log(line)
     if dist.is_available() and dist.is_initialized():
@@ -2585,7 +2889,9 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
     t0 = time.perf_counter()
     eval_model = GPT(h).to(d.device)
+    t1 = time.perf_counter()
     state, looping = load_artifact(artifact, h)
+    log(f"artifact_decode time:{time.perf_counter() - t1:.2f}s")
     try:
         eval_model.load_state_dict(state, strict=True)
     except RuntimeError as e:

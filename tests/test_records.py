@@ -20,6 +20,7 @@ import plot_runs  # noqa: E402
 import records  # noqa: E402
 import runlog  # noqa: E402
 import significance as sig  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 META = {"name": "tiny_two_seeds", "author": "A. Golfer", "github_id": "agolfer", "track": "10min_16mb",
         "date": "2026-01-02", "summary": "Tiny CPU config, two seeds."}
@@ -270,7 +271,7 @@ def test_pack_ships_the_counted_code(packed, logs):
     code = re.search(r"^code file_bytes:(\d+) sha256:(\w+)", logs[0].read_text(), re.M)
     assert int(code.group(1)) == len(source) and records.sha256(source).startswith(code.group(2))
     assert f"counted_code_bytes:{len(shipped)} " in logs[0].read_text()  # the size the artifact counted
-    assert records.unpack_wrapper(shipped) == source
+    assert records.unpack_wrapper(shipped) == tg.strip_source(source)
 
 
 def test_readme_tables_and_exact_command(packed, logs):
@@ -317,6 +318,7 @@ def test_check_passes_then_catches_an_edit(packed, tmp_path):
     assert any(p.startswith("$.compliance.eval_under_600s:") for p in problems)
     (copy / "train_gpt_readable.py").write_bytes(b"# edited\n")
     assert any("train_gpt_readable.py is missing or differs" in p for p in records.check(copy))
+    shutil.copyfile(packed / "train_gpt_readable.py", copy / "train_gpt_readable.py")  # the wrapper holds stripped code
     (copy / "train_gpt.py").write_bytes((copy / "train_gpt.py").read_bytes() + b"\n")
     assert "has counted_code_bytes:" in records.check(copy)[0]
 

@@ -59,7 +59,7 @@ def load_model(path: str, h: tg.Hyperparameters) -> tuple[tg.GPT, dict | None, d
         state, looping = torch.load(path, map_location="cpu", weights_only=True), True
     else:
         state, looping = tg.load_artifact(path, h)
-        tensors, meta = tg.deserialize_tensors(tg.decompress_artifact(data))
+        tensors, meta = tg.decode_artifact(data)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

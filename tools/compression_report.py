@@ -1,12 +1,14 @@
-"""Compression efficiency of an artifact: compressed bytes per tensor group against the entropy bound.
+"""Compression efficiency of an artifact: bytes per tensor group and codec against the entropy bound.
 
-    python tools/compression_report.py logs/<run_id>.ptz [--by kind|module]
+    python tools/compression_report.py logs/<run_id>.ptz [--by kind|module|role]
 
 For each group it prints the raw bytes, the i.i.d. empirical entropy of the stored symbols (int8
-codes, or bytes for any other data), the brotli-11 size of the group alone (byte-shuffled like the
-artifact) and the ratio to the entropy. Groups are storage kinds (int6 codes, int8 codes, fp16 row
-scales, fp16 passthrough, sparse bitmaps/values) or, with --by module, top-level modules
-(tok_emb, blocks, embed_proj, head_out, ...: what each part of the model costs).
+codes, or bytes for any other data) and, for every installed codec of the pergroup container
+(brotli, lzma, zstd), the size of the group alone and its ratio to the entropy; `best` names the
+smallest. Code groups are laid out as the pergroup container stores them (column-major), other
+data byte-shuffled. Groups are storage kinds (int6 codes, fp16 row scales, LQER factors, ...), with
+--by role the container's streams (the tensor name without its block index), or with --by module
+top-level modules (tok_emb, blocks, ...: what each part of the model costs). Either container reads.
 """
 import argparse
 import sys
@@ -29,10 +31,15 @@ def entropy_bytes(symbols: torch.Tensor) -> float:
 
 def groups(tensors: dict, meta: dict, by: str = "kind") -> dict[str, list[torch.Tensor]]:
     out: dict[str, list[torch.Tensor]] = {}
-    if by == "module":
+    if by in ("module", "role"):
         for name, t in tensors.items():
-            out.setdefault(name.split(".")[0], []).append(t)
+            code = name.endswith(".q") and t.dtype == torch.int8 and t.ndim == 2
+            key = name.split(".")[0] if by == "module" else (tg.tensor_role(name) if code else "rest")
+            out.setdefault(key, []).append(t)
         return out
+    for name in tensors:
+        if name.endswith((".lqa", ".lqb", ".lqa_s", ".lqb_s")):
+            out.setdefault("lqer factors", []).append(tensors[name])
     for name, m in meta["state"].items():
         if m["kind"] == "sparse":
             out.setdefault("sparse bitmaps", []).append(tensors[name + ".mask"])
@@ -51,19 +58,22 @@ def groups(tensors: dict, meta: dict, by: str = "kind") -> dict[str, list[torch.
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
-    ap.add_argument("--by", choices=("kind", "module"), default="kind", help="group by storage kind or by top-level module")
+    ap.add_argument("--by", choices=("kind", "module", "role"), default="kind",
+                    help="group by storage kind, by pergroup stream (role) or by top-level module")
     a = ap.parse_args()
     blob = Path(a.artifact).read_bytes()
-    tensors, meta = tg.deserialize_tensors(tg.decompress_artifact(blob))
-    print(f"artifact_bytes:{len(blob)}")
+    tensors, meta = tg.decode_artifact(blob)
+    print(f"artifact_bytes:{len(blob)} container:{'pergroup' if blob[:4] == tg.PERGROUP_MAGIC else 'brotli'}")
+    codecs = [(c, fns[0]) for c, fns in ((c, tg.codec_fns(c)) for c in tg.CODECS) if fns]
     for g, ts in groups(tensors, meta, a.by).items():
-        raw = b"".join(t.contiguous().numpy().tobytes() for t in ts)
-        codes = all(t.dtype == torch.int8 for t in ts)
+        codes = all(t.dtype == torch.int8 and t.ndim == 2 for t in ts)
+        raw = b"".join((t.T if codes else t).contiguous().numpy().tobytes() for t in ts)
         symbols = torch.frombuffer(bytearray(raw), dtype=torch.int8 if codes else torch.uint8) if raw else torch.zeros(1)
-        comp = len(tg.compress_artifact(raw))
-        ent = entropy_bytes(symbols)
+        ent = max(entropy_bytes(symbols), 1.0)
+        data = raw if codes else tg.byte_shuffle(raw)
+        sizes = {c: len(fn(data)) for c, fn in codecs}
         print(f"group:{g.replace(' ', '_')} tensors:{len(ts)} raw_bytes:{len(raw)} entropy_bytes:{ent:.0f} "
-              f"brotli_bytes:{comp} ratio:{comp / max(ent, 1):.4f}")
+              + " ".join(f"{c}_bytes:{n} {c}_ratio:{n / ent:.4f}" for c, n in sizes.items()) + f" best:{min(sizes, key=sizes.get)}")
     return 0
 
 

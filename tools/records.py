@@ -119,11 +119,15 @@ def sha256(b: bytes) -> str:
 
 
 def unpack_wrapper(src: bytes) -> bytes | None:
-    """The readable source inside a self-extracting wrapper (train_gpt.pack_source), else None."""
-    m = re.match(rb'import lzma,base64;exec\(lzma\.decompress\(base64\.b85decode\(b"([^"]*)"\)', src)
+    """The source inside a self-extracting wrapper (train_gpt.pack_source: the stripped source), else None."""
+    m = re.match(rb'import (lzma|brotli),base64;exec\(\1\.decompress\(base64\.b85decode\(b"([^"]*)"\)', src)
     if not m:
         return None
-    return lzma.decompress(base64.b85decode(m.group(1)), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    if m.group(1) == b"brotli":
+        import brotli
+
+        return brotli.decompress(base64.b85decode(m.group(2)))
+    return lzma.decompress(base64.b85decode(m.group(2)), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
 
 
 def load_module(source: bytes, origin: str):
@@ -143,12 +147,17 @@ def load_module(source: bytes, origin: str):
     return mod
 
 
-def match_code(path: Path, runs: list[runlog.RunLog]) -> Code:
-    """The code the runs logged, or PackError. A log hashes the file it ran (source or wrapper)."""
+def match_code(path: Path, runs: list[runlog.RunLog], readable_path: Path | None = None) -> Code:
+    """The code the runs logged, or PackError. A log hashes the file it ran (source or wrapper).
+    A wrapper holds the stripped source; readable_path names the full source it was packed from."""
     if not path.is_file():
         raise PackError(f"code file {path} not found; pass --code <the train_gpt.py that produced the logs>")
     given = path.read_bytes()
     readable = unpack_wrapper(given) or given
+    if readable is not given and readable_path is not None and readable_path.is_file():
+        full = readable_path.read_bytes()
+        if getattr(load_module(full, str(readable_path)), "strip_source", lambda b: b)(full) == readable:
+            readable = full
     module = load_module(readable, str(path))
     if readable is given and not hasattr(module, "pack_source"):
         raise PackError(f"{path} has no pack_source(); pass --code with the packed train_gpt.py that ran")
@@ -404,14 +413,14 @@ def render_readme(sub: dict, runs: list[runlog.RunLog], code: Code, folder_rel: 
 # --- pack / check ----------------------------------------------------------------------------
 
 def prepare(log_paths: list[str], code_path: Path, meta: dict, ref: dict | None, margin_nats: float,
-            artifact_shas: dict | None = None):
+            artifact_shas: dict | None = None, readable_path: Path | None = None):
     """Parse and check everything; (runs, code, submission). Raises PackError."""
     try:
         runs = [runlog.read_log(p) for p in log_paths]
     except FileNotFoundError as e:
         raise PackError(str(e)) from None
     check_runs(runs)
-    code = match_code(code_path, runs)
+    code = match_code(code_path, runs, readable_path)
     if artifact_shas is None:
         artifact_shas = {}
         for r in runs:
@@ -496,9 +505,9 @@ def check(folder: Path) -> list[str]:
     sig = sub["significance"]
     try:
         _, _, again = prepare(logs, folder / sub["code"]["file"], meta, sig and sig["reference"],
-                              sig["margin_nats"] if sig else significance.DEFAULT_MARGIN_NATS, shas)
+                              sig["margin_nats"] if sig else significance.DEFAULT_MARGIN_NATS, shas, readable)
     except PackError as e:
-        return [str(e)]
+        return errs + [str(e)]
     return errs + _differences(sub, again)
 
 
