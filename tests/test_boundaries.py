@@ -60,7 +60,7 @@ class Clock:
 
 def synthetic_tokenizer(monkeypatch) -> None:
     """The run's tokenizer steps on synthetic shards: the byte tables above, no re-encoding check."""
-    monkeypatch.setattr(tg, "build_byte_luts", lambda path, vocab: synthetic_luts(vocab))
+    monkeypatch.setattr(tg, "build_byte_luts", lambda path, vocab, *rest: synthetic_luts(vocab))
     monkeypatch.setattr(tg, "check_tokenizer_built_shards", lambda *a, **k: 0)
 
 
