@@ -103,11 +103,21 @@ def test_pack_source_behaves_identically(tmp_path):
     assert tg.counted_code_bytes() == len(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
 
 
+def gptq_spec(name, p, h) -> bool:
+    """Quantized through GPTQ (with a Hessian): every quantized tensor but the int8 gate rows (clip 0)."""
+    spec = tg.quant_spec(name, p, h)
+    return spec is not None and spec[1] != 0
+
+
 def test_default_routing_matches_the_65536_passthrough_rule():
     """Every quantized tensor is > 65,536 elements and every passthrough tensor <= 65,536."""
     h = tg.Hyperparameters()
     for name, p in tg.GPT(h).state_dict().items():
-        assert (tg.quant_spec(name, p, h) is None) == (p.numel() <= 65_536), name
+        spec = tg.quant_spec(name, p, h)
+        if "attn_gate" in name:  # QUANT_GATE: small gate matrices as int8 rows (clip 0: max-abs, no GPTQ)
+            assert spec == (8, 0.0) and tg.quant_spec(name, p, tg.Hyperparameters(quant_gate=False)) is None, name
+            continue
+        assert (spec is None) == (p.numel() <= 65_536), name
     assert tg.quant_spec("tok_emb.weight", torch.zeros(8192, 512), h) == (8, 20.0)
 
 
@@ -138,7 +148,7 @@ def test_hessians_equal_direct_xtx_over_every_pass(over, monkeypatch):
         for x in batches:
             model.logits(x)
     hess = tg.collect_hessians(model, iter(batches), h)
-    quantized = {n for n, p in model.named_parameters() if tg.quant_spec(n, p, h)}
+    quantized = {n for n, p in model.named_parameters() if gptq_spec(n, p, h)}
     expect = quantized - ({"tok_emb.weight"} if h.head_kind != "tied" else set())  # an untied lookup has none
     assert hess.keys() == expect
     uses = collections.Counter(model.schedules[True].encoder + model.schedules[True].decoder)
@@ -171,7 +181,7 @@ def trained(dataset):
 
 def test_hessians_cover_every_quantized_tensor(trained):
     h, model, hess, _ = trained
-    names = {n for n, p in model.state_dict().items() if tg.quant_spec(n, p, h)}
+    names = {n for n, p in model.state_dict().items() if gptq_spec(n, p, h)}
     assert hess.keys() == names and hess["tok_emb.weight"].shape == (128, 128)
 
 
