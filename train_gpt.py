@@ -285,7 +285,8 @@ class Hyperparameters:
              f"LORA_RANK and LORA_BATCH_DOCS must be positive and LORA_CHUNK_TOKENS in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         bad = set(self.lora_target_list) - set(LORA_TARGETS)
         need(not bad and self.lora_target_list, f"LORA_TARGETS={self.lora_targets!r} must be a comma list of {','.join(LORA_TARGETS)}")
-        need("head" not in self.lora_target_list or (self.head_kind == "tied" and self.embedding_dim in (0, self.model_dim)),
+        need(not self.lora_ttt_enabled or "head" not in self.lora_target_list
+             or (self.head_kind == "tied" and self.embedding_dim in (0, self.model_dim)),
              "LORA_TARGETS=...head needs HEAD_KIND=tied and EMBEDDING_DIM=0; drop head from the list")
         need(self.phased_num_phases >= 0 and self.phased_prefix_docs >= 0, "PHASED_NUM_PHASES and PHASED_PREFIX_DOCS must be >= 0")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
@@ -1700,7 +1701,7 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
             bits, clip = (t.to(p.device) for t in embed_row_tiers(h, stats))
             tensors[name + ".bits"] = bits.to(torch.int8).cpu()
         keep = None
-        if not clip:  # gate rows
+        if not isinstance(clip, Tensor) and not clip:  # gate rows (tiered embeddings carry per-row clip tensors)
             s = (p.float().abs().amax(1) / qmax(bits)).clamp(torch.finfo(torch.float16).tiny).half()
             q = quantize_rtn(p, s, bits)
         elif name in stats:

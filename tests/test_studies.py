@@ -65,11 +65,13 @@ def test_switches_off_leave_the_default_model_unchanged():
     blk = {"attn_scale": (512,), "mlp_scale": (512,), "resid_mix": (2, 512), "attn.q_gain": (8,), "attn.c_q.weight": (512, 512),
            "attn.c_k.weight": (256, 512), "attn.c_v.weight": (256, 512), "attn.proj.weight": (512, 512),
            "mlp.fc.weight": (2048, 512), "mlp.proj.weight": (512, 2048)}
+    blk["attn.attn_gate_w"] = (8, 12)  # sparse attention-output gate (PR #1787)
     expect = {"tok_emb.weight": (8192, 512), "skip_weights": (8, 512), "skip_gates": (8, 512),
-              "parallel_resid_lambdas": (11, 2), "parallel_post_lambdas": (11, 2, 2)}
+              "parallel_resid_lambdas": (11, 2), "parallel_post_lambdas": (11, 2, 2),
+              "smear_gate.weight": (1, 12), "smear_lambda": (1,)}
     expect.update({f"blocks.{i}.{k}": s for i in range(11) for k, s in blk.items()})
     assert shapes == expect
-    assert sum(math.prod(s) for s in shapes.values()) == 35_944_602
+    assert sum(math.prod(s) for s in shapes.values()) == 35_945_671
     off = tg.Hyperparameters.from_env({"RESID_MIX_ENABLED": "1", "NUM_EXTRA_EMBEDS": "0", "EMBED_ROTATION_RANK": "0",
                                        "HEAD_KIND": "tied", "EMBED_BITS_TIERS": "", "EMBED_SPARSITY": "0"})
     assert off == h
@@ -109,7 +111,7 @@ def test_rotation_is_the_exact_identity_at_init():
 def test_extra_embeds_and_no_x0_block_inputs():
     """x_in = m0 x + m1 x0 + m2 x01 + m3 x02 ; without resid_mix x_in = x."""
     torch.manual_seed(0)
-    model = perturbed(tg.GPT(tiny(num_extra_embeds=2)))
+    model = perturbed(tg.GPT(tiny(num_extra_embeds=2, smear_gate=False)))  # x0 = the normed lookups, unsmeared
     blk = model.blocks[1]
     x, x0, e1, e2 = torch.randn(4, 2, 8, D).unbind(0)
     cos, sin = model.rope_cos[:8], model.rope_sin[:8]
@@ -213,7 +215,7 @@ def test_switch_trains_and_survives_the_artifact_round_trip(name, dataset, val_a
                              capture_output=True, text=True, check=True).stdout
         assert f"group:embed_proj tensors:2 raw_bytes:{D * 32 + D * 2} " in rep
     if name in ("mos", "no_x0"):  # the artifact names the knob a mismatched run must set
-        with pytest.raises(tg.ConfigError, match="HEAD_KIND=mos" if name == "mos" else "RESID_MIX_ENABLED=False"):
+        with pytest.raises(tg.ConfigError, match="set HEAD_KIND=mos" if name == "mos" else "set RESID_MIX_ENABLED=0"):
             tg.load_artifact(path, tiny())
 
 
