@@ -176,7 +176,7 @@ def test_record_env_names_without_equivalent_and_our_fields_win():
     for name, ours in (("TTT_LORA_RANK", "LORA_"), ("PHASED_TTT_PREFIX_DOCS", "PHASED_"), ("GATED_ATTN_INIT_STD", "ATTN_GATE")):
         with pytest.raises(tg.ConfigError, match=f"^{name} is a setting of other record scripts.*use .*{ours}"):
             tg.Hyperparameters.from_env({name: "1"})
-    for name in ("ETLB_LR", "COMPRESSOR"):
+    for name in ("ETLB_LR", "ROPE_YARN"):
         with pytest.raises(tg.ConfigError, match=f"^{name} is a setting of other record scripts.*no equivalent here"):
             tg.Hyperparameters.from_env({name: "1"})
     known = {f.name.upper() for f in tg.fields(tg.Hyperparameters)}
