@@ -2255,6 +2255,35 @@ def ttt_step_shares(h: Hyperparameters, d: Dist) -> list[tuple[int, int, int]]:
     return out
 
 
+def cosine(c: int, n: int) -> float:
+    """LR factor of chunk c of n: cosine from 1 at the first chunk to 0 at the last."""
+    return 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
+
+
+def sgd_chunk(h: Hyperparameters, opt, params, loss_fn, d: Dist, tokens: Tensor, c: int, lr: float, clip: float,
+              trace=None) -> None:
+    """One pass of SGD steps over the sequences of chunk c (TTT_CHUNK_TOKENS from c * TTT_CHUNK_TOKENS),
+    TTT_BATCH_SEQS a step split by rank: each step's loss is the global mean over its sequences, so
+    any world size gives the same update."""
+    T, C = h.eval_seq_len, h.ttt_chunk_tokens
+    for g in opt.param_groups:
+        g["lr"] = lr
+    for first, n, n_global in ttt_step_shares(h, d):
+        if n > 0:
+            lo = c * C + first * T
+            if trace is not None:
+                trace.append(("sgd", lo, lo + n * T))
+            seg = tokens[lo : lo + n * T + 1]
+            with autocast_ctx(tokens.device):
+                loss = loss_fn(seg[:-1].view(n, T), seg[1:].view(n, T))
+            (loss * (n / n_global)).backward()
+        reduce_grads(params, d.world_size, average=False)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: Tensor, luts,
              collect: bool = False, log=None) -> tuple[EvalResult, Tensor | None]:
     """Score-first TTT: for each chunk, score its windows with the current weights, then (except
@@ -2263,7 +2292,7 @@ def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: T
     The loss of each step is the global mean over its sequences, so any world size gives the same
     update. Mutates the model: run it last.
     """
-    T, C, total = h.eval_seq_len, h.ttt_chunk_tokens, tokens.numel() - 1
+    T, total = h.eval_seq_len, tokens.numel() - 1
     starts_np, bounds = ttt_chunk_bounds(total, h)
     starts = torch.from_numpy(starts_np).to(tokens.device)
     n_chunks = len(bounds) - 1
@@ -2272,7 +2301,7 @@ def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: T
     nll_out = torch.zeros(total, device=tokens.device) if collect else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    per_batch, steps = eval_batch_windows(h, d.world_size), ttt_step_shares(h, d)
+    per_batch = eval_batch_windows(h, d.world_size)
     t0, log_every = time.perf_counter(), max(n_chunks // 10, 1)
     for c in range(n_chunks):
         lo, hi = rank_range(int(bounds[c + 1] - bounds[c]), d.rank, d.world_size)
@@ -2283,20 +2312,8 @@ def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: T
             log(f"ttt_progress chunk:{c + 1}/{n_chunks} val_bpb:{r.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
         if c == n_chunks - 1 or h.ttt_epochs == 0 or not params:
             continue
-        for g in opt.param_groups:
-            g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
         for _ in range(h.ttt_epochs):
-            for first, n, n_global in steps:
-                if n > 0:
-                    seg = tokens[c * C + first * T : c * C + (first + n) * T + 1]
-                    with autocast_ctx(tokens.device):
-                        loss = loss_fn(seg[:-1].view(n, T), seg[1:].view(n, T))
-                    (loss * (n / n_global)).backward()
-                reduce_grads(params, d.world_size, average=False)
-                if h.ttt_grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            sgd_chunk(h, opt, params, loss_fn, d, tokens, c, h.ttt_lr * cosine(c, n_chunks), h.ttt_grad_clip)
     return finish_eval(sums, nll_out)
 
 
@@ -2502,29 +2519,14 @@ def global_sgd(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tensor,
     """One epoch of full-model SGD on targets [0, n_targets): TTT_CHUNK_TOKENS chunks (a partial last
     chunk is skipped), cosine LR over the chunks, TTT_BATCH_SEQS sequences per step split by rank,
     gradients summed over ranks. Returns the number of chunks trained."""
-    T, C = h.eval_seq_len, h.ttt_chunk_tokens
-    n_chunks = n_targets // C
+    n_chunks = n_targets // h.ttt_chunk_tokens
     if n_chunks == 0 or h.phased_lr == 0:
         return 0
     model.requires_grad_(True)
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=h.phased_lr, momentum=h.phased_momentum)
     for c in range(n_chunks):
-        for g in opt.param_groups:
-            g["lr"] = h.phased_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        for first, n, n_global in ttt_step_shares(h, d):
-            if n > 0:
-                seg = tokens[c * C + first * T : c * C + (first + n) * T + 1]
-                if trace is not None:
-                    trace.append(("sgd", c * C + first * T, c * C + (first + n) * T))
-                with autocast_ctx(tokens.device):
-                    loss = loss_fn(seg[:-1].view(n, T), seg[1:].view(n, T))
-                (loss * (n / n_global)).backward()
-            reduce_grads(params, d.world_size, average=False)
-            if h.phased_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, h.phased_grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        sgd_chunk(h, opt, params, loss_fn, d, tokens, c, h.phased_lr * cosine(c, n_chunks), h.phased_grad_clip, trace)
     model.requires_grad_(False)
     return n_chunks
 
