@@ -249,6 +249,9 @@ class Hyperparameters:
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
+        for k, v in (PINNED or {}).items():
+            need(getattr(self, k) == v, f"{k.upper()}={env_value(getattr(self, k))}: this train_gpt.py was packed for "
+                 f"{k.upper()}={env_value(v)} and leaves out the code for other values; run the readable source")
         for f in fields(self):  # a NaN passes every comparison below, so it is refused first
             v = getattr(self, f.name)
             need(not isinstance(v, float) or math.isfinite(v), f"{f.name.upper()}={v} must be a finite number")
@@ -2106,21 +2109,64 @@ def strip_source(src: bytes) -> bytes:
     return "".join(out).encode()
 
 
-def pack_source(src: bytes) -> bytes:
-    """The counted form of the code: the stripped source in the smaller self-extracting wrapper."""
+# Top-level definitions that only the named knobs reach: the shipped file leaves a group out when
+# every one of its knobs has the value given here, and pins those knobs (validate refuses others).
+# The packing code itself never ships (the wrapper counts its own length).
+PRUNE = (
+    ({}, "strip_source prune_source pack_source PRUNE"),
+    ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
+    ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
+     "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
+    ({"compressor": "brotli"}, "CODECS codec_fns smallest_stream l1_chain tensor_role encode_pergroup _unstream decode_pergroup"),
+    ({"lqer_top_n": 0}, "lqer_factors quantize_asym dequantize_asym"),
+    ({"awq_lite": False}, "awq_group awq_scales"),
+    ({"embed_bits_tiers": ""}, "parse_tiers embed_row_tiers"),
+    ({"embed_rotation_rank": 0}, "LowRankResidual"),
+    ({"ttt_hash_embed": False}, "bigram_hash"),
+    ({"embed_sparsity": 0.0}, "sparsify_rows_"),
+)
+PINNED = None  # the shipped file: {knob: value} its pruning fixed
+
+
+def prune_source(src: bytes, h: Hyperparameters) -> bytes:
+    """src without the PRUNE groups that h cannot reach, and with PINNED set to their knobs."""
+    import ast
+
+    text = src.decode()
+    lines = text.splitlines(keepends=True)
+    pins, drop = {}, set()
+    for knobs, names in PRUNE:
+        if all(getattr(h, k) == v for k, v in knobs.items()):
+            pins.update(knobs)
+            drop.update(names.split())
+    new = {}
+    for node in ast.parse(text).body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        first = min([node.lineno] + [x.lineno for x in getattr(node, "decorator_list", [])]) - 1
+        if names == ["PINNED"] or set(names) & drop:
+            new.update(dict.fromkeys(range(first, node.end_lineno), ""))
+            if names == ["PINNED"]:
+                new[first] = f"PINNED = {pins!r}\n"
+    return "".join(new.get(i, line) for i, line in enumerate(lines)).encode()
+
+
+def pack_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
+    """The counted form of the code for config h (default: the defaults): the pruned, stripped source
+    in the smaller self-extracting wrapper."""
     import base64
     import lzma
 
-    src = strip_source(src)
+    src = strip_source(prune_source(src, h or Hyperparameters()))
     raw = (lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
            _brotli().compress(src, quality=11))
     return min((h + base64.b85encode(r) + t for h, r, t in zip(_PACK_HEADS, raw, _PACK_TAILS)), key=len)
 
 
-def counted_code_bytes() -> int:
-    """Size of the packed wrapper of this file (or of this file itself when it is the wrapper)."""
+def counted_code_bytes(h: Hyperparameters) -> int:
+    """Size of the packed wrapper of this file for config h (or of this file itself when it is the wrapper)."""
     src = Path(__file__).read_bytes()
-    return len(src) if src.startswith(_PACK_HEADS) else len(pack_source(src))
+    return len(src) if src.startswith(_PACK_HEADS) else len(pack_source(src, h))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2903,7 +2949,7 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
         prepare_ttt(eval_model, h)
     scorer, loss_fn = eval_callables(h, eval_model, d)
     times = {"load": time.perf_counter() - t0}
-    code, model_bytes = counted_code_bytes(), os.path.getsize(artifact)
+    code, model_bytes = counted_code_bytes(h), os.path.getsize(artifact)
     total = code + model_bytes
     log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
         f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:1 path:{artifact}")
@@ -2962,7 +3008,12 @@ def main() -> int:
         except OSError as e:
             raise ConfigError(f"cannot write the log in {h.log_dir} ({e.strerror}); set LOG_DIR to a writable folder") from None
         return train_and_eval(h, d, log)
-    except (ConfigError, TrainingError, OSError, KeyboardInterrupt) as e:
+    except (ConfigError, TrainingError, OSError, KeyboardInterrupt, NameError) as e:
+        if isinstance(e, NameError):  # code a shipped file left out (PRUNE), reached through an input
+            if PINNED is None:
+                raise
+            e = ConfigError(f"{e}: this train_gpt.py was packed for {' '.join(f'{k.upper()}={env_value(v)}' for k, v in PINNED.items())} "
+                            "and left that code out; run the readable source")
         # Every rank meets the same error (inputs and scores are identical or all-reduced); rank 0 prints it.
         status = 2 if isinstance(e, ConfigError) else 130 if isinstance(e, KeyboardInterrupt) else 3
         msg = f"I/O error: {' '.join(str(e).split())}" if isinstance(e, OSError) else str(e)

@@ -143,11 +143,12 @@ def test_eval_budget_boundary(ttt_s, expect, full_run, synth_data, tmp_path, mon
 @pytest.mark.parametrize("margin,rc", [(-1, 4), (0, 0)])
 def test_size_limit_counts_code_and_model(margin, rc, full_run, synth_data, tmp_path, monkeypatch):
     _, _, _, artifact = full_run
-    total = len(tg.pack_source((REPO / "train_gpt.py").read_bytes())) + artifact.stat().st_size
-    monkeypatch.setattr(tg, "SIZE_LIMIT", total + margin)
+    monkeypatch.setattr(tg, "SIZE_LIMIT", 0)  # placeholder until the total is known
     synthetic_tokenizer(monkeypatch)
     h = hparams(synth_data, tmp_path, "size", eval_artifact=str(artifact), sliding_window_enabled=False,
                 ttt_enabled=False)
+    total = len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h)) + artifact.stat().st_size
+    monkeypatch.setattr(tg, "SIZE_LIMIT", total + margin)
     assert tg.train_and_eval(h, CPU) == rc
     log = (tmp_path / "size.txt").read_text()
     assert f" bytes_total:{total} limit:{total + margin} headroom:{margin} " in line(log, "artifact ")

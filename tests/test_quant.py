@@ -12,6 +12,9 @@ import torch
 import train_gpt as tg
 from conftest import REPO, SP1024, TINY, clean_environ, tiny_env
 
+sys.path.insert(0, str(REPO / "tools"))
+import records  # noqa: E402
+
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 
 
@@ -100,7 +103,91 @@ def test_pack_source_behaves_identically(tmp_path):
     (tmp_path / "p.py").write_bytes(packed)
     out = subprocess.run([sys.executable, str(tmp_path / "p.py"), "a"], capture_output=True, text=True)
     assert out.stdout == "packed __main__ 2\n"
-    assert tg.counted_code_bytes() == len(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
+    h = tg.Hyperparameters(compressor="pergroup")
+    assert tg.counted_code_bytes(h) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
+
+
+def top_level_names(src: bytes) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.parse(src).body:
+        out.update([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                   [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
+    return out
+
+
+def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
+    src = (REPO / "train_gpt.py").read_bytes()
+    tops, defaults = top_level_names(src), tg.Hyperparameters()
+    groups = [(knobs, set(names.split())) for knobs, names in tg.PRUNE]
+    for knobs, names in groups:
+        assert names <= tops, names - tops  # a misspelt name would silently ship
+        assert all(getattr(defaults, k) == v for k, v in knobs.items())  # the defaults pass the pins
+    always = groups[0][1]
+    on = dict(lora_ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
+              embed_bits_tiers="128:8,rest:6", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.5)
+    assert {k for knobs, _ in groups for k in knobs} == set(on)
+    gone = lambda h: tops - top_level_names(tg.prune_source(src, h))  # noqa: E731
+    assert gone(tg.Hyperparameters(**on)) == always
+    assert gone(defaults) == set().union(*(names for _, names in groups))
+    for k, v in on.items():  # one knob on keeps exactly the groups that name it
+        assert gone(dataclasses.replace(defaults, **{k: v})) == set().union(*(n for kn, n in groups if k not in kn))
+    pins = next(l for l in tg.prune_source(src, defaults).decode().splitlines() if l.startswith("PINNED"))
+    assert eval(pins.split("=", 1)[1]) == {k: getattr(defaults, k) for k in on}
+    assert "PINNED = {}" in tg.prune_source(src, tg.Hyperparameters(**on)).decode()
+
+
+# Calls into a PRUNE group whose guard is not a knob of the group: each runs only when the group's
+# knob was on where the data came from (an artifact's encoding, a module built from the knob) or
+# never in the shipped file (counted_code_bytes of a wrapper returns its own length).
+DATA_GUARDED = {
+    ("decode_artifact", "decode_pergroup"): "the artifact's magic",
+    ("dequantize_int", "dequantize_asym"): "the artifact holds LQER factors",
+    ("dequantize_int", "awq_scales"): "the artifact's metadata marks an AWQ group",
+    ("gptq_quantize", "awq_scales"): "keep is passed only when AWQ_LITE=1",
+    ("GPT", "LowRankResidual"): "r = EMBED_ROTATION_RANK",
+    ("GPT", "bigram_hash"): "hash_embed exists only with TTT_HASH_EMBED=1",
+    ("counted_code_bytes", "pack_source"): "not called in the shipped wrapper",
+}
+
+
+def test_prune_groups_are_reached_only_under_their_knobs():
+    """Every call into a group from outside it sits under a condition (if, conditional expression,
+    loop bound) naming one of the group's knobs, or in a group kept whenever this one is, or is a
+    reviewed DATA_GUARDED site. A group keyed to the wrong knob would ship without code a config
+    needs, and the run would stop after training."""
+    import ast
+
+    tree = ast.parse((REPO / "train_gpt.py").read_text())
+    owner = {}
+    for knobs, names in tg.PRUNE:
+        owner.update({n: (set(knobs), set(names.split())) for n in names.split()})
+    problems, seen = [], set()
+
+    def visit(node, top, conds):
+        if isinstance(node, ast.Name) and node.id in owner and node.id not in owner.get(top, (None, set()))[1]:
+            knobs, _ = owner[node.id]
+            kept_with = top in owner and owner[top][0] <= knobs  # top is kept only when this group is
+            if not (knobs and any(k in c for c in conds for k in knobs)) and not kept_with:
+                seen.add((top, node.id))
+                if (top, node.id) not in DATA_GUARDED:
+                    problems.append(f"{top} uses {node.id} outside a condition on {sorted(knobs)}")
+        guard = []
+        if isinstance(node, (ast.If, ast.IfExp, ast.While)):
+            guard = [ast.unparse(node.test)]
+        elif isinstance(node, (ast.For, ast.comprehension)):
+            guard = [ast.unparse(node.iter)]
+        for child in ast.iter_child_nodes(node):
+            visit(child, top, conds + guard if child is not getattr(node, "test", None) else conds)
+
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for name in names or [None]:
+            visit(node, name, [])
+    assert not problems, problems
+    assert seen == set(DATA_GUARDED)  # every reviewed site still exists
 
 
 def gptq_spec(name, p, h) -> bool:
@@ -265,7 +352,8 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
     kv = dict(t.split(":", 1) for t in line.split()[1:])
     artifact = tmp_path / "logs" / "e2e.ptz"
     assert int(kv["bytes_model"]) == artifact.stat().st_size
-    assert int(kv["counted_code_bytes"]) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
+    h = tg.Hyperparameters.from_env(env)
+    assert int(kv["counted_code_bytes"]) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
     assert int(kv["bytes_total"]) == int(kv["bytes_model"]) + int(kv["counted_code_bytes"])
     assert "gptq_hessian_end:" in r.stdout and "quant_gap val_bpb:" in r.stdout
     quantized = next(l for l in r.stdout.splitlines() if l.startswith("final_quantized"))
@@ -278,14 +366,26 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
     # the packed (counted) form of the script, stripped source inside, trains and scores the same,
     # log line for log line, and counts itself
     packed = tmp_path / "packed" / "train_gpt.py"
-    subprocess.run([sys.executable, str(REPO / "tools" / "pack_code.py"), "--out", str(packed)], check=True)
     env_p = {**clean_environ(), **env, "RUN_ID": "packed", "ARTIFACT_PATH": str(tmp_path / "packed.ptz"),
              "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(REPO / "tools" / "pack_code.py"), "--out", str(packed)], env=env_p, check=True)
+    shipped = records.unpack_wrapper(packed.read_bytes()).decode()
+    assert "def eval_lora_ttt" not in shipped and "def strip_source" not in shipped and "def eval_ttt" in shipped
     p = subprocess.run([sys.executable, str(packed)], env=env_p, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert normalized_log(p.stdout) == normalized_log(r.stdout)
     assert (tmp_path / "packed.ptz").read_bytes() == artifact.read_bytes()
     assert f"counted_code_bytes:{packed.stat().st_size} " in p.stdout and packed.stat().st_size == int(kv["counted_code_bytes"])
+    # it pins what it left out: another value, or an input that needs left-out code, is a one-line error
+    pin = subprocess.run([sys.executable, str(packed)], env={**env_p, "LORA_TTT_ENABLED": "1", "RUN_ID": "pin"},
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert pin.returncode == 2 and pin.stderr.count("\n") == 1, pin.stderr[-3000:]
+    assert "LORA_TTT_ENABLED=1: this train_gpt.py was packed for LORA_TTT_ENABLED=0" in pin.stderr
+    (tmp_path / "pergroup.ptz").write_bytes(tg.PERGROUP_MAGIC + bytes(64))
+    left = subprocess.run([sys.executable, str(packed)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**env_p, "EVAL_ARTIFACT": str(tmp_path / "pergroup.ptz"), "RUN_ID": "left"})
+    assert left.returncode == 2 and left.stderr.count("\n") == 1, left.stderr[-3000:]
+    assert "'decode_pergroup' is not defined: this train_gpt.py was packed for " in left.stderr and "COMPRESSOR=brotli" in left.stderr
     # wrong shapes: one-line error naming the file and the mismatch
     bad = run({**env, "EVAL_ARTIFACT": str(artifact), "NUM_LAYERS": "5", "RUN_ID": "badshape"}, tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(artifact) in bad.stderr

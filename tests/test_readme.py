@@ -24,7 +24,7 @@ def test_knob_table_is_current():
 
 
 def test_counted_code_size_is_current():
-    assert readme_knobs.readme_code_size(README) == f"{len(train_gpt.pack_source((REPO / 'train_gpt.py').read_bytes())):,}", (
+    assert readme_knobs.readme_code_size(README) == f"{len(train_gpt.pack_source((REPO / 'train_gpt.py').read_bytes(), train_gpt.Hyperparameters())):,}", (
         "README.md's counted code size is stale; run: python3 tools/readme_knobs.py --write")
 
 

@@ -1,9 +1,12 @@
-"""Write the counted (shipped) form of train_gpt.py: a self-extracting raw-LZMA2 + base85 wrapper.
+"""Write the counted (shipped) form of train_gpt.py for the config in the environment.
 
-    python tools/pack_code.py [--src train_gpt.py] [--out records/.../train_gpt.py]
+    [PRESET=... KNOB=...] python tools/pack_code.py [--src train_gpt.py] --out records/.../train_gpt.py
 
-The wrapper runs the exact readable source with exec, so it behaves identically; its size is what
-train_gpt.py logs as counted_code_bytes (code_packed:1). The readable file stays the source of truth.
+The config is read as the run reads it (PRESET, then env vars), so set the same env as the run.
+The wrapper (raw LZMA2 or brotli, + base85) runs the stripped source with exec: definitions that
+config cannot reach are left out (train_gpt.PRUNE) and their knobs pinned, docstrings, comments and
+annotations removed. Its size is what the run logs as counted_code_bytes (code_packed:1). The
+readable file stays the source of truth.
 """
 import argparse
 import sys
@@ -20,7 +23,11 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     src = Path(a.src).read_bytes()
-    packed = train_gpt.pack_source(src)
+    try:
+        h = train_gpt.Hyperparameters.from_env()
+    except train_gpt.ConfigError as e:
+        sys.exit(f"error: {e}")
+    packed = train_gpt.pack_source(src, h)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_bytes(packed)
     print(f"source_bytes:{len(src)} packed_bytes:{len(packed)} out:{a.out}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime
 import hashlib
 import importlib.util
@@ -111,7 +112,7 @@ class Code:
     readable: bytes  # the source
     counted: bytes  # what the artifact counts: the packed wrapper (code_packed:1) or the source
     ran_packed: bool  # the logs hash the packed wrapper (it was launched) rather than the source
-    module: object  # the source loaded as a module: Hyperparameters, PRESETS, pack_source
+    module: object  # the code loaded as a module: Hyperparameters, PRESETS (pack_source in the readable source)
 
 
 def sha256(b: bytes) -> str:
@@ -147,6 +148,14 @@ def load_module(source: bytes, origin: str):
     return mod
 
 
+def run_config(module, runs: list[runlog.RunLog]):
+    """The config the first run logged (its `hp` lines) as the module's Hyperparameters: what the
+    shipped code was packed for (train_gpt.pack_source prunes by it)."""
+    hp = runs[0].hp if runs else {}
+    return module.Hyperparameters(**{f.name: module.parse_env_value(f.name.upper(), hp[f.name], f.type)
+                                     for f in dataclasses.fields(module.Hyperparameters) if f.name in hp})
+
+
 def match_code(path: Path, runs: list[runlog.RunLog], readable_path: Path | None = None) -> Code:
     """The code the runs logged, or PackError. A log hashes the file it ran (source or wrapper).
     A wrapper holds the stripped source; readable_path names the full source it was packed from."""
@@ -156,12 +165,13 @@ def match_code(path: Path, runs: list[runlog.RunLog], readable_path: Path | None
     readable = unpack_wrapper(given) or given
     if readable is not given and readable_path is not None and readable_path.is_file():
         full = readable_path.read_bytes()
-        if getattr(load_module(full, str(readable_path)), "strip_source", lambda b: b)(full) == readable:
+        mod = load_module(full, str(readable_path))
+        if hasattr(mod, "pack_source") and unpack_wrapper(mod.pack_source(full, run_config(mod, runs))) == readable:
             readable = full
     module = load_module(readable, str(path))
     if readable is given and not hasattr(module, "pack_source"):
         raise PackError(f"{path} has no pack_source(); pass --code with the packed train_gpt.py that ran")
-    packed = given if readable is not given else module.pack_source(readable)
+    packed = given if readable is not given else module.pack_source(readable, run_config(module, runs))
     for r in runs:
         if r.code_file_bytes is None:
             raise PackError(f"log {r.path} has no `code file_bytes:<n> sha256:<hex>` line; cannot tell which code produced it")
