@@ -6,7 +6,7 @@
     python tools/records.py check records/track_<track>/<date>_<name>
 
 pack writes records/track_<track>/<date>_<name>/: README.md, submission.json, train_seed<seed>.log
-per log, train_gpt.py (the counted code, packed when the run counted it packed) and
+per log, train_gpt.py (the counted code, packed for the logged config when the run counted it packed) and
 train_gpt_readable.py. submission.json has the keys the accepted records use (seed_results keyed by
 seed, val_bpb mean and sample std, seeds, name, author, github_id, date, track, hardware,
 pytorch_version, bytes_total, compliance) plus our own (tools/submission.schema.json describes all).
