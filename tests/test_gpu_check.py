@@ -67,6 +67,7 @@ def test_cpu_sized_check_runs_steps_1_to_5(small_data, tmp_path):
     for label in ("- compile train_step looping:1:", "- looping_on: ", "tokens/s per GPU", "- final_ttt ",
                   "- artifact counted_code_bytes:", "- projected final_sliding", "- causality targets:"):
         assert label in figures, label
+    assert " stages:plain+sliding+ttt " in figures and "result:ok" in figures.split("- causality targets:")[1]
     logs = {p.name for p in out.iterdir()}
     assert {"1_versions_versions.log", "3_bench_compare_compile.log", "4_pipeline_gpu_check.txt",
             "5_causality_causality.log", "plan.txt"} <= logs

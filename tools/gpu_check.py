@@ -16,7 +16,8 @@ the next one still runs (only a step that needs an earlier one's output is skipp
   4 pipeline: train_gpt.py on real shards (sp8192) with MAX_WALLCLOCK_SECONDS=90: training, GPTQ,
     artifact written and re-read, the size line, every eval stage through TTT; eval times are
     projected to the full validation split on 8 GPUs;
-  5 causality: tools/causality_check.py on the artifact of step 4 (CPU float32, deterministic);
+  5 causality: tools/causality_check.py on the artifact of step 4 for the stages the record config
+    runs, plain, sliding and TTT (CPU float32, deterministic);
   6 losses: the first 20 training losses of the record model on the GPU (bf16 autocast, eager, 1,024
     tokens per step to keep the CPU side short) next to a CPU float32 run of the same steps and data.
 Knob env vars of the caller are dropped: every step runs the sizes written in SIZES, so two reports
@@ -53,6 +54,9 @@ LOSS_TOL_FIRST, LOSS_TOL_ANY = 0.02, 0.10
 # (label, env of config A, env of config B) for bench.py --compare: the heaviest speed switches.
 COMPARES = [("compile", "", "COMPILE=0")]
 
+# The eval stages the record config runs (the document stages have their own causality tests).
+RECORD_STAGES = ("plain", "sliding", "ttt")
+
 # Env of each step, by size. "gpu": the record config; "cpu": a tiny config that runs in seconds.
 SIZES = {
     "gpu": dict(
@@ -62,7 +66,7 @@ SIZES = {
         # Short windows keep 12 CPU evals of the record model within seconds; legality does not
         # depend on the window length. Points: the TTT chunk boundary and the target after it.
         causality_env=dict(EVAL_SEQ_LEN="512", EVAL_STRIDE="128", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1"),
-        causality=["--tokens", "2048", "--positions", "1"],
+        causality=["--tokens", "2048", "--positions", "1", "--stage", *RECORD_STAGES],
         # 1,024 tokens per step (8 micro-steps of one 128-token row) keep 20 CPU float32 steps of the
         # record model near half a minute; eager on the GPU so no new shapes are compiled.
         losses=dict(TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="1024", COMPILE="0", ITERATIONS="20"),
@@ -76,7 +80,7 @@ SIZES = {
                   TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", TTT_BATCH_SEQS="8", GPTQ_CALIBRATION_BATCHES="2"),
         bench=["--warmup", "0", "--steps", "1"], compare=["--warmup", "0", "--steps", "1", "--rounds", "1"],
         pipeline=dict(ITERATIONS="3", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1"),
-        causality_env={}, causality=["--tokens", "1024", "--positions", "1"],
+        causality_env={}, causality=["--tokens", "1024", "--positions", "1", "--stage", *RECORD_STAGES],
         losses=dict(ITERATIONS="4"),
         caps={n: 600 for n in range(1, 7)},  # only against hangs: a busy CPU machine is slow
     ),
