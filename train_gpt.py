@@ -963,7 +963,19 @@ def _use_triton(x: Tensor) -> bool:
     return x.is_cuda and _triton_ce(x.device) is not None
 
 
-@torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+def _op_namespace() -> str:
+    """pgolf, or pgolf<k> when other copies of this file in the process took it (tools load the shipped
+    code as a module): registering an op name again would send every copy's calls to the last one."""
+    k = 0
+    while hasattr(getattr(torch.ops, f"pgolf{k or ''}"), "softcap_ce"):
+        k += 1
+    return f"pgolf{k or ''}"
+
+
+_OPS = _op_namespace()
+
+
+@torch.library.custom_op(f"{_OPS}::softcap_ce", mutates_args=())
 def _softcap_ce(x: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
     return _tri_fwd(_triton_ce(x.device), x, targets, cap) if _use_triton(x) else _ce_math(x, targets, cap)
 
@@ -973,7 +985,7 @@ def _(x, targets, cap):
     return x.new_empty(x.size(0), dtype=torch.float32), x.new_empty(x.size(0), dtype=torch.float32)
 
 
-@torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::softcap_ce_bwd", mutates_args=())
 def _softcap_ce_bwd(x: Tensor, targets: Tensor, lse: Tensor, g: Tensor, cap: float) -> Tensor:
     if _use_triton(x):
         return _tri_bwd(_triton_ce(x.device), x, targets, lse, g, cap)

@@ -427,3 +427,16 @@ def test_plot_writes_png_of_the_logged_curves(logs, tmp_path):
     assert c["val"] == ([3], [float(re.search(r"^step:3/\d+ val_loss:\S+ val_bpb:(\S+)", text, re.M).group(1))])
     assert [f[0] for f in c["finals"]] == ["pre_quant", "quantized", "sliding", "ttt"]
     assert plot_runs.curves(runs[0], "time")["train"][0][-1] == runs[0].train_points[-1][2]
+
+
+def test_a_copy_of_the_code_loaded_in_process_leaves_ours_working():
+    """records loads the shipped code as a module: its custom ops must not take over this module's."""
+    import torch
+
+    x, t = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    ref = tg.softcap_cross_entropy(x, t, 30.0)
+    copy = records.load_module((REPO / "train_gpt.py").read_bytes() + b"\n# a copy\n", "copy.py")
+    assert torch.equal(copy.softcap_cross_entropy(x, t, 30.0), ref)
+    del sys.modules[copy.__name__]
+    copy.__dict__.clear()  # what module teardown does; calls routed to the copy would now fail
+    assert torch.equal(tg.softcap_cross_entropy(x, t, 30.0), ref)
