@@ -294,7 +294,7 @@ def test_compile_warmup_leaves_trajectory_unchanged(dataset):
 
 
 def test_tiny_model_learns_real_text(dataset, shared_data):
-    h = tiny(iterations=80, train_batch_tokens=8 * 4 * 64)
+    h = tiny(iterations=40, train_batch_tokens=8 * 4 * 64)
     luts = tg.build_byte_luts(str(SP1024), 1024)
     val = tg.load_val_tokens(str(dataset), h.eval_seq_len)
     tr = make_trainer(h, dataset)
@@ -303,7 +303,7 @@ def test_tiny_model_learns_real_text(dataset, shared_data):
     assert tr.base.looping_active  # switched on at 35% of the steps
     tr.apply_ema()
     after = tg.eval_val(h, tr.base, CPU, val, luts)
-    assert before.val_bpb > 4.0 and after.val_bpb < 0.8 * before.val_bpb  # 4.25 -> ~3.2
+    assert before.val_bpb > 4.0 and after.val_bpb < 0.8 * before.val_bpb  # 4.25 -> 3.22 in 40 steps
     assert after.tokens == val.numel() - 1
     assert after.bytes == int(tg.target_bytes(val[:-1], val[1:], luts).sum())
 
