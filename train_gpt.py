@@ -146,8 +146,8 @@ class Hyperparameters:
     gptq_calibration_batches: int = 16  # training micro-batches per rank for the GPTQ Hessians (#1855; 04-09: 64)
     matrix_bits: int = 6  # block matrices and embed/head projections
     matrix_clip_sigmas: float = 12.85  # SDClip k: step = k*std(row)/R, the artifact-size dial
-    embed_bits: int = 8  # tied embedding
-    embed_clip_sigmas: float = 20.0  # SDClip k of the embedding
+    embed_bits: int = 7  # tied embedding (PR #1855; int8 measured ~268 KB larger at full size, over the limit)
+    embed_clip_sigmas: float = 14.0  # SDClip k of the embedding (PR #1855; 20.0 with EMBED_BITS=8 before)
     mlp_clip_sigmas: float = 0.0  # SDClip k of MLP matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 11.5)
     attn_clip_sigmas: float = 0.0  # SDClip k of attention matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 13)
     quant_gate: bool = True  # attention-output gate weights as int8 rows (PR #1855), not fp16

@@ -205,7 +205,7 @@ def test_default_routing_matches_the_65536_passthrough_rule():
             assert spec == (8, 0.0) and tg.quant_spec(name, p, tg.Hyperparameters(quant_gate=False)) is None, name
             continue
         assert (spec is None) == (p.numel() <= 65_536), name
-    assert tg.quant_spec("tok_emb.weight", torch.zeros(8192, 512), h) == (8, 20.0)
+    assert tg.quant_spec("tok_emb.weight", torch.zeros(8192, 512), h) == (7, 14.0)
 
 
 @pytest.mark.parametrize("over", [{}, dict(embedding_dim=32), dict(head_kind="factorized", head_rank=16)])

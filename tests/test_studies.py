@@ -267,7 +267,7 @@ def test_bit_tiers_follow_the_row_ranking(rank, dataset):
     assert torch.all(q <= 2 ** (bits - 1) - 1) and int(q[bits == 4].max()) == 7  # clip 2 sigma: int4 rows saturate
     s = tensors["tok_emb.weight.scale"].float()
     std = model.tok_emb.weight.detach().std(dim=1, correction=0)
-    torch.testing.assert_close(s, (torch.where(bits == 4, 2.0, 20.0) * std / (2 ** (bits - 1) - 1)).half().float())
+    torch.testing.assert_close(s, (torch.where(bits == 4, 2.0, h.embed_clip_sigmas) * std / (2 ** (bits - 1) - 1)).half().float())
     assert meta["tok_emb.weight"]["bits"] == 8
     assert "rows_by_bits:8:100,6:200,4:724" in tg.quant_report(tensors, meta, h)[-1]
 
