@@ -41,6 +41,22 @@ def clean_environ() -> dict:
     return {k: v for k, v in os.environ.items() if k not in known}
 
 
+def short_docs_dataset(out: Path, n_docs: int, val_docs: int, chars: int, **kw) -> Path:
+    """sp1024 shards in out of the first n_docs FineWeb docs, the val_docs validation ones cut to
+    chars characters (short eval runs); kw goes to build_shards."""
+    import json
+
+    import build_shards
+
+    docs = [json.loads(l) for l in FINEWEB.read_text(encoding="utf-8").splitlines()[:n_docs]]
+    for doc in docs[:val_docs]:
+        doc["text"] = doc["text"][:chars]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
+    build_shards.build_shards([out / "docs.jsonl"], SP1024, out, val_docs=val_docs, **kw)
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not (FINEWEB.is_file() and SP1024.is_file()):

@@ -1,6 +1,5 @@
 """Eval stages: window planning, sliding and score-first TTT against direct references, causality
 by perturbation, the per-target NLL dump, and distributed equivalence."""
-import json
 import math
 import sys
 
@@ -10,7 +9,7 @@ import torch
 
 import train_gpt as tg
 import ttt_legality as legal
-from conftest import FINEWEB, REPO, SP1024, TINY, tiny_env
+from conftest import REPO, SP1024, TINY, short_docs_dataset, tiny_env
 
 sys.path.insert(0, str(REPO / "tools"))
 import causality_check as cc  # noqa: E402
@@ -299,15 +298,7 @@ def test_causality_check_catches_a_leak(stage):
 @pytest.fixture(scope="module")
 def small_dataset(shared_data, tmp_path_factory):
     """4 validation documents cut to 4,000 characters (~6k tokens) keep the end-to-end eval runs short."""
-    import build_shards
-
-    out = tmp_path_factory.mktemp("sp1024_small")
-    docs = [json.loads(l) for l in FINEWEB.read_text(encoding="utf-8").splitlines()[:60]]
-    for doc in docs[:4]:
-        doc["text"] = doc["text"][:4000]
-    (out / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
-    build_shards.build_shards([out / "docs.jsonl"], SP1024, out, val_docs=4, shard_tokens=300_000)
-    return out
+    return short_docs_dataset(tmp_path_factory.mktemp("sp1024_small"), 60, 4, 4000, shard_tokens=300_000)
 
 
 @pytest.fixture(scope="module")

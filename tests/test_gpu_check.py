@@ -1,13 +1,12 @@
 """tools/gpu_check.py: the dry run, every step at CPU size, and the step runner's failure handling."""
 import argparse
-import json
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import FINEWEB, REPO, SP1024, clean_environ
+from conftest import REPO, SP1024, clean_environ, short_docs_dataset
 
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
@@ -18,15 +17,7 @@ SCRIPT = REPO / "tools" / "gpu_check.py"
 @pytest.fixture(scope="module")
 def small_data(shared_data, tmp_path_factory):
     """2 validation documents cut to 3,000 characters (~2k tokens) and 28 training documents, sp1024."""
-    import build_shards
-
-    d = tmp_path_factory.mktemp("gpu_check")
-    docs = [json.loads(l) for l in FINEWEB.read_text(encoding="utf-8").splitlines()[:30]]
-    for doc in docs[:2]:
-        doc["text"] = doc["text"][:3000]
-    (d / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
-    build_shards.build_shards([d / "docs.jsonl"], SP1024, d / "sp1024", val_docs=2)
-    return d / "sp1024"
+    return short_docs_dataset(tmp_path_factory.mktemp("gpu_check") / "sp1024", 30, 2, 3000)
 
 
 def run_check(*args, timeout=900):
