@@ -2172,7 +2172,7 @@ def pack_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
     src = strip_source(prune_source(src, h or Hyperparameters()))
     raw = (lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
            _brotli().compress(src, quality=11))
-    return min((h + base64.b85encode(r) + t for h, r, t in zip(_PACK_HEADS, raw, _PACK_TAILS)), key=len)
+    return min((head + base64.b85encode(r) + t for head, r, t in zip(_PACK_HEADS, raw, _PACK_TAILS)), key=len)
 
 
 def counted_code_bytes(h: Hyperparameters) -> int:

@@ -107,14 +107,18 @@ def test_pack_source_behaves_identically(tmp_path):
     assert tg.counted_code_bytes(h) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
 
 
+def node_names(node) -> list[str]:
+    """The names a top-level statement defines: a def or class, or plain assignment targets."""
+    import ast
+
+    return [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+        [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+
+
 def top_level_names(src: bytes) -> set[str]:
     import ast
 
-    out = set()
-    for node in ast.parse(src).body:
-        out.update([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
-                   [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
-    return out
+    return {n for node in ast.parse(src).body for n in node_names(node)}
 
 
 def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
@@ -182,9 +186,7 @@ def test_prune_groups_are_reached_only_under_their_knobs():
             visit(child, top, conds + guard if child is not getattr(node, "test", None) else conds)
 
     for node in tree.body:
-        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        for name in names or [None]:
+        for name in node_names(node) or [None]:
             visit(node, name, [])
     assert not problems, problems
     assert seen == set(DATA_GUARDED)  # every reviewed site still exists
