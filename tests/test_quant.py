@@ -1,10 +1,14 @@
 """Artifact: SDClip/RTN/GPTQ, the pickle-free container, compression, accounting and round trips."""
+import ast
 import collections
 import dataclasses
+import dis
+import inspect
 import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -99,12 +103,124 @@ def test_container_round_trip_and_errors():
 
 
 def test_pack_source_behaves_identically(tmp_path):
-    packed = tg.pack_source(b"import sys\nprint('packed', __name__, len(sys.argv))\n")
+    src = b"import inspect,sys\ndef f(x):\n    y = x + 1\n    return y\nprint('packed', __name__, len(sys.argv))\nprint(inspect.getsource(f))\n"
+    packed = tg.pack_source(src)
     (tmp_path / "p.py").write_bytes(packed)
     out = subprocess.run([sys.executable, str(tmp_path / "p.py"), "a"], capture_output=True, text=True)
-    assert out.stdout == "packed __main__ 2\n"
+    # triton.jit reads its kernels' source with inspect: the wrapper must keep it reachable
+    assert out.stdout == "packed __main__ 2\ndef f(x):\n a=x+1\n return a\n\n", out.stderr
     h = tg.Hyperparameters(compressor="pergroup")
     assert tg.counted_code_bytes(h) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_latin1_literal_carries_every_byte(tmp_path, seed):
+    """The wrapper's literal, read back by Python's own parser, is the compressed stream byte for byte."""
+    raw = bytes(range(256)) + b'"""\\\r\n\0' + torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(seed)).to(torch.uint8).numpy().tobytes() + b'"\\'
+    (tmp_path / "l.py").write_bytes(b'#coding:l1\nimport sys;sys.stdout.buffer.write("""' + tg.latin1_literal(raw) + b'""".encode("l1"))\n')
+    out = subprocess.run([sys.executable, str(tmp_path / "l.py")], capture_output=True)
+    assert out.returncode == 0 and out.stdout == raw, out.stderr[-300:]
+    assert len(tg.latin1_literal(raw)) < 1.04 * len(raw)
+
+
+def same_program_up_to_local_names(a: types.CodeType, b: types.CodeType, names: dict):
+    """Asserts that two code objects run the same instructions on the same globals, attributes and
+    constants, and differ at most by a one-to-one renaming of local variables (fresh per function)."""
+    assert a.co_argcount == b.co_argcount and a.co_kwonlyargcount == b.co_kwonlyargcount and a.co_flags == b.co_flags, a.co_name
+    n = a.co_argcount + a.co_kwonlyargcount + bool(a.co_flags & 4) + bool(a.co_flags & 8)
+    for p, q in zip(a.co_varnames[:n], b.co_varnames[:n]):
+        assert p == q and names.setdefault(p, p) == p, f"{a.co_name}: parameter {p} renamed"
+    ia, ib = list(dis.get_instructions(a)), list(dis.get_instructions(b))
+    assert [i.opname for i in ia] == [i.opname for i in ib], a.co_name
+    for x, y in zip(ia, ib):
+        if isinstance(x.argval, types.CodeType):  # a def in a module or class body renames on its own
+            same_program_up_to_local_names(x.argval, y.argval, names if a.co_flags & inspect.CO_OPTIMIZED else {})
+        elif x.opname in ("MAKE_CELL", "LOAD_CLOSURE"):  # cells are made and passed in the sorted order of their names
+            continue
+        elif x.opcode in dis.haslocal or x.opcode in dis.hasfree:
+            assert names.setdefault(x.argval, y.argval) == y.argval, f"{a.co_name}: {x.argval} renamed two ways"
+        else:
+            assert x.argval == y.argval, f"{a.co_name}: {x.opname} {x.argval!r} != {y.argval!r}"
+    assert len(set(names.values())) == len(names), f"{a.co_name}: two locals renamed to one name"
+
+
+RENAME_CASES = b'''
+import functools
+total = 100
+def deco(f):
+    return f
+def outer(a, b=2, *args, k=3, **kw):
+    counter = 0
+    values = [counter + v for v in range(a)]
+    def inner(step=b):
+        nonlocal counter
+        counter += step
+        return counter
+    def make():
+        acc = []
+        for i in range(3):
+            acc.append(i * total)
+        return acc
+    try:
+        raise ValueError(a)
+    except ValueError as err:
+        msg = str(err)
+    if (width := len(values)) > 1:
+        width += 1
+    label = f"{width=} {msg!r:>6}"
+    lam = lambda z, q=k: z + q + a
+    squares = {x: x * x for x in values}
+    return inner(), inner(5), make(), label, lam(1), sorted(squares.items()), width, args, kw
+def boxed(n):
+    kept_name = n + 1
+    class Box:
+        item = kept_name
+    return Box.item
+def bump(n):
+    global total
+    total_before = total
+    total += n
+    return total_before, total
+@deco
+def third(longname_one, longname_two):
+    longname_three = longname_one + longname_two
+    longname_four = [longname_three for _ in range(2)]
+    return longname_four, eval("1 + 1")
+@functools.lru_cache
+def fourth(x):
+    product = x * 2
+    return product
+print(outer(4, 1, 9, k=2, extra=1), boxed(1), bump(2), bump(3))
+print(third(longname_two=1, longname_one=2), fourth(x=3))
+'''
+
+
+def test_rename_locals_keeps_behaviour_and_every_name_callers_see(tmp_path):
+    renamed = tg.rename_locals(RENAME_CASES)
+    runs = []
+    for name, code in (("a.py", RENAME_CASES), ("b.py", renamed)):
+        (tmp_path / name).write_bytes(code)
+        runs.append(subprocess.run([sys.executable, str(tmp_path / name)], capture_output=True, text=True))
+    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[1].stderr
+    same_program_up_to_local_names(compile(RENAME_CASES, "a", "exec"), compile(renamed, "b", "exec"), {})
+    for kept in (b"counter", b"width=", b"kept_name", b"total += n", b"longname_three"):
+        assert kept in renamed  # nonlocal, an f-string's name, a class body's or eval's scope, a global: left alone
+    assert b"total_before" not in renamed and b"product" not in renamed
+    assert b"longname_three" not in tg.rename_locals(RENAME_CASES.replace(b'eval("1 + 1")', b"2"))
+
+
+def test_shipped_source_is_the_same_program():
+    """Minifying the stripped source keeps its syntax tree (whitespace) and its bytecode up to local
+    names, for the default config and one that keeps every group."""
+    src = (REPO / "train_gpt.py").read_bytes()
+    for h in (tg.Hyperparameters(), tg.Hyperparameters(lora_ttt_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
+                                                        embed_bits_tiers="4:8,8", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.1)):
+        stripped = tg.strip_source(tg.prune_source(src, h))
+        renamed = tg.rename_locals(stripped)
+        same_program_up_to_local_names(compile(stripped, "a", "exec"), compile(renamed, "b", "exec"), {})
+        squeezed = tg.squeeze_source(renamed)
+        assert ast.dump(ast.parse(squeezed)) == ast.dump(ast.parse(renamed))
+        assert len(squeezed) < 0.95 * len(stripped)
 
 
 def node_names(node) -> list[str]:

@@ -18,6 +18,7 @@ submission.json from the folder's logs and code and reports any difference.
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import dataclasses
 import datetime
@@ -120,15 +121,21 @@ def sha256(b: bytes) -> str:
 
 
 def unpack_wrapper(src: bytes) -> bytes | None:
-    """The source inside a self-extracting wrapper (train_gpt.pack_source: the stripped source), else None."""
-    m = re.match(rb'import (lzma|brotli),base64;exec\(\1\.decompress\(base64\.b85decode\(b"([^"]*)"\)', src)
-    if not m:
-        return None
-    if m.group(1) == b"brotli":
+    """The source inside a self-extracting wrapper (train_gpt.pack_source: the stripped source), else None.
+    Reads today's latin-1 literal wrapper and the older base85 one."""
+    m = re.match(rb'#coding:l1\nimport (lzma|brotli)[^"]*"""(.*?)"""', src, re.S)
+    if m:
+        kind, raw = m.group(1), ast.literal_eval('"""' + m.group(2).decode("latin-1") + '"""').encode("latin-1")
+    else:
+        m = re.match(rb'import (lzma|brotli),base64;exec\(\1\.decompress\(base64\.b85decode\(b"([^"]*)"\)', src)
+        if not m:
+            return None
+        kind, raw = m.group(1), base64.b85decode(m.group(2))
+    if kind == b"brotli":
         import brotli
 
-        return brotli.decompress(base64.b85decode(m.group(2)))
-    return lzma.decompress(base64.b85decode(m.group(2)), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+        return brotli.decompress(raw)
+    return lzma.decompress(raw, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
 
 
 def load_module(source: bytes, origin: str):
