@@ -2137,7 +2137,7 @@ def strip_source(src: bytes) -> bytes:
 # every one of its knobs has the value given here, and pins those knobs (validate refuses others).
 # The packing code itself never ships (the wrapper counts its own length).
 PRUNE = (
-    ({}, "latin1_literal strip_source rename_locals _short_names squeeze_source prune_source pack_source PRUNE"),
+    ({}, "latin1_literal strip_source rename_locals _short_names squeeze_source prune_source shipped_source pack_source PRUNE"),
     ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
     ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
      "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
@@ -2286,12 +2286,17 @@ def prune_source(src: bytes, h: Hyperparameters) -> bytes:
     return "".join(new.get(i, line) for i, line in enumerate(lines)).encode()
 
 
+def shipped_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
+    """What the wrapper for config h (default: the defaults) runs: pruned, stripped, locals renamed, squeezed."""
+    return squeeze_source(rename_locals(strip_source(prune_source(src, h or Hyperparameters()))))
+
+
 def pack_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
-    """The counted form of the code for config h (default: the defaults): the pruned, stripped source
-    in the smaller self-extracting wrapper."""
+    """The counted form of the code for config h (default: the defaults): shipped_source in the smaller
+    self-extracting wrapper."""
     import lzma
 
-    src = squeeze_source(rename_locals(strip_source(prune_source(src, h or Hyperparameters()))))
+    src = shipped_source(src, h)
     raw = (lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
            _brotli().compress(src, quality=11))
     return min((head + latin1_literal(r) + t for head, r, t in zip(_PACK_HEADS, raw, _PACK_TAILS)), key=len)
