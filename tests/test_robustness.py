@@ -3,7 +3,6 @@ score with exit 0, a traceback or a lost or mixed-up run."""
 import dataclasses
 import errno
 import json
-import math
 import os
 import shutil
 import signal

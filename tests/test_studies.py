@@ -1,6 +1,5 @@
 """Embedding & head studies: each switch trains, survives the artifact round trip and
 evaluates; switched off, the default model is untouched. tools/analyze.py against direct computations."""
-import dataclasses
 import json
 import math
 import subprocess
