@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import dis
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -221,6 +222,46 @@ def test_shipped_source_is_the_same_program():
         squeezed = tg.squeeze_source(renamed)
         assert ast.dump(ast.parse(squeezed)) == ast.dump(ast.parse(renamed))
         assert len(squeezed) < 0.95 * len(stripped)
+
+
+PACK_ONLY = """
+import ast, hashlib, json, sys, types
+src = open(sys.argv[1], "rb").read()
+want = {"strip_source", "rename_locals", "_short_names", "squeeze_source", "prune_source", "PRUNE"}
+keep = [n for n in ast.parse(src).body if getattr(n, "name", None) in want or
+        isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in want]
+g = {}
+exec("from __future__ import annotations\\n" + "\\n".join(ast.get_source_segment(src.decode(), n) for n in keep), g)
+h = types.SimpleNamespace(**json.loads(sys.argv[2]))
+print(hashlib.sha256(g["squeeze_source"](g["rename_locals"](g["strip_source"](g["prune_source"](src, h))))).hexdigest())
+"""
+
+
+def test_shipped_source_is_the_same_under_every_python_here():
+    """The run counts its packed size on the GPU machine and tools/records.py re-packs elsewhere:
+    the shipped source must not depend on the Python version (3.12 tokenizes f-strings in pieces)."""
+    import hashlib
+    import shutil
+
+    import glob
+
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    found = {}
+    for p in [shutil.which(f"python3.{m}") for m in range(10, 15)] + \
+            sorted(glob.glob(os.path.expanduser(os.environ.get("PYENV_ROOT", "~/.pyenv")) + "/versions/3.1*/bin/python3")):
+        v = p and subprocess.run([p, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True).stdout.split()
+        if v and tuple(map(int, v)) >= (3, 10) and ".".join(v) != here:
+            found.setdefault(".".join(v), p)
+    others = list(found.values())
+    if not others:
+        pytest.skip("no other python3.x on PATH to compare with")
+    src = REPO / "train_gpt.py"
+    for h in (tg.Hyperparameters(), tg.Hyperparameters(lora_ttt_enabled=True, compressor="pergroup")):
+        knobs = json.dumps({k: getattr(h, k) for ks, _ in tg.PRUNE for k in ks})
+        want = hashlib.sha256(tg.shipped_source(src.read_bytes(), h)).hexdigest()
+        for py in others:
+            out = subprocess.run([py, "-c", PACK_ONLY, str(src), knobs], capture_output=True, text=True, timeout=120)
+            assert out.stdout.strip() == want, (py, out.stderr[-500:])
 
 
 def node_names(node) -> list[str]:
