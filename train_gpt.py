@@ -2074,8 +2074,8 @@ def latin1_literal(raw: bytes) -> bytes:
 
 
 def strip_source(src: bytes) -> bytes:
-    """The shipped source: docstrings, comments, blank lines and undecorated functions' annotations removed and
-    blocks indented by one space per level. Everything is located with ast and tokenize, so string
+    """The shipped source: docstrings, comments, blank lines, the annotations of functions whose decorators
+    do not read them and of a def's `x: T = v` locals removed, and blocks indented by one space per level. Everything is located with ast and tokenize, so string
     literals and all other code stay byte-identical (a body left empty gets `pass`)."""
     import ast
     import io
@@ -2086,16 +2086,27 @@ def strip_source(src: bytes) -> bytes:
     char = lambda r, c: len(lines[r - 1].encode()[:c].decode())  # ast columns are utf-8 offsets  # noqa: E731
     cuts: dict[int, list] = {}
     gone = set()  # docstring lines after the first
-    for node in ast.walk(ast.parse(text)):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
-            pass  # decorators may read annotations (torch.library.custom_op, triton.jit): kept
+    tree = ast.parse(text)
+    local = {id(x) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for st in f.body for x in ast.walk(st) if isinstance(x, ast.AnnAssign)}
+    local -= {id(x) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for x in c.body}
+
+    def reads_annotations(fn):  # torch.library.custom_op (the op schema) and triton.jit (constexpr)
+        return any(isinstance(x, ast.Attribute) and x.attr in ("custom_op", "jit") for d in fn.decorator_list for x in ast.walk(d))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and node.value and node.target.end_lineno == node.value.lineno and id(node) in local:
+            r = node.lineno  # `x: T = v` in a def -> `x = v` (annotations of locals are never evaluated)
+            cuts.setdefault(r, []).append((char(r, node.target.end_col_offset), lines[r - 1].rfind("=", 0, char(r, node.value.col_offset))))
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or reads_annotations(node):
+            pass
         else:
             a = node.args
             for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
                 if arg.annotation and arg.annotation.end_lineno == arg.lineno:
                     cuts.setdefault(arg.lineno, []).append((char(arg.lineno, arg.col_offset) + len(arg.arg),
                                                             char(arg.lineno, arg.annotation.end_col_offset)))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.decorator_list and node.returns \
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not reads_annotations(node) and node.returns \
                 and node.returns.lineno == node.returns.end_lineno:
             r = node.returns.lineno
             c0 = lines[r - 1].rfind("->", 0, char(r, node.returns.col_offset))
