@@ -232,7 +232,7 @@ class Hyperparameters:
         env = os.environ if env is None else env
         names = {f.name.upper(): f for f in fields(cls)}
         check_unknown_env(env, names)
-        kv = {}
+        kv = dict(PINNED or {})  # a shipped file starts from its packed config
         preset = env.get("PRESET", "")
         if preset:
             if preset not in PRESETS:
@@ -246,73 +246,83 @@ class Hyperparameters:
         return h
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(msg)
-        for k, v in (PINNED or {}).items():
-            need(getattr(self, k) == v, f"{k.upper()}={env_value(getattr(self, k))}: this train_gpt.py was packed for "
-                 f"{k.upper()}={env_value(v)} and leaves out the code for other values; run the readable source")
-        for f in fields(self):  # a NaN passes every comparison below, so it is refused first
-            v = getattr(self, f.name)
-            need(not isinstance(v, float) or math.isfinite(v), f"{f.name.upper()}={v} must be a finite number")
-        for interval, names in VALUE_RANGES.items():
-            lo, hi = (float(x) for x in interval[1:-1].split(","))
-            for name in names.split():
-                v = getattr(self, name)
-                need((lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi),
-                     f"{name.upper()}={v} must lie in {interval}")
-        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        hd = self.model_dim // self.num_heads
-        need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= hd, f"ROPE_DIMS={self.rope_dims} must be even and <= head_dim {hd}")
-        need(0 < self.model_dim_embed <= self.model_dim, f"EMBEDDING_DIM={self.embedding_dim} must be in [0, MODEL_DIM={self.model_dim}]")
-        if self.looping_enabled:
-            need(0 <= self.loop_start <= self.loop_end < self.num_layers,
-                 f"LOOP_START={self.loop_start}/LOOP_END={self.loop_end} must satisfy 0 <= start <= end < NUM_LAYERS={self.num_layers}")
-        need(self.train_seq_len > 0 and self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * self.train_seq_len}")
-        need(self.eval_seq_len > 0 and self.val_batch_tokens >= self.eval_seq_len,
-             f"VAL_BATCH_TOKENS={self.val_batch_tokens} must be >= EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(self.max_wallclock_seconds <= 0 or self.max_wallclock_seconds > self.gptq_reserve_seconds,
-             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must exceed GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} (or be 0 for no cap)")
-        need(0 <= self.warmdown_frac <= 1 and 0 <= self.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must lie in [0, 1]")
-        need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8,
-             f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must lie in [2, 8]")
-        need(0 < self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must lie in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
-        need(self.ttt_chunk_tokens > 0 and self.ttt_chunk_tokens % self.eval_seq_len == 0,
-             f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a positive multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(self.ttt_epochs >= 0 and self.ttt_batch_seqs > 0 and self.ttt_hash_buckets > 0,
-             "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
-        need(0 <= self.ttt_freeze_blocks <= self.num_layers, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={self.num_layers}]")
-        need(self.lora_rank > 0 and 0 < self.lora_chunk_tokens <= self.eval_seq_len and self.lora_batch_docs > 0,
-             f"LORA_RANK and LORA_BATCH_DOCS must be positive and LORA_CHUNK_TOKENS in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
-        bad = set(self.lora_target_list) - set(LORA_TARGETS)
-        need(not bad and self.lora_target_list, f"LORA_TARGETS={self.lora_targets!r} must be a comma list of {','.join(LORA_TARGETS)}")
-        need(not self.lora_ttt_enabled or "head" not in self.lora_target_list
-             or (self.head_kind == "tied" and self.embedding_dim in (0, self.model_dim)),
-             "LORA_TARGETS=...head needs HEAD_KIND=tied and EMBEDDING_DIM=0; drop head from the list")
-        need(self.phased_num_phases >= 0 and self.phased_prefix_docs >= 0, "PHASED_NUM_PHASES and PHASED_PREFIX_DOCS must be >= 0")
-        need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shard format")
-        need(self.attn_gate in ("none", "sparse", "dense"), f"ATTN_GATE={self.attn_gate!r} must be none, sparse or dense")
-        need(0 < self.gate_window <= self.model_dim_embed, f"GATE_WINDOW={self.gate_window} must lie in [1, {self.model_dim_embed}]")
-        need(not self.polar_express or 0 < self.muon_backend_steps <= len(POLAR_EXPRESS),
-             f"POLAR_EXPRESS=1 has coefficients for 1..{len(POLAR_EXPRESS)} steps, MUON_BACKEND_STEPS={self.muon_backend_steps}; set POLAR_EXPRESS=0")
-        need(self.head_kind in HEAD_KINDS, f"HEAD_KIND={self.head_kind!r} must be one of {'|'.join(HEAD_KINDS)}")
-        need(min(self.head_rank, self.head_experts) > 0, "HEAD_RANK and HEAD_EXPERTS must be positive")
-        need(0 <= self.embed_rotation_rank <= self.model_dim, f"EMBED_ROTATION_RANK={self.embed_rotation_rank} must lie in [0, MODEL_DIM]")
-        need(self.num_extra_embeds >= 0 and (self.resid_mix_enabled or not self.num_extra_embeds),
-             f"NUM_EXTRA_EMBEDS={self.num_extra_embeds} must be >= 0 and needs RESID_MIX_ENABLED=1")
-        need(0 <= self.embed_sparsity < 1 and round((1 - self.embed_sparsity) * self.model_dim_embed) >= 1,
-             f"EMBED_SPARSITY={self.embed_sparsity} must lie in [0, 1) and keep a value per row")
-        need(min(self.mlp_clip_sigmas, self.attn_clip_sigmas) >= 0 and min(self.matrix_clip_sigmas, self.embed_clip_sigmas) > 0,
-             "*_CLIP_SIGMAS must be > 0 (MLP_/ATTN_CLIP_SIGMAS: 0 means MATRIX_CLIP_SIGMAS)")
-        need(self.lqer_top_n >= 0 and self.lqer_rank > 0 and self.lqer_group > 0 and 2 <= min(self.lqer_a_bits, self.lqer_b_bits)
-             and max(self.lqer_a_bits, self.lqer_b_bits) <= 8, "LQER_TOP_N must be >= 0, LQER_RANK/LQER_GROUP > 0, LQER_*_BITS in [2, 8]")
-        need(self.compressor in ("brotli", "pergroup"), f"COMPRESSOR={self.compressor!r} must be brotli or pergroup")
-        need(self.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={self.embed_tier_rank!r} must be freq or damage")
-        if self.embed_bits_tiers:  # rows are ranked in the GPTQ calibration pass
-            need(self.gptq_enabled and not self.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
-            parse_tiers(self.embed_bits_tiers, self.vocab_size, self.embed_clip_sigmas)
+        if PINNED is None:
+            return check_config(self)
+        for f in fields(self):  # a packed file: its config was checked when it was packed (check_config)
+            v, want = getattr(self, f.name), PINNED.get(f.name, f.default)
+            if f.name not in FREE_KNOBS and v != want:
+                raise ConfigError(f"{f.name.upper()}={env_value(v)}: this train_gpt.py was packed for {f.name.upper()}="
+                                  f"{env_value(want)}; run the readable source for other values")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"SEED={self.seed} must lie in [0,4294967295]")
+
+
+def check_config(h: Hyperparameters) -> None:
+    """Every knob's range and the knobs' consistency; a ConfigError names the first violation."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+    for f in fields(h):  # a NaN passes every comparison below, so it is refused first
+        v = getattr(h, f.name)
+        need(not isinstance(v, float) or math.isfinite(v), f"{f.name.upper()}={v} must be a finite number")
+    for interval, names in VALUE_RANGES.items():
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        for name in names.split():
+            v = getattr(h, name)
+            need((lo <= v if interval[0] == "[" else lo < v) and (v <= hi if interval[-1] == "]" else v < hi),
+                 f"{name.upper()}={v} must lie in {interval}")
+    need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} must be divisible by NUM_HEADS={h.num_heads}")
+    need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} must be divisible by NUM_KV_HEADS={h.num_kv_heads}")
+    hd = h.model_dim // h.num_heads
+    need(h.rope_dims % 2 == 0 and 0 <= h.rope_dims <= hd, f"ROPE_DIMS={h.rope_dims} must be even and <= head_dim {hd}")
+    need(0 < h.model_dim_embed <= h.model_dim, f"EMBEDDING_DIM={h.embedding_dim} must be in [0, MODEL_DIM={h.model_dim}]")
+    if h.looping_enabled:
+        need(0 <= h.loop_start <= h.loop_end < h.num_layers,
+             f"LOOP_START={h.loop_start}/LOOP_END={h.loop_end} must satisfy 0 <= start <= end < NUM_LAYERS={h.num_layers}")
+    need(h.train_seq_len > 0 and h.train_batch_tokens % (8 * h.train_seq_len) == 0,
+         f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN={8 * h.train_seq_len}")
+    need(h.eval_seq_len > 0 and h.val_batch_tokens >= h.eval_seq_len,
+         f"VAL_BATCH_TOKENS={h.val_batch_tokens} must be >= EVAL_SEQ_LEN={h.eval_seq_len}")
+    need(h.max_wallclock_seconds <= 0 or h.max_wallclock_seconds > h.gptq_reserve_seconds,
+         f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds} must exceed GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds} (or be 0 for no cap)")
+    need(0 <= h.warmdown_frac <= 1 and 0 <= h.min_lr <= 1, "WARMDOWN_FRAC and MIN_LR must lie in [0, 1]")
+    need(2 <= h.matrix_bits <= 8 and 2 <= h.embed_bits <= 8,
+         f"MATRIX_BITS={h.matrix_bits} and EMBED_BITS={h.embed_bits} must lie in [2, 8]")
+    need(0 < h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride} must lie in [1, EVAL_SEQ_LEN={h.eval_seq_len}]")
+    need(h.ttt_chunk_tokens > 0 and h.ttt_chunk_tokens % h.eval_seq_len == 0,
+         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be a positive multiple of EVAL_SEQ_LEN={h.eval_seq_len}")
+    need(h.ttt_epochs >= 0 and h.ttt_batch_seqs > 0 and h.ttt_hash_buckets > 0,
+         "TTT_EPOCHS must be >= 0, TTT_BATCH_SEQS and TTT_HASH_BUCKETS > 0")
+    need(0 <= h.ttt_freeze_blocks <= h.num_layers, f"TTT_FREEZE_BLOCKS={h.ttt_freeze_blocks} must lie in [0, NUM_LAYERS={h.num_layers}]")
+    need(h.lora_rank > 0 and 0 < h.lora_chunk_tokens <= h.eval_seq_len and h.lora_batch_docs > 0,
+         f"LORA_RANK and LORA_BATCH_DOCS must be positive and LORA_CHUNK_TOKENS in [1, EVAL_SEQ_LEN={h.eval_seq_len}]")
+    bad = set(h.lora_target_list) - set(LORA_TARGETS)
+    need(not bad and h.lora_target_list, f"LORA_TARGETS={h.lora_targets!r} must be a comma list of {','.join(LORA_TARGETS)}")
+    need(not h.lora_ttt_enabled or "head" not in h.lora_target_list
+         or (h.head_kind == "tied" and h.embedding_dim in (0, h.model_dim)),
+         "LORA_TARGETS=...head needs HEAD_KIND=tied and EMBEDDING_DIM=0; drop head from the list")
+    need(h.phased_num_phases >= 0 and h.phased_prefix_docs >= 0, "PHASED_NUM_PHASES and PHASED_PREFIX_DOCS must be >= 0")
+    need(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size} does not fit the uint16 shard format")
+    need(h.attn_gate in ("none", "sparse", "dense"), f"ATTN_GATE={h.attn_gate!r} must be none, sparse or dense")
+    need(0 < h.gate_window <= h.model_dim_embed, f"GATE_WINDOW={h.gate_window} must lie in [1, {h.model_dim_embed}]")
+    need(not h.polar_express or 0 < h.muon_backend_steps <= len(POLAR_EXPRESS),
+         f"POLAR_EXPRESS=1 has coefficients for 1..{len(POLAR_EXPRESS)} steps, MUON_BACKEND_STEPS={h.muon_backend_steps}; set POLAR_EXPRESS=0")
+    need(h.head_kind in HEAD_KINDS, f"HEAD_KIND={h.head_kind!r} must be one of {'|'.join(HEAD_KINDS)}")
+    need(min(h.head_rank, h.head_experts) > 0, "HEAD_RANK and HEAD_EXPERTS must be positive")
+    need(0 <= h.embed_rotation_rank <= h.model_dim, f"EMBED_ROTATION_RANK={h.embed_rotation_rank} must lie in [0, MODEL_DIM]")
+    need(h.num_extra_embeds >= 0 and (h.resid_mix_enabled or not h.num_extra_embeds),
+         f"NUM_EXTRA_EMBEDS={h.num_extra_embeds} must be >= 0 and needs RESID_MIX_ENABLED=1")
+    need(0 <= h.embed_sparsity < 1 and round((1 - h.embed_sparsity) * h.model_dim_embed) >= 1,
+         f"EMBED_SPARSITY={h.embed_sparsity} must lie in [0, 1) and keep a value per row")
+    need(min(h.mlp_clip_sigmas, h.attn_clip_sigmas) >= 0 and min(h.matrix_clip_sigmas, h.embed_clip_sigmas) > 0,
+         "*_CLIP_SIGMAS must be > 0 (MLP_/ATTN_CLIP_SIGMAS: 0 means MATRIX_CLIP_SIGMAS)")
+    need(h.lqer_top_n >= 0 and h.lqer_rank > 0 and h.lqer_group > 0 and 2 <= min(h.lqer_a_bits, h.lqer_b_bits)
+         and max(h.lqer_a_bits, h.lqer_b_bits) <= 8, "LQER_TOP_N must be >= 0, LQER_RANK/LQER_GROUP > 0, LQER_*_BITS in [2, 8]")
+    need(h.compressor in ("brotli", "pergroup"), f"COMPRESSOR={h.compressor!r} must be brotli or pergroup")
+    need(h.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={h.embed_tier_rank!r} must be freq or damage")
+    if h.embed_bits_tiers:  # rows are ranked in the GPTQ calibration pass
+        need(h.gptq_enabled and not h.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
+        parse_tiers(h.embed_bits_tiers, h.vocab_size, h.embed_clip_sigmas)
 
 
 # Allowed values, interval -> fields: checked at parse time, not found as a NaN at the end.
@@ -2145,10 +2155,11 @@ def strip_source(src: bytes) -> bytes:
 
 
 # Top-level definitions that only the named knobs reach: the shipped file leaves a group out when
-# every one of its knobs has the value given here, and pins those knobs (validate refuses others).
-# The packing code itself never ships (the wrapper counts its own length).
+# every one of its knobs has the value given here. Never shipped: the packing code (the wrapper
+# counts its own length) and check_config (the shipped config was checked when it was packed).
 PRUNE = (
-    ({}, "latin1_literal strip_source rename_locals _short_names squeeze_source prune_source shipped_source pack_source PRUNE"),
+    ({}, "latin1_literal strip_source rename_locals _short_names squeeze_source prune_source shipped_source pack_source PRUNE "
+         "check_config VALUE_RANGES"),
     ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
     ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
      "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
@@ -2160,7 +2171,11 @@ PRUNE = (
     ({"ttt_hash_embed": False}, "bigram_hash"),
     ({"embed_sparsity": 0.0}, "sparsify_rows_"),
 )
-PINNED = None  # the shipped file: {knob: value} its pruning fixed
+PINNED = None  # the shipped file: {knob: value} of its config where that is not the default
+# The knobs a shipped file still takes from the environment (where things are, which run, compile):
+# it runs every other knob at its packed value and refuses any other (Hyperparameters.validate).
+FREE_KNOBS = ("run_id", "seed", "data_dir", "data_path", "tokenizer_path", "log_dir", "artifact_path", "eval_artifact",
+              "eval_nll_dir", "compile")
 
 
 def rename_locals(src: bytes) -> bytes:
@@ -2275,16 +2290,14 @@ def squeeze_source(src: bytes) -> bytes:
 
 
 def prune_source(src: bytes, h: Hyperparameters) -> bytes:
-    """src without the PRUNE groups that h cannot reach, and with PINNED set to their knobs."""
+    """src for config h: without the PRUNE groups h cannot reach, PINNED set to h's values that are not
+    the defaults (FREE_KNOBS aside)."""
     import ast
 
     text = src.decode()
     lines = text.splitlines(keepends=True)
-    pins, drop = {}, set()
-    for knobs, names in PRUNE:
-        if all(getattr(h, k) == v for k, v in knobs.items()):
-            pins.update(knobs)
-            drop.update(names.split())
+    pins = {f.name: getattr(h, f.name) for f in fields(h) if f.name not in FREE_KNOBS and getattr(h, f.name) != f.default}
+    drop = {n for knobs, names in PRUNE if all(getattr(h, k) == v for k, v in knobs.items()) for n in names.split()}
     new = {}
     for node in ast.parse(text).body:
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
@@ -2307,6 +2320,8 @@ def pack_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
     self-extracting wrapper."""
     import lzma
 
+    h = h or Hyperparameters()
+    check_config(h)  # the shipped file trusts its config
     src = shipped_source(src, h)
     raw = (lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
            _brotli().compress(src, quality=11))
@@ -3163,8 +3178,7 @@ def main() -> int:
         if isinstance(e, NameError):  # code a shipped file left out (PRUNE), reached through an input
             if PINNED is None:
                 raise
-            e = ConfigError(f"{e}: this train_gpt.py was packed for {' '.join(f'{k.upper()}={env_value(v)}' for k, v in PINNED.items())} "
-                            "and left that code out; run the readable source")
+            e = ConfigError(f"{e}: this train_gpt.py was packed for one config and left that code out; run the readable source")
         # Every rank meets the same error (inputs and scores are identical or all-reduced); rank 0 prints it.
         status = 2 if isinstance(e, ConfigError) else 130 if isinstance(e, KeyboardInterrupt) else 3
         msg = f"I/O error: {' '.join(str(e).split())}" if isinstance(e, OSError) else str(e)

@@ -225,14 +225,16 @@ def test_shipped_source_is_the_same_program():
 
 
 PACK_ONLY = """
-import ast, hashlib, json, sys, types
+import ast, dataclasses, hashlib, json, sys
 src = open(sys.argv[1], "rb").read()
-want = {"strip_source", "rename_locals", "_short_names", "squeeze_source", "prune_source", "PRUNE"}
+want = {"strip_source", "rename_locals", "_short_names", "squeeze_source", "prune_source", "PRUNE", "FREE_KNOBS"}
 keep = [n for n in ast.parse(src).body if getattr(n, "name", None) in want or
         isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in want]
-g = {}
+g = {"fields": dataclasses.fields}
 exec("from __future__ import annotations\\n" + "\\n".join(ast.get_source_segment(src.decode(), n) for n in keep), g)
-h = types.SimpleNamespace(**json.loads(sys.argv[2]))
+knobs = json.loads(sys.argv[2])  # [name, default, value]
+H = dataclasses.make_dataclass("H", [(n, object, dataclasses.field(default=d)) for n, d, _ in knobs])
+h = H(**{n: v for n, _, v in knobs})
 print(hashlib.sha256(g["squeeze_source"](g["rename_locals"](g["strip_source"](g["prune_source"](src, h))))).hexdigest())
 """
 
@@ -256,8 +258,8 @@ def test_shipped_source_is_the_same_under_every_python_here():
     if not others:
         pytest.skip("no other python3.x on PATH to compare with")
     src = REPO / "train_gpt.py"
-    for h in (tg.Hyperparameters(), tg.Hyperparameters(lora_ttt_enabled=True, compressor="pergroup")):
-        knobs = json.dumps({k: getattr(h, k) for ks, _ in tg.PRUNE for k in ks})
+    for h in (tg.Hyperparameters(), tg.Hyperparameters(lora_ttt_enabled=True, compressor="pergroup", num_layers=5)):
+        knobs = json.dumps([(f.name, f.default, getattr(h, f.name)) for f in dataclasses.fields(h)])
         want = hashlib.sha256(tg.shipped_source(src.read_bytes(), h)).hexdigest()
         for py in others:
             out = subprocess.run([py, "-c", PACK_ONLY, str(src), knobs], capture_output=True, text=True, timeout=120)
@@ -294,9 +296,26 @@ def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
     assert gone(defaults) == set().union(*(names for _, names in groups))
     for k, v in on.items():  # one knob on keeps exactly the groups that name it
         assert gone(dataclasses.replace(defaults, **{k: v})) == set().union(*(n for kn, n in groups if k not in kn))
-    pins = next(l for l in tg.prune_source(src, defaults).decode().splitlines() if l.startswith("PINNED"))
-    assert eval(pins.split("=", 1)[1]) == {k: getattr(defaults, k) for k in on}
-    assert "PINNED = {}" in tg.prune_source(src, tg.Hyperparameters(**on)).decode()
+    pins = lambda h: eval(next(l for l in tg.prune_source(src, h).decode().splitlines() if l.startswith("PINNED")).split("=", 1)[1])  # noqa: E731
+    assert pins(defaults) == {} and pins(tg.Hyperparameters(**on)) == on  # the config's values that are not the defaults
+    free = dict(run_id="r", seed=7, data_dir="d", data_path="p", tokenizer_path="t", log_dir="l", artifact_path="a",
+                eval_artifact="e", eval_nll_dir="n", compile=False)
+    assert set(free) == set(tg.FREE_KNOBS) and pins(tg.Hyperparameters(**free, num_layers=5)) == {"num_layers": 5}
+    with pytest.raises(tg.ConfigError, match="NUM_HEADS"):  # a config is checked before it is packed
+        tg.pack_source(src, tg.Hyperparameters(num_heads=7))
+
+
+def test_a_shipped_file_runs_its_packed_config_and_refuses_others(monkeypatch):
+    monkeypatch.setattr(tg, "PINNED", {"num_layers": 5, "matrix_lr": 0.03})
+    h = tg.Hyperparameters.from_env({"SEED": "7", "RUN_ID": "x", "COMPILE": "0"})  # free knobs still come from the env
+    assert (h.num_layers, h.matrix_lr, h.seed, h.run_id, h.compile, h.model_dim) == (5, 0.03, 7, "x", False, 512)
+    assert tg.Hyperparameters.from_env({"NUM_LAYERS": "5", "MATRIX_LR": "0.030"}) == tg.Hyperparameters.from_env({})
+    for env, msg in (({"NUM_LAYERS": "6"}, "NUM_LAYERS=6: this train_gpt.py was packed for NUM_LAYERS=5; run the readable"),
+                     ({"MODEL_DIM": "256"}, "MODEL_DIM=256: this train_gpt.py was packed for MODEL_DIM=512"),
+                     ({"MATRIX_LR": "nan"}, "MATRIX_LR=nan: this train_gpt.py was packed for MATRIX_LR=0.03"),
+                     ({"SEED": "-1"}, r"SEED=-1 must lie in \[0,4294967295\]")):
+        with pytest.raises(tg.ConfigError, match=msg):
+            tg.Hyperparameters.from_env(env)
 
 
 # Calls into a PRUNE group whose guard is not a knob of the group: each runs only when the group's
@@ -310,6 +329,7 @@ DATA_GUARDED = {
     ("GPT", "LowRankResidual"): "r = EMBED_ROTATION_RANK",
     ("GPT", "bigram_hash"): "hash_embed exists only with TTT_HASH_EMBED=1",
     ("counted_code_bytes", "pack_source"): "not called in the shipped wrapper",
+    ("Hyperparameters", "check_config"): "PINNED is None: the readable source (a shipped file's config was checked when packed)",
 }
 
 
@@ -544,7 +564,7 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
     left = subprocess.run([sys.executable, str(packed)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           env={**env_p, "EVAL_ARTIFACT": str(tmp_path / "pergroup.ptz"), "RUN_ID": "left"})
     assert left.returncode == 2 and left.stderr.count("\n") == 1, left.stderr[-3000:]
-    assert "'decode_pergroup' is not defined: this train_gpt.py was packed for " in left.stderr and "COMPRESSOR=brotli" in left.stderr
+    assert "'decode_pergroup' is not defined: this train_gpt.py was packed for one config and left that code out" in left.stderr
     # wrong shapes: one-line error naming the file and the mismatch
     bad = run({**env, "EVAL_ARTIFACT": str(artifact), "NUM_LAYERS": "5", "RUN_ID": "badshape"}, tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(artifact) in bad.stderr
