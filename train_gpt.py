@@ -2084,9 +2084,10 @@ def latin1_literal(raw: bytes) -> bytes:
 
 
 def strip_source(src: bytes) -> bytes:
-    """The shipped source: docstrings, comments, blank lines, the annotations of functions whose decorators
-    do not read them and of a def's `x: T = v` locals removed, and blocks indented by one space per level. Everything is located with ast and tokenize, so string
-    literals and all other code stay byte-identical (a body left empty gets `pass`)."""
+    """The shipped source: docstrings, comments, blank lines, the annotations of functions whose
+    decorators do not read them and of a def's `x: T = v` locals removed, and blocks indented by one
+    space per level. Everything is located with ast and tokenize, so string literals and all other
+    code stay byte-identical (a body left empty gets `pass`)."""
     import ast
     import io
     import tokenize
@@ -2108,9 +2109,7 @@ def strip_source(src: bytes) -> bytes:
         if isinstance(node, ast.AnnAssign) and node.value and node.target.end_lineno == node.value.lineno and id(node) in local:
             r = node.lineno  # `x: T = v` in a def -> `x = v` (annotations of locals are never evaluated)
             cuts.setdefault(r, []).append((char(r, node.target.end_col_offset), lines[r - 1].rfind("=", 0, char(r, node.value.col_offset))))
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or reads_annotations(node):
-            pass
-        else:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not reads_annotations(node):
             a = node.args
             for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
                 if arg.annotation and arg.annotation.end_lineno == arg.lineno:
