@@ -114,6 +114,17 @@ def test_pack_source_behaves_identically(tmp_path):
     assert tg.counted_code_bytes(h) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
 
 
+def test_the_packed_file_keeps_its_source_readable_for_triton(tmp_path):
+    """triton.jit reads each kernel's source with inspect: in the packed train_gpt.py too."""
+    packed = tmp_path / "train_gpt.py"
+    packed.write_bytes(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
+    code = ("import inspect, runpy, sys; g = runpy.run_path(sys.argv[1], run_name='packed'); "
+            "print(inspect.getsource(g['_build_triton_ce']).splitlines()[:4])")
+    out = subprocess.run([sys.executable, "-c", code, str(packed)], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == str(["def _build_triton_ce():", " import triton", " import triton.language as tl",
+                                      " @triton.jit"]), out.stderr[-1000:]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_latin1_literal_carries_every_byte(tmp_path, seed):
     """The wrapper's literal, read back by Python's own parser, is the compressed stream byte for byte."""
