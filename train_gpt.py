@@ -2067,7 +2067,7 @@ def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], boo
 
 # Self-extracting code: the stripped source, raw LZMA2 (the 04-09 record's wrapper) or brotli-11
 # (PR #1855's), whichever is smaller, run with exec. The compressed bytes sit in a latin-1 string
-# literal (PEP 263 coding line), which costs ~1% in escapes where base85 costs 25%.
+# literal (PEP 263 coding line), which costs ~2% in escapes where base85 costs 25%.
 _PACK_HEADS = (b'#coding:l1\nimport lzma as L,linecache as C;s=L.decompress("""', b'#coding:l1\nimport brotli,linecache as C;s=brotli.decompress("""')
 # linecache holds the source under a made-up file name so that inspect.getsource (triton.jit) and
 # tracebacks see it.
