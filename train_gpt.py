@@ -2115,11 +2115,10 @@ def strip_source(src: bytes) -> bytes:
                 if arg.annotation and arg.annotation.end_lineno == arg.lineno:
                     cuts.setdefault(arg.lineno, []).append((char(arg.lineno, arg.col_offset) + len(arg.arg),
                                                             char(arg.lineno, arg.annotation.end_col_offset)))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not reads_annotations(node) and node.returns \
-                and node.returns.lineno == node.returns.end_lineno:
-            r = node.returns.lineno
-            c0 = lines[r - 1].rfind("->", 0, char(r, node.returns.col_offset))
-            cuts.setdefault(r, []).append((len(lines[r - 1][:c0].rstrip()), char(r, node.returns.end_col_offset)))
+            if node.returns and node.returns.lineno == node.returns.end_lineno:
+                r = node.returns.lineno
+                c0 = lines[r - 1].rfind("->", 0, char(r, node.returns.col_offset))
+                cuts.setdefault(r, []).append((len(lines[r - 1][:c0].rstrip()), char(r, node.returns.end_col_offset)))
         body = getattr(node, "body", None)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and isinstance(body[0], ast.Expr) \
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
