@@ -3,10 +3,13 @@ import ast
 import collections
 import dataclasses
 import dis
+import glob
+import hashlib
 import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -238,7 +241,7 @@ def test_shipped_source_is_the_same_program():
 PACK_ONLY = """
 import ast, dataclasses, hashlib, json, sys
 src = open(sys.argv[1], "rb").read()
-want = {"strip_source", "rename_locals", "_short_names", "squeeze_source", "prune_source", "PRUNE", "FREE_KNOBS"}
+want = {"strip_source", "rename_locals", "_short_names", "squeeze_source", "prune_source", "shipped_source", "PRUNE", "FREE_KNOBS"}
 keep = [n for n in ast.parse(src).body if getattr(n, "name", None) in want or
         isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in want]
 g = {"fields": dataclasses.fields}
@@ -246,18 +249,13 @@ exec("from __future__ import annotations\\n" + "\\n".join(ast.get_source_segment
 knobs = json.loads(sys.argv[2])  # [name, default, value]
 H = dataclasses.make_dataclass("H", [(n, object, dataclasses.field(default=d)) for n, d, _ in knobs])
 h = H(**{n: v for n, _, v in knobs})
-print(hashlib.sha256(g["squeeze_source"](g["rename_locals"](g["strip_source"](g["prune_source"](src, h))))).hexdigest())
+print(hashlib.sha256(g["shipped_source"](src, h)).hexdigest())
 """
 
 
 def test_shipped_source_is_the_same_under_every_python_here():
     """The run counts its packed size on the GPU machine and tools/records.py re-packs elsewhere:
     the shipped source must not depend on the Python version (3.12 tokenizes f-strings in pieces)."""
-    import hashlib
-    import shutil
-
-    import glob
-
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     found = {}
     for p in [shutil.which(f"python3.{m}") for m in range(10, 15)] + \
