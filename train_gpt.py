@@ -2156,7 +2156,7 @@ def strip_source(src: bytes) -> bytes:
 # every one of its knobs has the value given here. Never shipped: the packing code (the wrapper
 # counts its own length) and check_config (the shipped config was checked when it was packed).
 PRUNE = (
-    ({}, "latin1_literal strip_source rename_locals _short_names squeeze_source prune_source shipped_source pack_source PRUNE "
+    ({}, "latin1_literal strip_source rename_globals rename_locals _short_names squeeze_source prune_source shipped_source pack_source PRUNE "
          "check_config VALUE_RANGES"),
     ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
     ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
@@ -2174,6 +2174,58 @@ PINNED = None  # the shipped file: {knob: value} of its config where that is not
 # it runs every other knob at its packed value and refuses any other (Hyperparameters.validate).
 FREE_KNOBS = ("run_id", "seed", "data_dir", "data_path", "tokenizer_path", "log_dir", "artifact_path", "eval_artifact",
               "eval_nll_dir", "compile")
+
+
+def rename_globals(src: bytes) -> bytes:
+    """src with the module's functions and constants renamed to free two-letter names, most used first
+    (a function's __name__ changes with it: none is printed). Left alone: classes (their names print), imports, dunders, PRESETS (tools read
+    it from a shipped file), names in f-strings, and any name also bound in a def, lambda, class or
+    comprehension (a parameter, local, import or except-as), where one name has two meanings."""
+    import ast
+    import builtins
+    import keyword
+    import re
+
+    tree = ast.parse(src)
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    mine = set(defs) | {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    seen = set(dir(builtins)) | set(keyword.kwlist) | set(keyword.softkwlist)
+    other = {"PRESETS"}  # bound some other way, or kept
+    todo = [(n, True) for n in tree.body]
+    while todo:
+        node, top = todo.pop()
+        if isinstance(node, ast.Name):
+            seen.add(node.id)
+            if not (top or isinstance(node.ctx, ast.Load)):
+                other.add(node.id)
+        elif isinstance(node, ast.arg):
+            other.add(node.arg)
+        elif isinstance(node, ast.alias):
+            other.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and defs.get(node.name) is not node:
+            other.add(node.name)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            other.add(node.name)
+        elif isinstance(node, ast.JoinedStr):
+            other.update(x.id for x in ast.walk(node) if isinstance(x, ast.Name))
+        scope = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp, ast.SetComp,
+                                  ast.DictComp, ast.GeneratorExp))
+        todo += [(x, top and not scope) for x in ast.iter_child_nodes(node)]
+    seen |= other
+    names = [x for x in ast.walk(tree) if isinstance(x, ast.Name) and x.id in mine - other and len(x.id) > 2 and x.id[:2] != "__"]
+    count = {n: 1 for n in defs if n in {x.id for x in names}}
+    for x in names:
+        count[x.id] = count.get(x.id, 0) + 1
+    new = dict(zip(sorted(count, key=lambda k: (-count[k], k)), (s for s in _short_names(2) if s not in seen)))
+    lines = src.splitlines(keepends=True)
+    edits = [(x.lineno, x.col_offset, x.end_col_offset, new[x.id]) for x in names]
+    for name in set(new) & set(defs):
+        r = defs[name].lineno
+        c = re.search(rb"def\s+(" + name.encode() + rb")\b", lines[r - 1]).start(1)
+        edits.append((r, c, c + len(name), new[name]))
+    for r, c0, c1, name in sorted(edits, reverse=True):
+        lines[r - 1] = lines[r - 1][:c0] + name.encode() + lines[r - 1][c1:]
+    return b"".join(lines)
 
 
 def rename_locals(src: bytes) -> bytes:
@@ -2309,8 +2361,8 @@ def prune_source(src: bytes, h: Hyperparameters) -> bytes:
 
 
 def shipped_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
-    """What the wrapper for config h (default: the defaults) runs: pruned, stripped, locals renamed, squeezed."""
-    return squeeze_source(rename_locals(strip_source(prune_source(src, h or Hyperparameters()))))
+    """What the wrapper for config h (default: the defaults) runs: pruned, stripped, names renamed, squeezed."""
+    return squeeze_source(rename_locals(rename_globals(strip_source(prune_source(src, h or Hyperparameters())))))
 
 
 def pack_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
