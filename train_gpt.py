@@ -2301,8 +2301,10 @@ def _short_names(n: int):
 
 def squeeze_source(src: bytes) -> bytes:
     """Each logical line rebuilt from its tokens, a space only between two that would merge, one space
-    of indent per level; strings (f-strings whole) as written."""
+    of indent per level, simple statements in a row joined by `;` and a body of them moved onto its
+    header's line (the syntax tree stays the same); strings (f-strings whole) as written."""
     import io
+    import itertools
     import tokenize
 
     lines = src.decode().splitlines(keepends=True)
@@ -2328,7 +2330,7 @@ def squeeze_source(src: bytes) -> bytes:
         if kind in ("INDENT", "DEDENT"):
             depth += 1 if kind == "INDENT" else -1
         elif kind == "NEWLINE":
-            out.append(" " * depth + "".join(cur) + "\n")
+            out.append((depth, "".join(cur)))
             cur, prev = [], None
         elif kind not in ("NL", "COMMENT", "ENDMARKER", "ENCODING"):
             s = tok.string
@@ -2336,7 +2338,21 @@ def squeeze_source(src: bytes) -> bytes:
                 cur.append(" ")
             cur.append(s)
             prev = (kind, s)
-    return "".join(out).encode()
+    res, i = [], 0
+    simple = lambda s: not s.endswith(":") and s[0] != "@" and not s.startswith("from __future__")  # noqa: E731
+    while i < len(out):  # a header whose body is all simple statements takes them on its line
+        d, s = out[i]
+        body = list(itertools.takewhile(lambda x: x[0] > d, out[i + 1 :]))
+        if s.endswith(":") and body and all(simple(x[1]) for x in body):
+            res.append([d, s + ";".join(x[1] for x in body), False])
+            i += 1 + len(body)
+            continue
+        if res and simple(s) and res[-1][2] and res[-1][0] == d:  # and simple statements share a line
+            res[-1][1] += ";" + s
+        else:
+            res.append([d, s, simple(s)])
+        i += 1
+    return "".join(" " * d + s + "\n" for d, s, _ in res).encode()
 
 
 def prune_source(src: bytes, h: Hyperparameters) -> bytes:

@@ -112,7 +112,7 @@ def test_pack_source_behaves_identically(tmp_path):
     (tmp_path / "p.py").write_bytes(packed)
     out = subprocess.run([sys.executable, str(tmp_path / "p.py"), "a"], capture_output=True, text=True)
     # triton.jit reads its kernels' source with inspect: the wrapper must keep it reachable
-    assert out.stdout == "packed __main__ 2\ndef f(x):\n a=x+1\n return a\n\n", out.stderr
+    assert out.stdout == "packed __main__ 2\ndef f(x):a=x+1;return a\n\n", out.stderr
     h = tg.Hyperparameters(compressor="pergroup")
     assert tg.counted_code_bytes(h) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
 
@@ -122,10 +122,10 @@ def test_the_packed_file_keeps_its_source_readable_for_triton(tmp_path):
     packed = tmp_path / "train_gpt.py"
     packed.write_bytes(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
     code = ("import inspect, runpy, sys; g = runpy.run_path(sys.argv[1], run_name='packed'); "
-            "print([inspect.getsource(f).splitlines()[1:4] for f in g.values() if inspect.isfunction(f) and "
-            "f.__code__.co_filename.endswith('*') and 'import triton' in inspect.getsource(f)])")
+            "print([(s.count('@triton.jit'), 'def fwd(' in s, 'def bwd(' in s) for s in (inspect.getsource(f) for f in g.values() "
+            "if inspect.isfunction(f) and f.__code__.co_filename.endswith('*')) if 'import triton' in s])")
     out = subprocess.run([sys.executable, "-c", code, str(packed)], capture_output=True, text=True, timeout=300)
-    assert out.stdout.strip() == str([[" import triton", " import triton.language as tl", " @triton.jit"]]), out.stderr[-1000:]
+    assert out.stdout.strip() == "[(2, True, True)]", out.stderr[-1000:]
 
 
 @pytest.mark.parametrize("seed", range(4))
