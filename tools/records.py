@@ -123,7 +123,7 @@ def sha256(b: bytes) -> str:
 def unpack_wrapper(src: bytes) -> bytes | None:
     """The source inside a self-extracting wrapper (train_gpt.pack_source: the stripped source), else None.
     Reads today's latin-1 literal wrapper and the older base85 one."""
-    m = re.match(rb'#coding:l1\nimport (lzma|brotli)[^"]*"""(.*?)"""', src, re.S)
+    m = re.match(rb'#coding:l1\nimport (lzma|brotli)[^"]*"""(.*)"""\.encode', src, re.S)  # the last close: the body may end in \"
     if m:
         kind, raw = m.group(1), ast.literal_eval('"""' + m.group(2).decode("latin-1") + '"""').encode("latin-1")
     else:
