@@ -2158,8 +2158,8 @@ def strip_source(src: bytes) -> bytes:
 # every one of its knobs has the value given here. Never shipped: the packing code (the wrapper
 # counts its own length) and check_config (the shipped config was checked when it was packed).
 PRUNE = (
-    ({}, "latin1_literal strip_source rename_globals rename_locals _short_names squeeze_source prune_source shipped_source pack_source PRUNE "
-         "check_config VALUE_RANGES"),
+    ({}, "latin1_literal strip_source rename_globals rename_locals _short_names squeeze_source dead_ifs prune_source shipped_source "
+         "pack_source PRUNE check_config VALUE_RANGES"),
     ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
     ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
      "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
@@ -2357,17 +2357,78 @@ def squeeze_source(src: bytes) -> bytes:
     return "".join(" " * d + s + "\n" for d, s, _ in res).encode()
 
 
+def dead_ifs(tree, h: Hyperparameters) -> list:
+    """The `if` statements without else that config h never enters: in a def whose parameter
+    `h: Hyperparameters` is never rebound, a test that is false for h's pinned knobs whatever the
+    other names hold (names, attributes, constants, not/and/or, one comparison: nothing to call),
+    never all of a block's statements."""
+    import ast
+    import operator as op
+
+    knobs = {f.name for f in fields(h)} - set(FREE_KNOBS)
+    ops = {ast.Eq: op.eq, ast.NotEq: op.ne, ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge}
+    pure = (ast.Name, ast.Attribute, ast.Constant, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.expr_context, ast.boolop,
+            ast.cmpop, ast.Not)
+
+    def value(e):  # the test's value under h, or LookupError where it depends on anything else
+        if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "h" and e.attr in knobs:
+            return getattr(h, e.attr)
+        if isinstance(e, ast.Constant):
+            return e.value
+        if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not):
+            return not value(e.operand)
+        if isinstance(e, ast.Compare) and len(e.ops) == 1 and type(e.ops[0]) in ops:
+            return ops[type(e.ops[0])](value(e.left), value(e.comparators[0]))
+        if isinstance(e, ast.BoolOp):
+            known = []
+            for x in e.values:
+                try:
+                    known.append(bool(value(x)))
+                except LookupError:
+                    pass
+            if isinstance(e.op, ast.And) and False in known or isinstance(e.op, ast.Or) and True in known:
+                return isinstance(e.op, ast.Or)
+            if len(known) == len(e.values):
+                return isinstance(e.op, ast.And)
+        raise LookupError
+
+    def dead(s):
+        if not (isinstance(s, ast.If) and not s.orelse and all(isinstance(x, pure) for x in ast.walk(s.test))):
+            return False
+        try:
+            return not value(s.test)
+        except LookupError:
+            return False
+
+    out = []
+    for fn in ast.walk(tree):
+        a = fn.args.posonlyargs + fn.args.args if isinstance(fn, ast.FunctionDef) else []
+        if not any(x.arg == "h" and isinstance(x.annotation, ast.Name) and x.annotation.id == "Hyperparameters" for x in a) or \
+                any(isinstance(x, ast.Name) and x.id == "h" and not isinstance(x.ctx, ast.Load) for x in ast.walk(fn)):
+            continue
+        todo = [fn]
+        while todo:  # this def's own statements: nested defs and lambdas see h through their own test
+            node = todo.pop()
+            for block in (getattr(node, k, None) for k in ("body", "orelse", "finalbody", "handlers")):
+                if isinstance(block, list):
+                    gone = [s for s in block if dead(s)]
+                    out += gone if len(gone) < len(block) else []
+                    todo += [s for s in block if s not in gone and not isinstance(s, (ast.FunctionDef, ast.ClassDef))]
+    return out
+
+
 def prune_source(src: bytes, h: Hyperparameters) -> bytes:
-    """src for config h: without the PRUNE groups h cannot reach, PINNED set to h's values that are not
-    the defaults (FREE_KNOBS aside)."""
+    """src for config h: without the PRUNE groups h cannot reach and the dead_ifs, PINNED set to h's
+    values that are not the defaults (FREE_KNOBS aside)."""
     import ast
 
     text = src.decode()
     lines = text.splitlines(keepends=True)
     pins = {f.name: getattr(h, f.name) for f in fields(h) if f.name not in FREE_KNOBS and getattr(h, f.name) != f.default}
     drop = {n for knobs, names in PRUNE if all(getattr(h, k) == v for k, v in knobs.items()) for n in names.split()}
-    new = {}
-    for node in ast.parse(text).body:
+    tree = ast.parse(text)
+    new = {i: "" for s in dead_ifs(tree, h) for i in range(s.lineno - 1, s.end_lineno)}
+    for node in tree.body:
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
             [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
         first = min([node.lineno] + [x.lineno for x in getattr(node, "decorator_list", [])]) - 1

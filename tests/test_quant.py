@@ -6,6 +6,7 @@ import dis
 import glob
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import re
@@ -326,7 +327,8 @@ def test_shipped_source_is_the_same_program():
 PACK_ONLY = """
 import ast, dataclasses, hashlib, json, sys
 src = open(sys.argv[1], "rb").read()
-want = {"strip_source", "rename_globals", "rename_locals", "_short_names", "squeeze_source", "prune_source", "shipped_source", "PRUNE", "FREE_KNOBS"}
+want = {"strip_source", "rename_globals", "rename_locals", "_short_names", "squeeze_source", "dead_ifs", "prune_source", "shipped_source",
+        "PRUNE", "FREE_KNOBS"}
 keep = [n for n in ast.parse(src).body if getattr(n, "name", None) in want or
         isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in want]
 g = {"fields": dataclasses.fields}
@@ -397,6 +399,65 @@ def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
     assert set(free) == set(tg.FREE_KNOBS) and pins(tg.Hyperparameters(**free, num_layers=5)) == {"num_layers": 5}
     with pytest.raises(tg.ConfigError, match="NUM_HEADS"):  # a config is checked before it is packed
         tg.pack_source(src, tg.Hyperparameters(num_heads=7))
+
+
+FOLD_CASES = """
+def f(h: Hyperparameters, x):
+    if h.lora_ttt_enabled:
+        x += 1  # gone: off
+    if x > 2 and h.ttt_enabled or h.lora_ttt_enabled:
+        x += 2  # kept: x decides
+    if x and h.lora_ttt_enabled:
+        x += 3  # gone: pure names and off
+    if check(x) and h.lora_ttt_enabled:
+        x += 4  # kept: a call
+    if h.ttt_enabled:
+        x += 5  # kept: on
+    if h.seed == 5:
+        x += 6  # kept: a free knob
+    if h.lora_ttt_enabled:
+        x += 7  # kept: an else
+    else:
+        x -= 7
+    if h.compressor == "pergroup" or h.lora_ttt_enabled:
+        x += 8  # gone: both off
+    for y in range(2):
+        if h.lora_ttt_enabled:
+            x += 9  # kept: the loop's only statement
+    def inner(h):
+        if h.lora_ttt_enabled:
+            x += 10  # kept: another h
+        return x
+    return x
+def g(h, x):
+    if h.lora_ttt_enabled:
+        x += 11  # kept: h not annotated
+    return x
+def k(h: Hyperparameters, x):
+    h = other(h)
+    if h.lora_ttt_enabled:
+        x += 12  # kept: h rebound
+    return x
+"""
+
+
+def test_dead_ifs_are_the_blocks_the_config_never_enters():
+    import ast
+
+    gone = tg.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters())
+    assert sorted(ast.unparse(s.body[0]) for s in gone) == ["x += 1", "x += 3", "x += 8"]
+    assert tg.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters(lora_ttt_enabled=True)) == []
+    src = (REPO / "train_gpt.py").read_bytes()
+    on = tg.Hyperparameters(lora_ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True)
+    for h in (tg.Hyperparameters(), tg.Hyperparameters.from_env({"PRESET": "smoke"}), on):
+        gone = tg.dead_ifs(ast.parse(src), h)
+        assert gone or h is on
+        for s in gone:  # Python's own eval of each test: false whatever its other names hold
+            names = {x.id for x in ast.walk(s.test) if isinstance(x, ast.Name)} - {"h"}
+            for values in itertools.product([0, 1, 2.5, "tok_emb.weight", None, True], repeat=len(names)):
+                assert not eval(ast.unparse(s.test), {"h": h, **dict(zip(sorted(names), values))}), ast.unparse(s.test)
+        shipped = tg.prune_source(src, h).decode()
+        assert ("timed_eval(\"lora_ttt\"" in shipped) == h.lora_ttt_enabled
 
 
 def test_a_shipped_file_runs_its_packed_config_and_refuses_others(monkeypatch):

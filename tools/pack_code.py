@@ -4,10 +4,11 @@
 
 The config is read as the run reads it (PRESET, then env vars), so set the same env as the run.
 The wrapper (raw LZMA2 or brotli in a latin-1 string literal) runs train_gpt.shipped_source with exec:
-definitions that config cannot reach left out (train_gpt.PRUNE), docstrings, comments and unread
-annotations removed, functions, constants and locals renamed, whitespace squeezed. It runs that
-config only: every knob but train_gpt.FREE_KNOBS is pinned to its packed value. Its size is what the run logs as
-counted_code_bytes (code_packed:1). The readable file stays the source of truth.
+the definitions and if-blocks that config cannot reach left out (train_gpt.PRUNE, dead_ifs),
+docstrings, comments and unread annotations removed, functions, constants and locals renamed,
+whitespace squeezed. It runs that config only: every knob but train_gpt.FREE_KNOBS is pinned to its
+packed value. Its size is what the run logs as counted_code_bytes (code_packed:1). The readable file
+stays the source of truth.
 """
 import argparse
 import sys
