@@ -472,6 +472,11 @@ def shutdown_distributed(d: Dist | None, timeout_s: float = 120.0) -> None:
             dist.barrier(device_ids=ids, timeout=timedelta(seconds=timeout_s))
         except TypeError:  # older torch has no per-call timeout; the group's own timeout bounds it
             dist.barrier(device_ids=ids)
+        # A rank leaves the barrier once it has heard from every peer, maybe before a peer has heard
+        # from it: each says it is out through the store, and none closes its sockets before all are.
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"shutdown/{dist.get_rank()}", "1")
+        store.wait([f"shutdown/{r}" for r in range(dist.get_world_size())], timedelta(seconds=timeout_s))
     except Exception:  # a peer is gone or waits in another collective: tear down regardless
         pass
     dist.destroy_process_group()

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -433,6 +434,36 @@ def test_shutdown_barrier_is_bounded(tmp_path):
             p.join()
     waited, still_initialized = out.read_text().split()
     assert 4.5 < float(waited) < 30 and still_initialized == "0"  # waited for the peer, then gave up
+
+
+def _slow_barrier_worker(rank: int, init: str, out: str):
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    if rank == 1:
+        barrier = dist.barrier
+
+        def slow(*a, **k):  # out of the barrier late, like a rank still reading its peer's message
+            barrier(*a, **k)
+            time.sleep(2.0)
+            Path(out + ".1").write_text(f"{time.time():.6f}")
+
+        dist.barrier = slow
+    tg.shutdown_distributed(None, timeout_s=60.0)
+    if rank == 0:
+        Path(out + ".0").write_text(f"{time.time():.6f}")
+
+
+def test_no_rank_closes_its_group_before_every_peer_is_out_of_the_barrier(tmp_path):
+    """Closing the gloo sockets while a peer is still in the barrier aborts that peer ("terminate
+    called without an active exception")."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "t")
+    mp.spawn(_slow_barrier_worker, args=(f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
+    assert float(Path(out + ".0").read_text()) >= float(Path(out + ".1").read_text())
 
 
 def corrupt_copy(dataset, tmp_path):
