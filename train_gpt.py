@@ -2163,8 +2163,8 @@ def strip_source(src: bytes) -> bytes:
 # every one of its knobs has the value given here. Never shipped: the packing code (the wrapper
 # counts its own length) and check_config (the shipped config was checked when it was packed).
 PRUNE = (
-    ({}, "latin1_literal strip_source rename_globals rename_locals _short_names squeeze_source dead_ifs prune_source shipped_source "
-         "pack_source PRUNE check_config VALUE_RANGES"),
+    ({}, "latin1_literal strip_source rename_globals rename_locals _most_used _apply_renames _short_names squeeze_source dead_ifs "
+         "prune_source shipped_source pack_source PRUNE check_config VALUE_RANGES"),
     ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
     ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
      "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
@@ -2185,9 +2185,10 @@ FREE_KNOBS = ("run_id", "seed", "data_dir", "data_path", "tokenizer_path", "log_
 
 def rename_globals(src: bytes) -> bytes:
     """src with the module's functions and constants renamed to free two-letter names, most used first
-    (a function's __name__ changes with it: none is printed). Left alone: classes (their names print), imports, dunders, PRESETS (tools read
-    it from a shipped file), names in f-strings, and any name also bound in a def, lambda, class or
-    comprehension (a parameter, local, import or except-as), where one name has two meanings."""
+    (a function's __name__ changes with it: none is printed). Left alone: classes (their names
+    print), imports, dunders, PRESETS (tools read it from a shipped file), names in f-strings, and any
+    name also bound in a def, lambda, class or comprehension (a parameter, local, import or
+    except-as), where one name has two meanings."""
     import ast
     import builtins
     import keyword
@@ -2218,21 +2219,17 @@ def rename_globals(src: bytes) -> bytes:
         scope = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp, ast.SetComp,
                                   ast.DictComp, ast.GeneratorExp))
         todo += [(x, top and not scope) for x in ast.iter_child_nodes(node)]
-    seen |= other
+    seen |= other | set(defs)  # a def no Name refers to still holds its name
     names = [x for x in ast.walk(tree) if isinstance(x, ast.Name) and x.id in mine - other and len(x.id) > 2 and x.id[:2] != "__"]
-    count = {n: 1 for n in defs if n in {x.id for x in names}}
-    for x in names:
-        count[x.id] = count.get(x.id, 0) + 1
-    new = dict(zip(sorted(count, key=lambda k: (-count[k], k)), (s for s in _short_names(2) if s not in seen)))
+    ids = [x.id for x in names]
+    new = dict(zip(_most_used(ids + [n for n in defs if n in ids]), (s for s in _short_names(2) if s not in seen)))
     lines = src.splitlines(keepends=True)
     edits = [(x.lineno, x.col_offset, x.end_col_offset, new[x.id]) for x in names]
     for name in set(new) & set(defs):
         r = defs[name].lineno
         c = re.search(rb"def\s+(" + name.encode() + rb")\b", lines[r - 1]).start(1)
         edits.append((r, c, c + len(name), new[name]))
-    for r, c0, c1, name in sorted(edits, reverse=True):
-        lines[r - 1] = lines[r - 1][:c0] + name.encode() + lines[r - 1][c1:]
-    return b"".join(lines)
+    return _apply_renames(src, edits)
 
 
 def rename_locals(src: bytes) -> bytes:
@@ -2280,13 +2277,20 @@ def rename_locals(src: bytes) -> bytes:
                 keep.update(y.id for y in ast.walk(x) if isinstance(y, ast.Name))
         local = {x.id for x in names if not isinstance(x.ctx, ast.Load)} - keep
         used = keep | {x.id for x in names}
-        count = {}
-        for x in names:
-            if x.id in local:
-                count[x.id] = count.get(x.id, 0) + 1
         fresh = (s for n in range(1, 3) for s in _short_names(n) if s not in used)
-        new = dict(zip(sorted(count, key=lambda k: (-count[k], k)), fresh))
+        new = dict(zip(_most_used([x.id for x in names if x.id in local]), fresh))
         edits += [(x.lineno, x.col_offset, x.end_col_offset, new[x.id]) for x in names if x.id in new and new[x.id] != x.id]
+    return _apply_renames(src, edits)
+
+
+def _most_used(ids: list[str]) -> list[str]:
+    """The distinct ids, most frequent first (ties by name: the same order under every Python)."""
+    count = collections.Counter(ids)
+    return sorted(count, key=lambda k: (-count[k], k))
+
+
+def _apply_renames(src: bytes, edits: list[tuple[int, int, int, str]]) -> bytes:
+    """src with each (line, start col, end col, name) span replaced; spans never overlap."""
     lines = src.splitlines(keepends=True)
     for r, c0, c1, name in sorted(edits, reverse=True):
         lines[r - 1] = lines[r - 1][:c0] + name.encode() + lines[r - 1][c1:]

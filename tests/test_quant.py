@@ -289,6 +289,8 @@ def loader():
     return codec.dumps([1])
 def codec():
     return "mine"
+def aa():
+    return "registered elsewhere, never named"
 print(helper(2), uses_param(3), shadowed(1), counted(), decorated(4), Box().get(), TABLE, shown())
 print(caught(), problem(), loader(), codec())
 '''
@@ -305,7 +307,7 @@ def test_rename_globals_keeps_behaviour_and_every_name_with_two_meanings(tmp_pat
     moved = {k for k, v in glob.items() if k != v}
     # a parameter's, local's, except-as or import's name elsewhere, an f-string's, a class: left alone
     assert moved == {"SCALE", "helper", "uses_param", "counted", "wrap", "decorated", "TABLE", "shown", "caught", "loader"}, moved
-    assert all(len(glob[k]) == 2 for k in moved)
+    assert all(len(glob[k]) == 2 for k in moved) and renamed.count(b"def aa(") == 1  # no fresh name takes a def's
 
 
 def test_shipped_source_is_the_same_program():
@@ -327,11 +329,11 @@ def test_shipped_source_is_the_same_program():
 PACK_ONLY = """
 import ast, dataclasses, hashlib, json, sys
 src = open(sys.argv[1], "rb").read()
-want = {"strip_source", "rename_globals", "rename_locals", "_short_names", "squeeze_source", "dead_ifs", "prune_source", "shipped_source",
-        "PRUNE", "FREE_KNOBS"}
+want = {"strip_source", "rename_globals", "rename_locals", "_most_used", "_apply_renames", "_short_names", "squeeze_source", "dead_ifs",
+        "prune_source", "shipped_source", "PRUNE", "FREE_KNOBS"}
 keep = [n for n in ast.parse(src).body if getattr(n, "name", None) in want or
         isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in want]
-g = {"fields": dataclasses.fields}
+g = {"fields": dataclasses.fields, "collections": __import__("collections")}
 exec("from __future__ import annotations\\n" + "\\n".join(ast.get_source_segment(src.decode(), n) for n in keep), g)
 knobs = json.loads(sys.argv[2])  # [name, default, value]
 H = dataclasses.make_dataclass("H", [(n, object, dataclasses.field(default=d)) for n, d, _ in knobs])
