@@ -439,6 +439,14 @@ class Dist(NamedTuple):
         return 8 // self.world_size
 
 
+CUDA_CONTRACT = False  # tests set it to run the CUDA code paths on CPU: bf16 autocast, FA3 stand-ins, compile
+
+
+def cuda_path(device: torch.device) -> bool:
+    """Whether the GPU code paths (autocast, FA3, compile) run on this device."""
+    return device.type == "cuda" or CUDA_CONTRACT
+
+
 def launch_rank() -> int:
     """This process's torchrun rank (0 without torchrun); known before any setup, so errors print once."""
     return int(os.environ.get("RANK", "0"))
@@ -806,7 +814,7 @@ def doc_layout(ids: Tensor, varlen: bool | None = None) -> DocLayout:
     """DocLayout of token ids [B,T]. varlen None: FA3 varlen on CUDA when FA3 is importable and we are
     not inside a compiled graph (cu_seqlens has a data-dependent size), else the SDPA mask."""
     if varlen is None:
-        varlen = _fa3_varlen is not None and ids.is_cuda and not torch.compiler.is_compiling()
+        varlen = _fa3_varlen is not None and cuda_path(ids.device) and not torch.compiler.is_compiling()
     B, T = ids.shape
     starts = ids == BOS_ID
     if varlen:
@@ -828,11 +836,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) ->
     (doc_layout); the FA3 varlen kernel for a cu_seqlens layout, SDPA with the boolean mask else.
     """
     B, T, H, D = q.shape
+    fa3 = docs.cu_seqlens is not None if docs is not None else _fa3_func is not None and cuda_path(q.device)
+    if fa3:  # FA3 takes one 16-bit dtype; torch >= 2.12 autocasts the QK rms_norm to fp32 while v stays bf16
+        q, k = q.to(v.dtype), k.to(v.dtype)
     if docs is not None and docs.cu_seqlens is not None:
         cu = docs.cu_seqlens
         out = _fa3_varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu, T, T, causal=True)
         return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
-    if docs is None and _fa3_func is not None and q.is_cuda:
+    if fa3:
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -850,7 +861,7 @@ VARLEN_WARMUP_BUCKETS = 6  # boundary-list sizes compiled ahead: up to 6*64 segm
 
 
 def uses_varlen(h: Hyperparameters, device: torch.device) -> bool:
-    return h.doc_mask and _fa3_varlen is not None and device.type == "cuda"
+    return h.doc_mask and _fa3_varlen is not None and cuda_path(device)
 
 
 def varlen_warmup_ids(x: Tensor, gen: torch.Generator) -> list[Tensor]:
@@ -1396,7 +1407,7 @@ def newton_schulz(g: Tensor, steps: int, polar: bool = False) -> Tensor:
 
     polar: the first `steps` Polar Express triples instead of the classic quintic at every step.
     """
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.bfloat16() if cuda_path(g.device) else g.float()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -1458,7 +1469,7 @@ def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.opti
         groups[param_group(name, p)].append(p)
     owned = sum(len(v) for v in groups.values())
     assert owned == len(list(model.parameters())), "every parameter must have exactly one optimizer"
-    adam_kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=d.device.type == "cuda")
+    adam_kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=cuda_path(d.device))
     adam = torch.optim.AdamW(
         [dict(params=groups["embed"], lr=h.tied_embed_lr, weight_decay=h.embed_wd),
          dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd)], **adam_kw)
@@ -2502,9 +2513,8 @@ def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def autocast_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """bf16 autocast wherever the GPU paths run: every forward pass, training and eval alike (FA3 takes no fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda_path(device))
 
 
 def window_starts(total: int, seq_len: int, stride: int) -> np.ndarray:
@@ -2548,7 +2558,8 @@ def score_windows(scorer, tokens: Tensor, starts: Tensor, ctx: int, seq_len: int
         scored[n:] = False
         idx = idx.clamp(max=total - 1)
         x, y = tokens[idx], tokens[idx + 1]
-        nll = torch.where(scored, scorer(x, y).float(), 0.0)
+        with autocast_ctx(tokens.device):
+            nll = torch.where(scored, scorer(x, y).float(), 0.0)
         sums[0] += nll.double().sum()
         sums[1] += scored.sum()
         sums[2] += torch.where(scored, target_bytes(x, y, luts, idx), 0).sum()
@@ -2669,7 +2680,7 @@ def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: T
 def eval_callables(h: Hyperparameters, model: GPT, d: Dist):
     """(scorer, loss_fn): compiled on CUDA (the document layout built outside the graph, see
     doc_layout), the plain model methods elsewhere."""
-    if h.compile and d.device.type == "cuda":
+    if h.compile and cuda_path(d.device):
         set_compile_limits()
         nll, loss = (torch.compile(f, dynamic=False, fullgraph=True) for f in (model.token_nll, model))
         return (lambda x, y: nll(x, y, model.doc_layout(x))), (lambda x, y: loss(x, y, model.doc_layout(x)))
@@ -2678,7 +2689,7 @@ def eval_callables(h: Hyperparameters, model: GPT, d: Dist):
 
 def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> float:
     """Compile every eval shape on random tokens (never validation data); no state is changed."""
-    if not (h.compile and d.device.type == "cuda"):
+    if not (h.compile and cuda_path(d.device)):
         return 0.0
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(h.seed)
@@ -2692,7 +2703,8 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> flo
                 with autocast_ctx(d.device):
                     loss_fn(xb, y[:n]).backward()
         model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -2757,7 +2769,9 @@ def score_doc_windows(scorer, tokens: Tensor, ws: Tensor, first: Tensor, end: Te
     for b in range(0, ws.numel(), per_batch):
         pad = lambda t: F.pad(t[b : b + per_batch], (0, per_batch - t[b : b + per_batch].numel()))  # noqa: E731
         x, y, scored, idx = window_batch(tokens, pad(ws), pad(first), pad(end), seq_len)
-        accumulate(scorer(x, y).float(), x, y, scored, idx, luts, sums, nll_out)
+        with autocast_ctx(tokens.device):
+            nll = scorer(x, y).float()
+        accumulate(nll, x, y, scored, idx, luts, sums, nll_out)
 
 
 def accumulate(nll: Tensor, x: Tensor, y: Tensor, scored: Tensor, idx: Tensor, luts, sums: Tensor, nll_out) -> None:
@@ -2973,7 +2987,7 @@ class Trainer:
     def __init__(self, h: Hyperparameters, d: Dist, log: Logger, model: GPT, train_paths: list[str]):
         self.h, self.d, self.log, self.base = h, d, log, model
         self.compiled = model
-        if h.compile and d.device.type == "cuda":
+        if h.compile and cuda_path(d.device):
             set_compile_limits()
             self.compiled = torch.compile(model, dynamic=False, fullgraph=True)
         self.opts = build_optimizers(h, model, d)
@@ -3131,7 +3145,7 @@ def log_header(h: Hyperparameters, d: Dist, log: Logger) -> None:
         f"train_budget:{h.train_budget_seconds:.1f}s world_size:{d.world_size}")
     log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{d.device}"
         + (f" gpu:{torch.cuda.get_device_name(d.device)}" if d.device.type == "cuda" else "")
-        + f" attention:{'fa3' if _fa3_func is not None and d.device.type == 'cuda' else 'sdpa'}")
+        + f" attention:{'fa3' if _fa3_func is not None and cuda_path(d.device) else 'sdpa'}")
     src = Path(__file__).read_bytes()
     log(f"code file_bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()}")
 
