@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -184,13 +183,17 @@ def test_pack_code_bad_paths(tmp_path, capsys, case, monkeypatch):
     assert not (tmp_path / "o.py").exists()
 
 
-@pytest.mark.parametrize("content", [None, b"", b"garbage" * 50, b"PGC1\x05" + bytes(40), "dir", "valid_no_state"])
-def test_compression_report_on_bad_artifacts(tmp_path, capsys, content):
+@pytest.mark.parametrize("content", [None, b"", b"garbage" * 50, b"PGC1\x05" + bytes(40), "dir", "valid_no_state", "over_bound"])
+def test_compression_report_on_bad_artifacts(tmp_path, capsys, content, monkeypatch):
     path = tmp_path / "a.ptz"
     if content == "dir":
         path.mkdir()
     elif content == "valid_no_state":
         path.write_bytes(tg.compress_artifact(tg.serialize_tensors({}, {"state": [1]})))
+    elif content == "over_bound":  # as /dev/zero would be: never read whole
+        path.write_bytes(tg.compress_artifact(tg.serialize_tensors({}, {"state": {}})))
+        assert compression_report.main([str(path)]) == 0
+        monkeypatch.setattr(tg, "ARTIFACT_MAX_BYTES", path.stat().st_size - 1)
     elif content is not None:
         path.write_bytes(content)
     assert compression_report.main([str(path)]) == 2

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         h = train_gpt.Hyperparameters.from_env()
         try:
             packed = train_gpt.pack_source(src, h)
-        except (SyntaxError, ValueError, UnicodeDecodeError) as e:
+        except (SyntaxError, ValueError, IndexError, KeyError, AttributeError) as e:
             raise train_gpt.ConfigError(f"--src {a.src} is not a train_gpt.py that can be packed ({type(e).__name__}: "
                                         f"{' '.join(str(e).split())[:120]}); give the readable train_gpt.py") from None
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ class RunLog:
 
     @property
     def seed(self) -> int | None:
-        return int(self.hp["seed"]) if "seed" in self.hp else None
+        return int(self.hp["seed"]) if self.hp.get("seed", "").isdigit() else None
 
     @property
     def score(self) -> Stage | None:
