@@ -80,11 +80,25 @@ elif [[ -n "${CASEOPS_SET-}" && -d "$SHARED/corpus" ]]; then
     SMOKE=data/datasets/smoke_caseops_sp1024
     TOKENIZER=data/tokenizers/smoke_caseops_1024_bpe.model
     echo "corpus source:$SHARED/corpus (FineWeb sample + enwiki sample, CaseOps) tokenizer:$TOKENIZER dataset:$SMOKE"
-    if [[ ! -f "$SMOKE/fineweb_val_bytes_000000.bin" ]]; then
-        rm -f "$TOKENIZER"  # a tokenizer from an interrupted build would not match the shards
+    if [[ ! -f "$SMOKE/fineweb_val_bytes_000000.bin" || ! -f "$TOKENIZER" ]]; then
+        # Tokenizer and shards are built together in a scratch folder and moved in only when both are whole:
+        # an interrupted build leaves nothing behind and removes nothing; a half-built dataset is moved aside.
+        mkdir -p "$(dirname "$SMOKE")" "$(dirname "$TOKENIZER")"
+        BUILD=$(mktemp -d "$(dirname "$SMOKE")/.smoke_caseops_build.XXXXXX")
+        trap 'rm -rf "$BUILD"' EXIT
         "$PY" data/build_shards.py \
             --input "$SHARED/corpus/fineweb_docs_sample200.jsonl" "$SHARED/corpus/enwiki_2015_wikiextractor_sample.jsonl" \
-            --vocab-size 1024 --caseops --tokenizer-out "$TOKENIZER" --out "$SMOKE" --val-docs 50 --max-docs 1200
+            --vocab-size 1024 --caseops --tokenizer-out "$BUILD/$(basename "$TOKENIZER")" --out "$BUILD/data" \
+            --val-docs 50 --max-docs 1200
+        for OLD in "$SMOKE" "$TOKENIZER"; do
+            if [[ -e "$OLD" ]]; then
+                mv "$OLD" "$OLD.incomplete.$(date +%s)" && echo "run.sh: moved the incomplete $OLD aside to $OLD.incomplete.*" >&2
+            fi
+        done
+        mv "$BUILD/$(basename "$TOKENIZER")" "$TOKENIZER"
+        mv "$BUILD/data" "$SMOKE"
+        rm -rf "$BUILD"
+        trap - EXIT
     fi
 elif [[ -n "${CASEOPS_SET-}" ]]; then
     echo "error: CASEOPS=1 without a GPU needs the sample corpora in $SHARED/corpus (or DATA_PATH to a CaseOps export)" >&2

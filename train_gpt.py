@@ -357,6 +357,12 @@ PRESETS = {
 _FOREIGN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
 # Generic prefixes shared with other software; only close misspellings of these are flagged.
 _GENERIC_PREFIXES = {"MAX", "MIN", "NUM", "RUN", "LOG", "DATA", "TRAIN", "ENABLE", "MODEL", "EVAL", "VAL"}
+# Words of knob names that system variables use too (LD_LIBRARY_PATH, OMP_NUM_THREADS): sharing only
+# these is no sign of a misnamed knob. Variables of the software around a run are never flagged.
+_COMMON_WORDS = set("A B N AT ID PATH DIR RUN LOG MAX MIN NUM SIZE RANK GROUP START END LAST TOP BASE PREFIX EXTRA INIT "
+                    "EVERY KIND BACKEND ENABLE ENABLED COMPILE SECONDS".split())
+_OTHER_SOFTWARE = tuple(w + "_" for w in "CUDA CUDNN CUBLAS NCCL NVIDIA NV OMP KMP MKL GOMP OPENBLAS TRITON LD LC XDG SSH "
+                        "MASTER ROLE SLURM OMPI PMI PMIX HF WANDB CONDA PIP GIT".split()) + ("TORCH", "PYTORCH", "PYTHON")
 # Names the challenge's baseline and record scripts read (their logs' hyperparameter dumps) that this
 # script does not: refused, pointing at our knob ("" = no equivalent). Our own fields always win.
 RECORD_ENV = {
@@ -398,12 +404,14 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def check_unknown_env(env, known: dict) -> None:
-    """Raise on env vars of other record scripts and on ones that look like our knobs but are not (NUM_LAYER)."""
+    """Raise on env vars of other record scripts and on ones that look like our knobs but are not: one
+    edit away (NUM_LAYER), in a knob family (MUON_LR) or sharing a word with a knob (KV_HEADS)."""
     prefixes = {}
     for name in known:
         head = name.split("_")[0]
         prefixes[head] = prefixes.get(head, 0) + 1
     families = {p for p, n in prefixes.items() if n >= 2 and p not in _GENERIC_PREFIXES}
+    words = {w for name in known for w in name.split("_")} - _COMMON_WORDS
     for key in env:
         if key in known or key in _FOREIGN_ENV:
             continue
@@ -412,8 +420,11 @@ def check_unknown_env(env, known: dict) -> None:
             raise ConfigError(f"{key} is a setting of other record scripts, not of this one; "
                               + (f"use {ours} instead" if ours else "there is no equivalent here, unset it"))
         close = [name for name in known if edit_distance(key, name) <= 1]
-        if close or key.split("_")[0] in families:
-            hint = f"; did you mean {close[0]}?" if close else ""
+        parts = set(key.split("_"))
+        if close or key.split("_")[0] in families or (parts & words and not key.startswith(_OTHER_SOFTWARE)):
+            near = sorted(known, key=lambda n: (-len(parts & set(n.split("_"))), edit_distance(key, n)))[:3]
+            near = [n for n in near if parts & set(n.split("_"))] or near[:1]
+            hint = f"; did you mean {close[0]}?" if close else f"; closest knobs: {', '.join(near)}"
             raise ConfigError(f"unknown setting {key}={env[key]!r}{hint} (unset it or use a known knob)")
 
 
@@ -587,10 +598,11 @@ def load_val_tokens(data_dir: str, seq_len: int) -> Tensor:
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
 
 
-def load_val_bytes(data_dir: str, val_tokens: Tensor, luts) -> Tensor | None:
+def load_val_bytes(data_dir: str, val_tokens: Tensor, luts, tokenizer_path: str = "") -> Tensor | None:
     """Bytes per target from the CaseOps sidecar fineweb_val_bytes_*.bin (one entry per val token,
     entry i+1 for target i), or None without one. Aligned, it agrees with the byte tables except at
-    operators (0 for 3) and text changed by normalization; shifted, in about a quarter of entries."""
+    operators (0 for 3) and text changed by normalization; shifted, in about a quarter of entries.
+    Given the tokenizer, its operators must count 0 bytes (a copy of the tables agrees everywhere)."""
     paths = sorted(glob.glob(os.path.join(data_dir, "fineweb_val_bytes_*.bin")))
     if not paths:
         return None
@@ -605,6 +617,13 @@ def load_val_bytes(data_dir: str, val_tokens: Tensor, luts) -> Tensor | None:
     if agree < 0.6:
         raise ConfigError(f"byte sidecar in {data_dir} is not aligned with its val shards ({agree:.1%} of entries agree "
                           f"with the byte tables); re-export or re-download the dataset")
+    if tokenizer_path:  # an escaped literal operator counts 3 bytes; rare
+        sp = load_tokenizer(tokenizer_path)
+        at = torch.isin(val_tokens[1:], torch.tensor([sp.piece_to_id(c) for c in "\ue001\ue002\ue003\ue004"]))
+        if at.any() and sp.piece_to_id("\ue001") != sp.unk_id() and (b[at] == 0).double().mean() < 0.5:
+            raise ConfigError(f"byte sidecar in {data_dir} counts the CaseOps operators as text ({(b[at] != 0).double().mean():.0%} "
+                              f"of operator tokens have bytes), so val_bpb would be wrong; re-export it with "
+                              f"data/build_shards.py --caseops or re-download the dataset")
     return b
 
 
@@ -720,6 +739,13 @@ def check_tokenizer_built_shards(tokenizer_path: str, data_dir: str, val_tokens:
             continue
         same += sp.encode(sp.decode(ids)) == ids
         checked += 1
+    if not checked:  # one (truncated) document, or no BOS: the text of the first window up to its last space
+        a = int(starts[-1]) + 1 if starts.size else 0
+        ids = val_tokens[a : a + 4096].tolist()
+        ids = ids[: ids.index(sp.unk_id())] if sp.unk_id() in ids else ids
+        text = sp.decode(ids)
+        enc = sp.encode(text[: max(text.rfind(" "), 0)])[:-2]  # a piece may span the cut
+        same, checked = int(bool(enc) and enc == ids[: len(enc)]), 1
     if same < 0.9 * checked:
         raise ConfigError(f"tokenizer {tokenizer_path} did not build the shards in {data_dir}: only {same}/{checked} "
                           f"validation documents re-encode to their stored ids; set TOKENIZER_PATH (and VOCAB_SIZE) "
@@ -1503,6 +1529,7 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
 ARTIFACT_MAGIC = b"PGQ1"
 SHUFFLE_MAGIC = b"BSHF"
 SIZE_LIMIT = 16_000_000
+ARTIFACT_MAX_BYTES = 1 << 30  # far over the limit: bounds what a wrong EVAL_ARTIFACT makes us read
 _DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -1822,15 +1849,19 @@ def deserialize_tensors(data: bytes) -> tuple[dict[str, Tensor], dict]:
         body = memoryview(data)[8 + n :]
         if len(body) != header["body_nbytes"]:
             raise ValueError(f"truncated or padded: body has {len(body)} bytes, header says {header['body_nbytes']}")
+        if not isinstance(header["meta"], dict):
+            raise ValueError("meta is not an object")
         tensors = {}
         for e in header["tensors"]:
             dtype = _DTYPES[e["dtype"]]
+            if not all(type(x) is int and x >= 0 for x in e["shape"]) or type(e["offset"]) is not int or e["offset"] < 0:
+                raise ValueError(f"tensor {e['name']}: shape {e['shape']} or offset {e['offset']} is not valid")
             raw = bytearray(body[e["offset"] : e["offset"] + e["nbytes"]])
             if len(raw) != e["nbytes"] or e["nbytes"] != math.prod(e["shape"]) * dtype.itemsize:
                 raise ValueError(f"tensor {e['name']}: {len(raw)} bytes do not match shape {e['shape']} {e['dtype']}")
             tensors[e["name"]] = torch.frombuffer(raw, dtype=dtype).reshape(e["shape"]) if raw else torch.zeros(e["shape"], dtype=dtype)
         return tensors, header["meta"]
-    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"corrupt header ({type(e).__name__}: {e})") from None
 
 
@@ -2033,10 +2064,21 @@ def env_value(v) -> str:
 
 
 def write_artifact(path: str, tensors: dict, meta: dict, h: Hyperparameters, looping: bool) -> int:
+    return save_artifact_bytes(path, artifact_blob(tensors, meta, h, looping))
+
+
+def artifact_blob(tensors: dict, meta: dict, h: Hyperparameters, looping: bool) -> bytes:
+    """The artifact's bytes. Besides the shape and forward knobs it records every knob of its run (the code
+    that decodes it is packed for them) and the tokenizer's sha256 (another tokenizer would score silently)."""
     config = {k: getattr(h, k) for k in SHAPE_KEYS + FORWARD_KEYS if getattr(h, k) != _DEFAULTS[k]}
-    info = dict(state=meta, config=config, looping=looping)
+    knobs = {k: v for k, v in dataclasses.asdict(h).items() if k not in FREE_KNOBS and v != _DEFAULTS[k]}
+    info = dict(state=meta, config=config, looping=looping, knobs=knobs, tokenizer=tokenizer_sha256(h))
     info["checksum"] = payload_checksum(tensors, info)
-    return save_artifact_bytes(path, encode_artifact(tensors, info, h))
+    return encode_artifact(tensors, info, h)
+
+
+def tokenizer_sha256(h: Hyperparameters) -> str:
+    return file_sha256(h.tokenizer_file) if os.path.isfile(h.tokenizer_file) else ""
 
 
 def save_artifact_bytes(path: str, blob: bytes) -> int:
@@ -2060,10 +2102,15 @@ def save_artifact_bytes(path: str, blob: bytes) -> int:
         raise TrainingError(f"cannot write artifact {path} ({e.strerror or e}); {where}") from None
 
 
-def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], bool]:
-    """Read, decompress and dequantize an artifact: (state dict for a model built from h, looping)."""
+def load_artifact(path: str, h: Hyperparameters, info: dict | None = None) -> tuple[dict[str, Tensor], bool]:
+    """Read, decompress and dequantize an artifact: (state dict for a model built from h, looping).
+    info, when given, receives the artifact's metadata and the sha256 of the bytes read."""
+    if not os.path.isfile(path) or os.path.getsize(path) > ARTIFACT_MAX_BYTES:  # a FIFO or /dev/zero never ends
+        raise ConfigError(f"artifact {path} is not a regular file of at most {ARTIFACT_MAX_BYTES} bytes; "
+                          f"set EVAL_ARTIFACT to a .ptz file written by train_gpt.py")
     try:
-        tensors, meta = decode_artifact(Path(path).read_bytes())
+        blob = Path(path).read_bytes()
+        tensors, meta = decode_artifact(blob)
     except OSError as e:
         raise ConfigError(f"cannot read artifact {path}: {e}") from None
     except ValueError as e:
@@ -2078,7 +2125,20 @@ def load_artifact(path: str, h: Hyperparameters) -> tuple[dict[str, Tensor], boo
         if getattr(h, k) != v:
             raise ConfigError(f"artifact {path} was made with {k.upper()}={env_value(v)} but this run has "
                               f"{k.upper()}={env_value(getattr(h, k))}; set {k.upper()}={env_value(v)}")
+    if meta.get("tokenizer", "") != tokenizer_sha256(h):
+        raise ConfigError(f"artifact {path} was trained with another tokenizer (sha256 {meta.get('tokenizer', '')[:12] or 'none'}) "
+                          f"than {h.tokenizer_file}; set TOKENIZER_PATH and DATA_PATH to the ones it was trained on")
+    if info is not None:
+        info.update(meta, sha256=hashlib.sha256(blob).hexdigest(), nbytes=len(blob))
     return dequantize_state(tensors, meta["state"]), bool(meta["looping"])
+
+
+def code_config(h: Hyperparameters, knobs: dict) -> Hyperparameters:
+    """The config the counted code is packed for: the artifact's knobs up to the evaluation ones, this run's
+    from there (an eval-only run counts the code that can decode its artifact and run its evals)."""
+    names = [f.name for f in fields(h)]
+    train = names[: names.index("eval_seq_len")]
+    return dataclasses.replace(h, **{k: knobs.get(k, _DEFAULTS[k]) for k in train if k not in FREE_KNOBS})
 
 
 # Self-extracting code: the stripped source, raw LZMA2 (the 04-09 record's wrapper) or brotli-11
@@ -3164,10 +3224,11 @@ def timed_eval(stage: str, h: Hyperparameters, d: Dist, log: Logger, fn) -> tupl
     return r, dt
 
 
-def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, train_time: float) -> None:
-    """Hessians on training data (inside the training budget), then quantize and write on rank 0."""
+def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, train_time: float) -> str:
+    """Hessians on training data (inside the training budget), then quantize and write on rank 0.
+    Returns the sha256 of the bytes written, on every rank."""
     model = trainer.base
-    hessians = None
+    hessians, digest = None, [None]
     if h.gptq_enabled:
         t0 = trainer.sync_time()
         hessians = collect_hessians(model, trainer.calibration_batches(), h)
@@ -3185,20 +3246,43 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
         log("quantized " + " ".join(f"{k}:{kinds.count(k)}" for k in sorted(set(kinds)))
             + f" method:{'gptq' if hessians else 'rtn'} quant_time:{time.perf_counter() - t0:.1f}s")
         t0 = time.perf_counter()
-        size = write_artifact(h.artifact_file, tensors, meta, h, model.looping_active)
+        blob = artifact_blob(tensors, meta, h, model.looping_active)
+        size, digest[0] = save_artifact_bytes(h.artifact_file, blob), hashlib.sha256(blob).hexdigest()
         log(f"artifact_write bytes:{size} compressor:{h.compressor} row_reorder:{int(h.row_reorder)} time:{time.perf_counter() - t0:.1f}s")
         for line in quant_report(tensors, meta, h):
             log(line)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        dist.broadcast_object_list(digest, src=0)
+    return digest[0]
 
 
 def run_id_taken(h: Hyperparameters) -> str:
     """A RUN_ID is used once: the earlier run's log and artifact are never appended to or replaced."""
     mine = [os.path.join(h.log_dir, f"{h.run_id}.txt")] + ([] if h.eval_artifact else [h.artifact_file])
+    if len({os.path.realpath(p) for p in mine}) < len(mine):
+        return f"ARTIFACT_PATH={h.artifact_path} is this run's log file; set ARTIFACT_PATH to another file, e.g. {h.run_id}.ptz"
     used = [p for p in mine if os.path.exists(p)]
     return (f"RUN_ID={h.run_id} was already used: {used[0]} exists; choose another RUN_ID "
             f"(or move that run's files away)") if used else ""
+
+
+def lock_artifact(path: str):
+    """(open <path>.lock holding an flock, "") or (None, refusal): a second run on the same path would replace
+    this run's artifact between its write and its read-back. The lock dies with the process."""
+    import fcntl
+
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        f = open(path + ".lock", "a")
+    except OSError as e:
+        return None, f"cannot write next to ARTIFACT_PATH {path} ({e.strerror}); set ARTIFACT_PATH to a writable place"
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f, ""
+    except BlockingIOError:
+        f.close()
+        return None, f"artifact path {path} is in use by a live run; wait for it or set another ARTIFACT_PATH"
 
 
 def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> int:
@@ -3216,7 +3300,7 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
     require_doc_starts(val_tokens, "validation", h)
     n_docs = check_tokenizer_built_shards(h.tokenizer_file, h.dataset_dir, val_tokens.numpy())
-    sidecar = load_val_bytes(h.dataset_dir, val_tokens, luts)
+    sidecar = load_val_bytes(h.dataset_dir, val_tokens, luts, h.tokenizer_file)
     luts = luts if sidecar is None else (sidecar,)
     val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts, torch.arange(val_tokens.numel() - 1))
     log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())} tokenizer_check_docs:{n_docs} "
@@ -3249,15 +3333,21 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
         trainer.apply_ema()
         pre, _ = timed_eval("pre_quant", h, d, log,
                             lambda c: eval_windows(h, model.token_nll, d, val_tokens, luts, h.eval_seq_len, c))
-        make_artifact(h, d, log, trainer, train_time)
+        wrote = make_artifact(h, d, log, trainer, train_time)
         del trainer, model
-    code = counted_code_bytes(h)  # packing the source takes ~1 s and is no part of the evaluation
     # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
     t0 = time.perf_counter()
     eval_model = GPT(h).to(d.device)
     t1 = time.perf_counter()
-    state, looping = load_artifact(artifact, h)
+    info = {}
+    state, looping = load_artifact(artifact, h, info)
     log(f"artifact_decode time:{time.perf_counter() - t1:.2f}s")
+    if not h.eval_artifact and info["sha256"] != wrote:
+        raise TrainingError(f"artifact {artifact} is not the one this run wrote (another run wrote the same path); "
+                            f"give every run its own ARTIFACT_PATH and rerun")
+    if "knobs" not in info:
+        raise ConfigError(f"artifact {artifact} does not record its run's knobs (an older train_gpt.py wrote it), so the "
+                          f"code that decodes it cannot be counted; train it again")
     try:
         eval_model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -3267,7 +3357,8 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
         prepare_ttt(eval_model, h)
     scorer, loss_fn = eval_callables(h, eval_model, d)
     times = {"load": time.perf_counter() - t0}
-    model_bytes = os.path.getsize(artifact)
+    code = counted_code_bytes(code_config(h, info["knobs"]))  # ~1 s, no part of the evaluation
+    model_bytes = info["nbytes"]  # the bytes scored, not a later stat of the path
     total = code + model_bytes
     log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
         f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:1 path:{artifact}")
@@ -3308,12 +3399,14 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
 
 
 def main() -> int:
-    d = log = None
+    d = log = lock = None
     try:
         h = Hyperparameters.from_env()
         d = setup_distributed()
         run_id = h.run_id or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
         taken = run_id_taken(dataclasses.replace(h, run_id=run_id)) if d.is_main else ""
+        if d.is_main and not taken and not h.eval_artifact:
+            lock, taken = lock_artifact(dataclasses.replace(h, run_id=run_id).artifact_file)
         if d.world_size > 1:  # every rank must log to the same file name and agree on the refusal
             obj = [run_id, taken]
             dist.broadcast_object_list(obj, src=0)
@@ -3345,6 +3438,9 @@ def main() -> int:
                 pass
         return status
     finally:
+        if lock is not None:
+            Path(lock.name).unlink(missing_ok=True)
+            lock.close()
         shutdown_distributed(d)
 
 

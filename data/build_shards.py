@@ -343,6 +343,29 @@ def check_val_split(input_paths: Sequence[PathLike], val_docs: int) -> None:
             f"use --val-docs {PUBLISHED_VAL_DOCS}")
 
 
+def check_inputs(input_paths: Sequence[PathLike]) -> None:
+    """Every input exists, is .jsonl/.txt, and is given once (twice, its documents would be in both splits)."""
+    seen: dict[tuple[int, int], PathLike] = {}
+    for p in input_paths:
+        _check_input_path(Path(p))
+        st = os.stat(p)
+        if (st.st_dev, st.st_ino) in seen:
+            raise ValueError(f"input {p} is given twice (also as {seen[st.st_dev, st.st_ino]}); pass each --input once")
+        seen[st.st_dev, st.st_ino] = p
+
+
+def _not_in_val(texts: Iterable[str], val: Sequence[str]) -> Iterator[str]:
+    """The training texts, refusing any that is also a validation document (it would be trained on, then scored)."""
+    digest = lambda t: hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest()  # noqa: E731
+    val_at = {digest(t): i for i, t in enumerate(val)}
+    for i, text in enumerate(texts):
+        j = val_at.get(digest(text))
+        if j is not None:
+            raise ValueError(f"training document {i} of the input is also validation document {j} (an input given twice, "
+                             "or a duplicated document?); remove the duplicates so no validation document is trained on")
+        yield text
+
+
 def check_out_dir(out_dir: PathLike) -> None:
     """Refuse an output directory that already holds shards: old and new shards would mix."""
     out = Path(out_dir)
@@ -410,8 +433,7 @@ def build_shards(
         raise ValueError(f"--max-docs must be at least 1 (got {max_docs})")
     if not input_paths:
         raise ValueError("no input files given; pass at least one .jsonl or .txt file with --input")
-    for p in input_paths:
-        _check_input_path(Path(p))
+    check_inputs(input_paths)
     _check_caseops(_load_tokenizer(tokenizer_path), tokenizer_path, use_caseops)
     out = Path(out_dir)
     check_out_dir(out)
@@ -440,7 +462,8 @@ def build_shards(
     counter = _SidecarCounter(tokenizer_path) if use_caseops else None
     progress, val_bytes = _Progress(log), 0
     try:
-        with contextlib.closing(_iter_encoded(itertools.chain(head, docs), tokenizer_path, workers, use_caseops)) as encoded:
+        texts = itertools.chain(head[:val_docs], _not_in_val(itertools.chain(head[val_docs:], docs), head[:val_docs]))
+        with contextlib.closing(_iter_encoded(texts, tokenizer_path, workers, use_caseops)) as encoded:
             for i, doc in enumerate(encoded):
                 if i < val_docs:
                     val.add(doc)
@@ -530,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out, model = Path(args.out or out), Path(args.tokenizer_out or model)
             # Every refusal build_shards would make comes before the training time is spent.
             tt.check_new_model_path(model)
+            check_inputs(args.input)
             check_out_dir(out)
             check_val_split(args.input, args.val_docs)
             docs = lambda: itertools.islice(iter_documents(args.input), args.max_docs)  # noqa: E731

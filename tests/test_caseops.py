@@ -322,3 +322,24 @@ def test_tokenizer_check_counts_caseops_bytes_against_decoded_text(corpus, caseo
     sp = spm.SentencePieceProcessor(model_file=str(caseops_model))
     want = sum(len(caseops.decode(sp.decode(sp.encode(caseops.encode(d)))).encode("utf-8")) for d in docs)
     assert f"decoded_bytes:{want}" in out
+
+
+def test_sidecar_that_counts_operators_as_text_is_refused(caseops_model, caseops_data, tmp_path):
+    """A sidecar equal to the plain byte tables (operators 3 bytes each) agrees with them everywhere, so
+    only the operators' entries tell it from a real one."""
+    out, _ = caseops_data
+    val = tg.load_val_tokens(str(out), 64)
+    luts = tg.build_byte_luts(str(caseops_model), 400, sidecar=True)
+    assert tg.load_val_bytes(str(out), val, luts, str(caseops_model)) is not None
+    bad = tmp_path / "tables"
+    bad.mkdir()
+    for p in out.glob("fineweb_val_*.bin"):
+        if "_bytes_" not in p.name:
+            ids = torch.from_numpy(read_body(p))
+            (bad / p.name).write_bytes(p.read_bytes())
+            plain = torch.cat([torch.zeros(1, dtype=torch.int64), tg.target_bytes(ids[:-1], ids[1:], luts)])
+            bs.write_shard(bad / p.name.replace("_val_", "_val_bytes_"), plain.numpy().astype(np.uint16))
+    tg.load_val_bytes(str(bad), val, luts)  # the alignment check alone passes it
+    with pytest.raises(tg.ConfigError, match="counts the CaseOps operators as text.*--caseops") as e:
+        tg.load_val_bytes(str(bad), val, luts, str(caseops_model))
+    assert "\n" not in str(e.value)

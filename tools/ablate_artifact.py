@@ -40,7 +40,7 @@ VARIANTS = {
 }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="dataset dir with fineweb_{train,val}_*.bin")
     ap.add_argument("--tokenizer", required=True)
@@ -51,7 +51,15 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=8, help="GPTQ calibration micro-batches")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    try:
+        return run(a)
+    except (tg.ConfigError, OSError, ValueError) as e:  # bad --data/--tokenizer/--set: one line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def run(a) -> int:
     env = {"PRESET": a.preset, "ITERATIONS": str(a.steps), "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_RESERVE_SECONDS": "0",
            "WARMUP_STEPS": "0", "GPTQ_CALIBRATION_BATCHES": str(a.calib), "VAL_LOSS_EVERY": "0",
            "DATA_PATH": a.data, "TOKENIZER_PATH": a.tokenizer, **dict(kv.split("=", 1) for kv in a.set)}

@@ -42,18 +42,22 @@ def bench(inputs: list[str], tokenizer: str, workers: int, val_docs: int) -> dic
             "cpu_seconds": f"{cpu:.2f}", "tokens/cpu_s": f"{tokens / cpu:.0f}"}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure export throughput (documents/s, tokens/s).")
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl / .txt documents")
     parser.add_argument("--tokenizer", nargs="+", required=True, help="SentencePiece .model file(s)")
     parser.add_argument("--workers", nargs="+", type=int, default=[2], help="worker counts to try")
     parser.add_argument("--val-docs", type=int, default=50, help="validation documents (does not change the cost)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"cpus:{os.cpu_count()} affinity:{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 'n/a'} "
           f"load1:{os.getloadavg()[0]:.2f}")
-    for tok in args.tokenizer:
-        for w in args.workers:
-            print(" ".join(f"{k}:{v}" for k, v in bench(args.input, tok, w, args.val_docs).items()), flush=True)
+    try:
+        for tok in args.tokenizer:
+            for w in args.workers:
+                print(" ".join(f"{k}:{v}" for k, v in bench(args.input, tok, w, args.val_docs).items()), flush=True)
+    except (OSError, ValueError, RuntimeError) as e:  # bad --input/--tokenizer: one line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

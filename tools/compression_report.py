@@ -55,14 +55,23 @@ def groups(tensors: dict, meta: dict, by: str = "kind") -> dict[str, list[torch.
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
     ap.add_argument("--by", choices=("kind", "module", "role"), default="kind",
                     help="group by storage kind, by pergroup stream (role) or by top-level module")
-    a = ap.parse_args()
-    blob = Path(a.artifact).read_bytes()
-    tensors, meta = tg.decode_artifact(blob)
+    a = ap.parse_args(argv)
+    try:
+        if not Path(a.artifact).is_file() or Path(a.artifact).stat().st_size > tg.ARTIFACT_MAX_BYTES:
+            raise ValueError(f"not a regular file of at most {tg.ARTIFACT_MAX_BYTES} bytes")
+        blob = Path(a.artifact).read_bytes()
+        tensors, meta = tg.decode_artifact(blob)
+        if not isinstance(meta.get("state"), dict) or not all(isinstance(m, dict) and "kind" in m for m in meta["state"].values()):
+            raise ValueError("its metadata has no per-tensor state")
+        groups(tensors, meta, a.by)
+    except (ValueError, OSError, KeyError, tg.ConfigError) as e:
+        print(f"error: cannot read artifact {a.artifact}: {e}; give a .ptz written by train_gpt.py", file=sys.stderr)
+        return 2
     print(f"artifact_bytes:{len(blob)} container:{'pergroup' if blob[:4] == tg.PERGROUP_MAGIC else 'brotli'}")
     codecs = [(c, fns[0]) for c, fns in ((c, tg.codec_fns(c)) for c in tg.CODECS) if fns]
     for g, ts in groups(tensors, meta, a.by).items():

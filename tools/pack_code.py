@@ -19,19 +19,33 @@ sys.path.insert(0, str(REPO))
 import train_gpt  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default=str(REPO / "train_gpt.py"))
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    src = Path(a.src).read_bytes()
+    a = ap.parse_args(argv)
     try:
+        if not Path(a.src).is_file():
+            raise train_gpt.ConfigError(f"--src {a.src} is not a file; give the readable train_gpt.py")
+        src = Path(a.src).read_bytes()
+        if src.startswith(train_gpt._PACK_HEADS):
+            raise train_gpt.ConfigError(f"--src {a.src} is already packed; give the readable train_gpt.py it came from")
+        if Path(a.out).is_dir():
+            raise train_gpt.ConfigError(f"--out {a.out} is a folder; give a file path, e.g. {Path(a.out) / 'train_gpt.py'}")
         h = train_gpt.Hyperparameters.from_env()
+        try:
+            packed = train_gpt.pack_source(src, h)
+        except (SyntaxError, ValueError, IndexError, KeyError, AttributeError) as e:
+            raise train_gpt.ConfigError(f"--src {a.src} is not a train_gpt.py that can be packed ({type(e).__name__}: "
+                                        f"{' '.join(str(e).split())[:120]}); give the readable train_gpt.py") from None
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_bytes(packed)
     except train_gpt.ConfigError as e:
-        sys.exit(f"error: {e}")
-    packed = train_gpt.pack_source(src, h)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_bytes(packed)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write --out {a.out} ({e.strerror}); choose a writable file path", file=sys.stderr)
+        return 2
     print(f"source_bytes:{len(src)} packed_bytes:{len(packed)} out:{a.out}")
     return 0
 

@@ -70,12 +70,21 @@ def plot(runs: list[runlog.RunLog], out: Path, x: str = "step") -> Path:
     return out
 
 
-def main() -> int:
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("logs", nargs="+")
     ap.add_argument("--out", required=True, help="PNG path")
     ap.add_argument("--x", choices=("step", "time"), default="step")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if out.is_dir() or out.suffix.lower() not in FORMATS:  # matplotlib would write <folder>.png or raise
+        print(f"error: --out {a.out} is {'a folder' if out.is_dir() else 'not an image file name'}; give a file path "
+              f"ending in {', '.join(FORMATS)}, e.g. {out / 'curves.png' if out.is_dir() else out.with_suffix('.png')}",
+              file=sys.stderr)
+        return 2
     try:
         runs = [runlog.read_log(p) for p in a.logs]
     except FileNotFoundError as e:
@@ -85,7 +94,11 @@ def main() -> int:
     if empty:
         print(f"error: {empty[0]} has no step lines with train_loss and no line with val_bpb to plot", file=sys.stderr)
         return 2
-    print(f"plot:{plot(runs, Path(a.out), a.x)} runs:{len(runs)}")
+    try:
+        print(f"plot:{plot(runs, out, a.x)} runs:{len(runs)}")
+    except OSError as e:
+        print(f"error: cannot write --out {a.out} ({e.strerror}); choose a writable file path", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -464,6 +464,9 @@ def pack(log_paths: list[str], code_path: Path, meta: dict, records_dir: Path, r
         raise PackError(f"--track {meta['track']!r} must be letters, digits, '_', '.', '-' (e.g. {DEFAULT_TRACK})")
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", meta["date"]):
         raise PackError(f"--date {meta['date']!r} must be YYYY-MM-DD")
+    if any(p.exists() and not p.is_dir() for p in (records_dir, records_dir / f"track_{meta['track']}")):
+        raise PackError(f"--records-dir {records_dir} (or its track_{meta['track']}) is a file, not a folder; "
+                        f"give the folder that holds track_<track>/")
     runs, code, sub = prepare(log_paths, code_path, meta, ref, margin_nats)
     parent = records_dir / f"track_{meta['track']}"
     final = parent / f"{meta['date']}_{meta['name']}"
@@ -533,14 +536,14 @@ def reference_from_args(a) -> dict | None:
         s = significance.load_scores([a.reference])
         return {"desc": a.reference, "bpb": s.bpb, "nats": s.nats}
     if a.reference_seeds:
-        vals = [float(x) for x in a.reference_seeds.split(",") if x.strip()]
+        vals = significance.parse_seeds(a.reference_seeds)
         return {"desc": f"seeds {a.reference_seeds}", "bpb": vals, "nats": None}
     if a.reference_bpb is not None:
         return {"desc": f"mean {a.reference_bpb}", "bpb": a.reference_bpb, "nats": None}
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="write records/<track>/<date>_<name>/ from run logs")
@@ -560,7 +563,7 @@ def main() -> int:
     p.add_argument("--margin-nats", type=float, default=significance.DEFAULT_MARGIN_NATS)
     c = sub.add_parser("check", help="re-derive a record folder's submission.json from its logs")
     c.add_argument("folder")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.cmd == "check":
         problems = check(Path(a.folder))
         for line in problems:
@@ -572,7 +575,7 @@ def main() -> int:
     try:
         ref = reference_from_args(a)
         out = pack(a.logs, Path(a.code), meta, Path(a.records_dir), ref, a.margin_nats)
-    except (PackError, ValueError, FileNotFoundError) as e:
+    except (PackError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = json.loads((out / "submission.json").read_text(encoding="utf-8"))

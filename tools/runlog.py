@@ -87,7 +87,7 @@ class RunLog:
 
     @property
     def seed(self) -> int | None:
-        return int(self.hp["seed"]) if "seed" in self.hp else None
+        return int(self.hp["seed"]) if self.hp.get("seed", "").isdigit() else None
 
     @property
     def score(self) -> Stage | None:
@@ -302,7 +302,7 @@ def parse_record_log(lines: list[str], path: str = "") -> RunLog:
 def read_log(path: str | Path) -> RunLog:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"log {p} not found")
+        raise FileNotFoundError(f"log {p} not found (or not a file); give the path of a run's .txt log")
     return parse_log(p.read_text(encoding="utf-8", errors="replace"), str(p))
 
 
@@ -337,6 +337,8 @@ def table_rows(runs: list[RunLog], labels: dict[str, str] | None = None,
     rows = []
     for i, r in enumerate(sorted(runs, key=key), 1):
         st = status.get(r.path) or ("ok" if r.complete else "incomplete")
+        if r.over_limit is not None and st.startswith("ok"):  # scored, but it cannot be submitted
+            st = f"OVER_LIMIT by {r.over_limit} bytes" + st[2:]
         if not scored(r):  # marked whatever the caller's status says
             st = f"{st} (score {r.score.val_bpb})" if r.score else f"{st} (no score)"
         sc = r.score
@@ -363,12 +365,12 @@ def render_csv(header: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("logs", nargs="+")
     ap.add_argument("--csv", help="also write the table as CSV here")
     ap.add_argument("--md", help="also write the markdown table here")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     try:
         runs = [read_log(p) for p in a.logs]
     except FileNotFoundError as e:

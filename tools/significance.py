@@ -126,6 +126,13 @@ class Scores:
 def compare(ours: Scores, ref: Scores | float, margin_nats: float = DEFAULT_MARGIN_NATS) -> dict:
     """Both tests (BPB and nats) of ours against ref (seeds or a mean in BPB). The nats<->BPB factor
     is ours; reference nats in other units (or none) are its BPB over that factor."""
+    if not (math.isfinite(margin_nats) and margin_nats >= 0):
+        raise ValueError(f"--margin-nats {margin_nats} must be a number >= 0 (a negative margin lets a worse run clear)")
+    for side in [ours] + ([ref] if isinstance(ref, Scores) else []):
+        if not side.bpb or not all(_number(b) and b > 0 for b in side.bpb):
+            raise ValueError(f"{side.label}: val_bpb per seed {side.bpb} must be positive numbers, at least one")
+    if not isinstance(ref, Scores) and not (_number(ref) and ref > 0):
+        raise ValueError(f"reference val_bpb {ref} must be a positive number")
     factor = ours.bpb_per_nat
     if factor is None:
         raise ValueError(f"{ours.label}: our scores have no val_loss, so the nats margin cannot be put in BPB "
@@ -167,14 +174,25 @@ def seed_scores(sub: dict) -> list[tuple[object, float, float | None]]:
         items = [(e.get("seed"), e) for e in entries if isinstance(e, dict)]
     else:
         return []
+    if isinstance(entries, list) and len(items) < len(entries):
+        raise ValueError(f"seed_results entry {next(e for e in entries if not isinstance(e, dict))!r} is not an object "
+                         "with seed and val_bpb; fix or remove it")
     out = []
     for seed, v in items:
         seed = int(seed) if isinstance(seed, str) and seed.lstrip("-").isdigit() else seed
-        if _number(v):
-            out.append((seed, float(v), None))
-        elif isinstance(v, dict) and _number(v.get("val_bpb")):
-            out.append((seed, float(v["val_bpb"]), float(v["val_loss"]) if _number(v.get("val_loss")) else None))
+        bpb, loss = (v, None) if not isinstance(v, dict) else (v.get("val_bpb"), v.get("val_loss"))
+        if not _number(bpb) or bpb <= 0 or (loss is not None and not (_number(loss) and loss > 0)):
+            raise ValueError(f"seed {seed}: val_bpb {bpb!r}" + ("" if loss is None else f", val_loss {loss!r}")
+                             + " is not a positive number; every seed counts, so fix or remove that seed")
+        out.append((seed, float(bpb), None if loss is None else float(loss)))
     return out
+
+
+def positive_count(sub: dict, key: str) -> int | None:
+    v = sub.get(key)
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        raise ValueError(f"submission.json {key} is {v!r}, not a positive integer; fix it or remove it")
+    return v
 
 
 def scores_from_logs(paths: list[str], label: str = "") -> Scores:
@@ -209,7 +227,7 @@ def scores_from_folder(folder: str) -> Scores:
         nats = [n for _, _, n in rows]
         factor = next((r.score.val_bpb / r.score.val_loss for r in scored if r.score.val_loss), None)
         return Scores(str(folder), [b for _, b, _ in rows], None if None in nats else nats,
-                      sub.get("val_tokens"), sub.get("val_bytes"), [s for s, _, _ in rows], factor)
+                      positive_count(sub, "val_tokens"), positive_count(sub, "val_bytes"), [s for s, _, _ in rows], factor)
     if not scored:
         raise ValueError(f"{folder}: no per-seed val_bpb found (looked for seed_results in submission.json and for "
                          f"a line with val_bpb in its {'/'.join('*' + s for s in LOG_SUFFIXES)} logs)")
@@ -245,7 +263,7 @@ def report_lines(ours: Scores, ref_desc: str, res: dict) -> list[str]:
     return lines
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ours", nargs="+", help="a record folder, or run logs")
     g = ap.add_mutually_exclusive_group(required=True)
@@ -254,25 +272,41 @@ def main() -> int:
     g.add_argument("--reference-bpb", type=float, help="reference mean val_bpb (one-sample test)")
     ap.add_argument("--margin-nats", type=float, default=DEFAULT_MARGIN_NATS)
     ap.add_argument("--json", help="also write the result as JSON here")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     try:
         ours = load_scores(a.ours)
         if a.reference:
             ref = load_scores([a.reference])
             desc = a.reference
         elif a.reference_seeds:
-            ref = Scores("seeds", [float(x) for x in a.reference_seeds.split(",") if x.strip()])
+            ref = Scores("--reference-seeds", parse_seeds(a.reference_seeds))
             desc = f"seeds {a.reference_seeds}"
         else:
             ref, desc = a.reference_bpb, f"mean {a.reference_bpb}"
         res = compare(ours, ref, a.margin_nats)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(report_lines(ours, desc, res)))
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            print(f"error: cannot write --json {a.json} ({e.strerror}); choose a writable file path", file=sys.stderr)
+            return 2
     return 0
+
+
+def parse_seeds(text: str) -> list[float]:
+    """Comma-separated val_bpb per seed; every item must be a positive number."""
+    out = []
+    for x in text.split(","):
+        try:
+            out.append(float(x))
+        except ValueError:
+            raise ValueError(f"--reference-seeds item {x.strip()!r} is not a number; give comma-separated val_bpb values") from None
+    return out
 
 
 if __name__ == "__main__":

@@ -223,15 +223,36 @@ def write_summary(runs: list[Run], status: dict[str, str], out_dir: Path) -> str
     return md
 
 
+def check_resume(runs: list[Run]) -> None:
+    """A complete log is kept only if it ran the settings its line gives now: after an edit of the
+    sweep file the summary would put the new values next to the old run's score."""
+    import train_gpt
+
+    for run in runs:
+        if not run.log.is_file():
+            continue
+        r = runlog.read_log(run.log)
+        if not r.complete:
+            continue
+        h = train_gpt.Hyperparameters.from_env(run.env)
+        for f in train_gpt.fields(h):
+            logged, want = r.hp.get(f.name), str(getattr(h, f.name))
+            if logged != want and not (logged is None and getattr(h, f.name) == f.default):  # a knob added since
+                raise SweepError(f"line {run.line}: the complete log {run.log} ran {f.name.upper()}={logged} but the run "
+                                 f"now has {f.name.upper()}={want}; move that log (and its .ptz) away or restore the line, "
+                                 f"then run the sweep again")
+
+
 def execute(runs: list[Run], cmd: list[str], out_dir: Path) -> dict[str, str]:
     """Run each in turn; status per log path ('ok', 'skipped (done)', 'failed rc=N', ...)."""
     status = {}
     for i, run in enumerate(runs, 1):
         print(f"sweep run:{i}/{len(runs)} run_id:{run.run_id} {run.label}", flush=True)
         if run.log.is_file():
-            if runlog.read_log(run.log).complete:
-                status[str(run.log)] = "ok (kept)"
-                print("  status:skipped (complete log exists)", flush=True)
+            kept = runlog.read_log(run.log)
+            if kept.complete:
+                status[str(run.log)] = "ok (kept)" if kept.over_limit is None else f"OVER_LIMIT by {kept.over_limit} bytes (kept)"
+                print(f"  status:skipped (complete log exists){'' if kept.over_limit is None else ' OVER_LIMIT'}", flush=True)
                 write_summary(runs, status, out_dir)
                 continue
             if log_in_use(run.log):
@@ -300,11 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:
             print(f"run_id:{r.run_id} line:{r.line} {r.label}")
         return 0
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot use --out {out_dir} as the sweep's folder ({e.strerror}); give a folder path you can write",
+              file=sys.stderr)
+        return 2
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _raise_stopped)
     try:
         lock = lock_out_dir(out_dir)  # noqa: F841 (held until exit)
+        check_resume(runs)
         status = execute(runs, cmd, out_dir)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -104,7 +104,6 @@ def encode_texts(sp, texts: Iterable[str], threads: int) -> Iterable[np.ndarray]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import sentencepiece as spm
     from build_shards import has_caseops_pieces, iter_documents
 
     import caseops
@@ -120,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
+        if not Path(args.tokenizer).is_file():
+            raise ValueError(f"--tokenizer {args.tokenizer} not found (or not a file); give a SentencePiece .model file")
+        sp = tg.load_tokenizer(args.tokenizer)  # a garbage file is one line, not a traceback
         counts = caseops.PieceBytes(sp) if has_caseops_pieces(sp) else None
         luts = tg.build_byte_luts(args.tokenizer, sp.vocab_size(), sidecar=counts is not None)
         raw = None
