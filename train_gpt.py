@@ -476,10 +476,12 @@ def shutdown_distributed(d: Dist | None, timeout_s: float = 120.0) -> None:
         return
     ids = [d.local_rank] if d is not None and d.device.type == "cuda" else None
     try:
-        try:
-            dist.barrier(device_ids=ids, timeout=timedelta(seconds=timeout_s))
-        except TypeError:  # older torch has no per-call timeout; the group's own timeout bounds it
-            dist.barrier(device_ids=ids)
+        t = timedelta(seconds=timeout_s)
+        try:  # gloo times the barrier out itself, so no op is left pending to block destroy_process_group
+            work = dist.barrier(device_ids=ids, async_op=True, timeout=t)
+        except TypeError:  # torch without a per-call timeout
+            work = dist.barrier(device_ids=ids, async_op=True)
+        work.wait(t)  # NCCL drops the per-call timeout (a blocking barrier waits out the group's); this wait is bounded
         # A rank leaves the barrier once it has heard from every peer, maybe before a peer has heard
         # from it: each says it is out through the store, and none closes its sockets before all are.
         store = dist.distributed_c10d._get_default_store()
