@@ -93,12 +93,31 @@ def test_training_loop_has_no_host_sync_per_step(dataset, monkeypatch):
 
 
 def run_steps(h, d: tg.Dist, paths, steps: int = 3):
+    """Weights after `steps` steps, and the first step's gradients that this rank holds in full, before
+    and after the clip."""
     torch.manual_seed(h.seed)
     tr = tg.Trainer(h, d, quiet, tg.GPT(h), paths)
-    for s in range(steps):
-        tg.set_looping(tr.base, s == steps - 1)  # both loop modes
-        tr.train_step(s, 1.0 - 0.2 * s)
-    return [p.detach().clone() for p in tr.base.parameters()]
+    mine = {id(p) for p in tr.sync.mine} if tr.sync else {id(p) for p in tr.params}
+    pre, post = {}, {}
+
+    def snap(grads: dict, f):
+        def wrapped(*a, **kw):
+            grads.update({} if grads else {i: p.grad.clone() for i, p in enumerate(tr.params) if id(p) in mine})
+            return f(*a, **kw)
+        return wrapped
+
+    adam, clip = tr.opts[0], torch.nn.utils.clip_grad_norm_
+    adam.step = snap(post, adam.step)
+    if tr.sync:
+        tr.sync.clip_ = snap(pre, tr.sync.clip_)
+    torch.nn.utils.clip_grad_norm_ = snap(pre, clip)
+    try:
+        for s in range(steps):
+            tg.set_looping(tr.base, s == steps - 1)  # both loop modes
+            tr.train_step(s, 1.0 - 0.2 * s)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+    return [p.detach().clone() for p in tr.base.parameters()], pre, post
 
 
 def budget_run(h, d: tg.Dist, paths, skew: float) -> list:
@@ -141,9 +160,14 @@ def test_two_processes_match_one_and_share_one_clock(dataset, tmp_path):
     out = str(tmp_path / "w")
     mp.spawn(_worker, args=(f"file://{tmp_path / 'store'}", out, paths), nprocs=2, join=True)
     ref = run_steps(tg.Hyperparameters(**TINY), CPU, paths)
-    (w0, a0), (w1, a1) = (torch.load(f"{out}.{r}") for r in range(2))
-    for a, b, c in zip(ref, w0, w1):
+    ((w0, *g0), a0), ((w1, *g1), a1) = (torch.load(f"{out}.{r}") for r in range(2))
+    for a, b, c in zip(ref[0], w0, w1):
         assert torch.equal(b, c)  # every rank applies the same updates
         torch.testing.assert_close(b, a, rtol=0, atol=5e-6)  # the flat all-reduce of before: 2.2e-6 here
+    for k in (0, 1):  # before and after the clip
+        assert set(g0[k]) | set(g1[k]) == set(ref[k + 1]) and set(g0[k]) - set(g1[k])  # a Muon gradient on its owner only
+        for g in (g0[k], g1[k]):
+            for i, t in g.items():
+                torch.testing.assert_close(t, ref[k + 1][i], rtol=1e-4, atol=1e-8)  # averaged (and clipped) as on one process
     assert len(a0) > 3 and a0 == a1
     assert a0[-1][1] < 1.0 and a0[-1][2]  # the clock reached the warmdown and the looping switch
