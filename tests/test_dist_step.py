@@ -171,3 +171,15 @@ def test_two_processes_match_one_and_share_one_clock(dataset, tmp_path):
                 torch.testing.assert_close(t, ref[k + 1][i], rtol=1e-4, atol=1e-8)  # averaged (and clipped) as on one process
     assert len(a0) > 3 and a0 == a1
     assert a0[-1][1] < 1.0 and a0[-1][2]  # the clock reached the warmdown and the looping switch
+
+
+def test_muon_owners_balance_and_bytes_per_step():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(tg.__file__).parent / "tools"))
+    import comm_bytes
+
+    assert tg.muon_owners([4, 1, 4, 2, 1], 2) == [0, 1, 1, 0, 1]  # largest first to the least loaded: 6 and 6
+    r = comm_bytes.step_bytes([4, 4], [2], 2)  # W=2: all-reduce sends 1x the buffer, gather/reduce 0.5x
+    assert r["before"] == 4 * 10 + 4 * 8 and r["after"] == 0.5 * 4 * 8 + 4 * 2 + 0.5 * 2 * 2 * 4 + 4
