@@ -487,10 +487,12 @@ def shutdown_distributed(d: Dist | None, timeout_s: float = 120.0) -> None:
         return
     ids = [d.local_rank] if d is not None and d.device.type == "cuda" else None
     try:
-        try:
-            dist.barrier(device_ids=ids, timeout=timedelta(seconds=timeout_s))
-        except TypeError:  # older torch has no per-call timeout; the group's own timeout bounds it
-            dist.barrier(device_ids=ids)
+        t = timedelta(seconds=timeout_s)
+        try:  # gloo times the barrier out itself, so no op is left pending to block destroy_process_group
+            work = dist.barrier(device_ids=ids, async_op=True, timeout=t)
+        except TypeError:  # torch without a per-call timeout
+            work = dist.barrier(device_ids=ids, async_op=True)
+        work.wait(t)  # NCCL drops the per-call timeout (a blocking barrier waits out the group's); this wait is bounded
         # A rank leaves the barrier once it has heard from every peer, maybe before a peer has heard
         # from it: each says it is out through the store, and none closes its sockets before all are.
         store = dist.distributed_c10d._get_default_store()
@@ -519,6 +521,62 @@ def reduce_grads(params: list[Tensor], world_size: int, average: bool) -> None:
     if average:
         flat /= world_size
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+class GradSync:
+    """Sums gradients over ranks while backward runs, then averages them (sum / world size, as one flat
+    all-reduce did). On the last micro-step each parameter's post-accumulate-grad hook marks it ready and
+    the ready prefix of one fixed order (the same on every rank, so collectives pair up) is launched async:
+    a Muon matrix reduced to the rank that owns it (only it reads the sum; elsewhere the buffer is left
+    partial and never read), an Adam parameter all-reduced; the small ones go in one packed all-reduce."""
+
+    def __init__(self, params: list[Tensor], owners: list[int], rank: int, world: int, small: int = 1 << 15):
+        self.rank, self.world, self.armed, self.works = rank, world, False, []
+        order = list(zip(params, owners))[::-1]  # backward reaches the last layers first
+        self.big = [(p, o) for p, o in order if p.numel() > small or o >= 0]
+        self.small = [p for p, o in order if p.numel() <= small and o < 0]
+        self.ready, self.next = set(), 0
+        self.mine = [p for p, o in order if o in (-1, rank)]  # full averaged gradients here after finish()
+        idx = {id(p): i for i, (p, _) in enumerate(self.big)}
+        for p, _ in self.big:
+            p.register_post_accumulate_grad_hook(lambda p, i=idx[id(p)]: self._ready(i))
+
+    def _ready(self, i: int) -> None:
+        if self.armed:
+            self.ready.add(i)
+            while self.next in self.ready:
+                self._launch(*self.big[self.next])
+
+    def _launch(self, p: Tensor, owner: int) -> None:
+        if p.grad is None:  # a parameter without a gradient here still joins the reduction
+            p.grad = torch.zeros_like(p)
+        self.works.append(dist.reduce(p.grad, owner, async_op=True) if owner >= 0 else dist.all_reduce(p.grad, async_op=True))
+        self.next += 1
+
+    def finish(self) -> None:
+        while self.next < len(self.big):
+            self._launch(*self.big[self.next])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.small]
+        flat = torch.cat([g.flatten() for g in grads]) if grads else None  # ~32K elements
+        if flat is not None:
+            dist.all_reduce(flat)
+        for w in self.works:
+            w.wait()
+        if flat is not None:
+            torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+            for p, g in zip(self.small, grads):
+                p.grad = g
+        torch._foreach_div_([p.grad for p in self.mine], float(self.world))
+        self.armed, self.works, self.ready, self.next = False, [], set(), 0
+
+    def clip_(self, max_norm: float) -> None:
+        """clip_grad_norm_ over every gradient, each counted once: the Adam ones (the same on every rank) on
+        rank 0, each Muon matrix on its owner, summed over ranks by a one-element all-reduce."""
+        rep = [p.grad for p in self.small] + [p.grad for p, o in self.big if o < 0]
+        own = [p.grad for p, o in self.big if o == self.rank]
+        g = own + rep if self.rank == 0 else own
+        total = all_reduce(torch.stack(torch._foreach_norm(g)).square().sum() if g else torch.zeros((), device=rep[0].device)).sqrt()
+        torch._foreach_mul_([p.grad for p in self.mine], (max_norm / (total + 1e-6)).clamp(max=1.0))
 
 
 class Logger:
@@ -852,6 +910,17 @@ def doc_layout(ids: Tensor, varlen: bool | None = None) -> DocLayout:
     seg = starts.int().cumsum(1)  # [B,T]: equal ids <=> same segment
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
     return DocLayout(((seg[:, :, None] == seg[:, None, :]) & causal)[:, None], None)
+
+
+def host_cu_seqlens(x: Tensor) -> Tensor:
+    """doc_layout(x, varlen=True).cu_seqlens of a host batch, built by the loader thread with the batch:
+    the step then has no nonzero() device sync (as the 1.0611 record's loader)."""
+    starts = x.numpy() == BOS_ID
+    starts[:, 0] = True
+    pos = np.flatnonzero(starts)
+    cu = np.full(-(-(pos.size + 1) // CU_BUCKET) * CU_BUCKET, x.numel(), dtype=np.int32)
+    cu[: pos.size] = pos
+    return torch.from_numpy(cu)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, docs: DocLayout | None = None) -> Tensor:
@@ -1444,11 +1513,23 @@ def newton_schulz(g: Tensor, steps: int, polar: bool = False) -> Tensor:
     return x.mT if tall else x
 
 
+def muon_owners(sizes: list[int], world: int) -> list[int]:
+    """Rank that orthogonalises each matrix: largest first onto the least-loaded rank (ties: lowest), so
+    the Newton-Schulz work and the padded all-gather of the updates stay balanced; the same on every rank."""
+    load, own = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        own[i] = r = load.index(min(load))
+        load[r] += sizes[i]
+    return own
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum -> row normalisation (MuonEq-R) -> Newton-Schulz -> decoupled WD + update.
 
-    Matrices are sharded round-robin over ranks; each rank orthogonalises its share (batched per
-    shape) and one all-reduce of the flat update gives every rank every update.
+    Each matrix is orthogonalised by its owner (muon_owners; batched per shape), which alone holds its
+    summed gradient and momentum; one all-gather of the updates, each rank's packed in its row of a
+    [world, max load] buffer, gives every rank every update. The buffer has Newton-Schulz's output dtype
+    (bf16 on the GPU path): gathering the bf16 results is exact and moves half the bytes of fp32.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
@@ -1463,13 +1544,16 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-            sizes = [p.numel() for p in params]
-            offsets = np.concatenate([[0], np.cumsum(sizes)])
-            flat = torch.zeros(int(offsets[-1]), device=params[0].device, dtype=torch.float32)
-            mine = [i for i in range(len(params)) if i % self.world_size == self.rank]
+            own, at, load = muon_owners([p.numel() for p in params], self.world_size), [], [0] * self.world_size
+            for p, r in zip(params, own):
+                at.append(load[r])
+                load[r] += p.numel()
+            dev = params[0].device
+            out = torch.empty(self.world_size, max(load), device=dev, dtype=torch.bfloat16 if cuda_path(dev) else torch.float32)
             by_shape: dict[tuple, list[int]] = {}
-            for i in mine:
-                by_shape.setdefault(tuple(params[i].shape), []).append(i)
+            for i, p in enumerate(params):
+                if own[i] == self.rank:
+                    by_shape.setdefault(tuple(p.shape), []).append(i)
             for idx in by_shape.values():
                 us = []
                 for i in idx:
@@ -1478,15 +1562,14 @@ class Muon(torch.optim.Optimizer):
                     buf.mul_(mu).add_(p.grad)
                     u = p.grad.add(buf, alpha=mu)
                     us.append(u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7))
-                out = newton_schulz(torch.stack(us), self.backend_steps, self.polar)
-                for i, o in zip(idx, out):
-                    flat[offsets[i] : offsets[i + 1]] = o.flatten().float()
+                for i, o in zip(idx, newton_schulz(torch.stack(us), self.backend_steps, self.polar)):
+                    out[self.rank, at[i] : at[i] + o.numel()] = o.flatten()
             if self.world_size > 1:
-                all_reduce(flat)
+                getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out.view(-1), out[self.rank])
             for i, p in enumerate(params):
                 r, c = p.shape
                 p.mul_(1 - lr * wd)
-                p.add_(flat[offsets[i] : offsets[i + 1]].view_as(p), alpha=-lr * math.sqrt(max(1.0, r / c)))
+                p.add_(out[own[i], at[i] : at[i] + p.numel()].view_as(p), alpha=-lr * math.sqrt(max(1.0, r / c)))
 
 
 def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.optim.Optimizer]:
@@ -3057,20 +3140,29 @@ class Trainer:
         self.params = list(model.parameters())
         self.ema = [t.detach().float().clone() for t in model.state_dict().values()]
         self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # sequences per rank per micro-step
+        self.varlen = uses_varlen(h, d.device)  # cu_seqlens then come with each batch from the loader thread
+        self.sync = None
+        if d.world_size > 1:
+            muon = self.opts[1].param_groups[0]["params"]
+            own = dict(zip(map(id, muon), muon_owners([p.numel() for p in muon], d.world_size)))
+            self.sync = GradSync(self.params, [own.get(id(p), -1) for p in self.params], d.rank, d.world_size)
 
-    def _read_batch(self) -> tuple[Tensor, Tensor]:
+    def _read_batch(self) -> list[Tensor]:
         d = self.d
         x, y = self.loader.next_batch(self.seqs_per_micro * d.world_size, d.rank, d.world_size)
-        if d.device.type == "cuda":  # pinned memory makes the copy below asynchronous
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        b = [x, y, host_cu_seqlens(x)] if self.varlen else [x, y]
+        return [t.pin_memory() for t in b] if d.device.type == "cuda" else b  # pinned: the copies below are async
 
-    def next_micro_batch(self) -> tuple[Tensor, Tensor]:
-        """This rank's share of the next micro-step of the global stream, on the device."""
+    def next_micro(self) -> tuple[Tensor, Tensor, DocLayout | None]:
+        """This rank's share of the next micro-step of the global stream on the device, with its FA3 varlen
+        layout when that path runs (None: the model derives its layout)."""
         while len(self.pending) < 2:  # one worker thread keeps the stream order
             self.pending.append(self.prefetch.submit(self._read_batch))
-        x, y = self.pending.popleft().result()
-        return x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+        b = [t.to(self.d.device, non_blocking=True) for t in self.pending.popleft().result()]
+        return b[0], b[1], DocLayout(None, b[2]) if self.varlen else None
+
+    def next_micro_batch(self) -> tuple[Tensor, Tensor]:
+        return self.next_micro()[:2]
 
     def rewind_loader(self) -> None:
         for f in self.pending:
@@ -3082,16 +3174,20 @@ class Trainer:
         h, d = self.h, self.d
         accum = d.grad_accum
         loss_sum = torch.zeros((), device=d.device)
-        for _ in range(accum):
-            x, y = self.next_micro_batch()
-            docs = self.base.doc_layout(x) if self.compiled is not self.base else None  # outside the graph
+        for k in range(accum):
+            x, y, docs = self.next_micro()
+            if docs is None and self.compiled is not self.base:  # the SDPA mask, built outside the graph
+                docs = self.base.doc_layout(x)
+            if self.sync:
+                self.sync.armed = k == accum - 1  # gradients reduce as the last backward produces them
             with autocast_ctx(d.device):
                 loss = self.compiled(x, y, docs)
             (loss / accum).backward()
             loss_sum += loss.detach()
-        reduce_grads(self.params, self.d.world_size, average=True)
+        if self.sync:
+            self.sync.finish()
         if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
+            self.sync.clip_(h.grad_clip_norm) if self.sync else torch.nn.utils.clip_grad_norm_(self.params, h.grad_clip_norm)
         mu = muon_momentum_at(step, h)
         for opt in self.opts:
             for g in opt.param_groups:
@@ -3144,41 +3240,72 @@ class Trainer:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def issue_flags(self, loss: Tensor, t: float):
+        """[loss non-finite, rank 0's clock t] max-reduced over ranks without the host waiting; read_flags
+        reads them a step later, when they have long arrived."""
+        d = self.d
+        f = torch.stack([(~torch.isfinite(loss)).float(), torch.full((), t if d.is_main else 0.0, device=d.device)])
+        work = dist.all_reduce(f, dist.ReduceOp.MAX, async_op=True) if d.world_size > 1 else None
+        if d.device.type != "cuda":
+            return f, work
+        if work:
+            work.wait()  # on NCCL the stream waits, not the host
+        ev = torch.cuda.Event()
+        host = f.to("cpu", non_blocking=True)
+        ev.record()
+        return host, ev
+
+    @staticmethod
+    def nonfinite(step: int) -> TrainingError:
+        return TrainingError(f"non-finite train loss at step {step}; lower MATRIX_LR/TIED_EMBED_LR or check the data")
+
+    @staticmethod
+    def read_flags(pending) -> tuple[bool, float]:
+        f, w = pending
+        if w:
+            w.synchronize() if isinstance(w, torch.cuda.Event) else w.wait()
+        bad, t = f.tolist()
+        return bad > 0, t
+
     def run(self, val_fn) -> int:
         h, d, log = self.h, self.d, self.log
         budget = h.train_budget_seconds
         tokens_per_step = h.train_batch_tokens
         log("train_clock:wall_first_step_to_last includes:steps,ema,flag_allreduce,logging excludes:validation")
-        train_time, step, paused = 0.0, 0, 0.0
+        step, paused, shared, pending = 0, 0.0, 0.0, None
         t_start = self.sync_time()  # timed region: everything until the loop ends, minus `paused`
         while step < h.iterations:
-            frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
+            frac = shared / budget if budget > 0 else step / max(h.iterations, 1)
             if h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0:
                 t0 = self.sync_time()
                 r = val_fn(self.base)
-                log(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} train_time:{train_time * 1000:.0f}ms")
+                log(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} train_time:{(t0 - t_start - paused) * 1000:.0f}ms")
                 paused += self.sync_time() - t0
             loss = self.train_step(step, lr_multiplier(frac, h.warmdown_frac, h.min_lr))
             self.update_ema()
-            train_time = self.sync_time() - t_start - paused
             step += 1
-            frac = train_time / budget if budget > 0 else step / max(h.iterations, 1)
-            flags = torch.stack([torch.tensor(float(budget > 0 and train_time >= budget), device=d.device),
-                                 torch.tensor(float(h.looping_enabled and frac >= h.enable_looping_at), device=d.device),
-                                 (~torch.isfinite(loss)).float()])  # one device->host read per step, below
-            stop, loop_on, bad = (bool(v) for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
+            # No host sync in the step: the flags of step s are read after step s+1 is queued, so the stop,
+            # looping and non-finite decisions lag one step. All come from the reduced values (the clock is
+            # rank 0's, read once step s-1's flags are in), so every rank takes the same ones, at the same step.
+            bad, shared = self.read_flags(pending[1]) if pending else (False, shared)
+            t = time.perf_counter() - t_start - paused
             if bad:
-                raise TrainingError(f"non-finite train loss at step {step}; lower MATRIX_LR/TIED_EMBED_LR or check the data")
-            if loop_on and not self.base.looping_active:
+                raise self.nonfinite(pending[0])
+            pending = step, self.issue_flags(loss, t)
+            frac = shared / budget if budget > 0 else step / max(h.iterations, 1)
+            stop = budget > 0 and shared >= budget
+            if h.looping_enabled and frac >= h.enable_looping_at and not self.base.looping_active:
                 set_looping(self.base, True)
                 log(f"looping:on step:{step} frac:{frac:.3f} schedule:{self.base.schedules[True].encoder}+{self.base.schedules[True].decoder}")
             if step % h.train_log_every == 0 or step == 1 or stop or step == h.iterations:
-                avg = train_time / step
-                eta = (budget - train_time) if budget > 0 else avg * (h.iterations - step)
-                log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{train_time * 1000:.0f}ms "
+                avg = t / step
+                eta = (budget - t) if budget > 0 else avg * (h.iterations - step)
+                log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{t * 1000:.0f}ms "
                     f"step_avg:{avg * 1000:.2f}ms tok/s:{tokens_per_step / avg:.0f} eta:{max(eta, 0):.0f}s")
             if stop:
                 break
+        if pending and self.read_flags(pending[1])[0]:
+            raise self.nonfinite(pending[0])
         train_time = self.sync_time() - t_start - paused
         log(f"train_steps:{step} train_time:{train_time * 1000:.0f}ms budget:{budget:.1f}s")
         return train_time

@@ -402,7 +402,41 @@ def test_env_error_before_distributed_setup_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: NUM_LAYERS"), r.stderr
 
 
-def _stuck_peer_worker(rank: int, init: str, out: str):
+class NcclBarrier:
+    """dist.barrier under ProcessGroupNCCL's contract, built on the store: the per-call timeout is accepted and
+    dropped (a blocking call waits out the group's timeout, 60 s here); the work handle's wait(timeout) is
+    bounded and raises, as WorkNCCL::wait does after aborting its communicator."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, group=None, async_op=False, device_ids=None, timeout=None):
+        import threading
+        import time
+
+        import torch.distributed as dist
+
+        store, self.calls = dist.distributed_c10d._get_default_store(), self.calls + 1
+        key, done = f"nccl_barrier/{self.calls}", threading.Event()
+        store.add(key, 1)
+
+        def poll():
+            while store.add(key, 0) < dist.get_world_size():
+                time.sleep(0.05)
+            done.set()
+
+        threading.Thread(target=poll, daemon=True).start()
+
+        class Work:
+            def wait(self, timeout=None):
+                if not done.wait(timeout.total_seconds() if timeout else 60):
+                    raise RuntimeError("Operation timed out!")
+                return True
+
+        return Work() if async_op else Work().wait()
+
+
+def _stuck_peer_worker(rank: int, init: str, out: str, backend: str):
     import time
 
     import torch.distributed as dist
@@ -410,6 +444,8 @@ def _stuck_peer_worker(rank: int, init: str, out: str):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     if rank == 1:
         time.sleep(600)  # alive but never reaches the barrier, like a rank stuck after a lone failure
+    if backend == "nccl":
+        dist.barrier = NcclBarrier()
     t0 = time.perf_counter()
     tg.shutdown_distributed(None, timeout_s=5.0)
     with open(out + ".tmp", "w") as f:
@@ -417,15 +453,17 @@ def _stuck_peer_worker(rank: int, init: str, out: str):
     os.replace(out + ".tmp", out)
 
 
-def test_shutdown_barrier_is_bounded(tmp_path):
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_shutdown_barrier_is_bounded(tmp_path, backend):
+    """Bounded on gloo and under NCCL's barrier semantics, which ignore the barrier's timeout keyword."""
     import time
 
     import torch.multiprocessing as mp
 
     out = tmp_path / "rank0.txt"
-    ctx = mp.spawn(_stuck_peer_worker, args=(f"file://{tmp_path / 'store'}", str(out)), nprocs=2, join=False)
+    ctx = mp.spawn(_stuck_peer_worker, args=(f"file://{tmp_path / 'store'}", str(out), backend), nprocs=2, join=False)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 90
         while not out.exists() and time.time() < deadline:
             time.sleep(0.2)
     finally:
