@@ -326,7 +326,7 @@ def write_report(ctx, results: list[Result], started: float, done: bool) -> None
           f"- size: {'cpu-sized (tiny config)' if ctx.args.cpu_sized else 'record config, one GPU'}; "
           f"data: `{ctx.data}`; tokenizer: `{ctx.tokenizer}`",
           f"- wall time: {total:.0f}s of a {ctx.args.cap:.0f}s cap{'' if done else ' (still running)'}",
-          *([f"- projected: " + ", ".join(f"step {n} {sec:.0f}s ({' '.join(f'{k}={v}' for k, v in c.items()) or 'no'} compiles)"
+          *(["- projected: " + ", ".join(f"step {n} {sec:.0f}s ({' '.join(f'{k}={v}' for k, v in c.items()) or 'no'} compiles)"
                                           for n, (c, sec) in ctx.projected.items())] if ctx.projected else []), "",
           "| step | what | status | seconds |", "|---:|---|---|---:|"]
     md += [f"| {r.step} | {r.name} | {r.status} | {r.seconds:.0f} |" for r in results]
