@@ -39,14 +39,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+_fa3_error = ""  # why FA3 is unusable: a wheel built for another torch raises inside the import
 try:  # FlashAttention 3 (Hopper); PyTorch SDPA is the fallback everywhere else
-    from flash_attn_interface import flash_attn_func as _fa3_func
-except ImportError:
-    _fa3_func = None
-try:
-    from flash_attn_interface import flash_attn_varlen_func as _fa3_varlen
-except ImportError:
-    _fa3_varlen = None
+    from flash_attn_interface import flash_attn_func as _fa3_func, flash_attn_varlen_func as _fa3_varlen
+except (ImportError, OSError) as e:
+    _fa3_func = _fa3_varlen = None
+    _fa3_error = f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -76,6 +74,7 @@ class Hyperparameters:
     tokenizer_path: str = ""  # "" -> {data_dir}/tokenizers/fineweb_{vocab_size}_bpe.model
     log_dir: str = "logs"  # logs/<run_id>.txt
     compile: bool = True  # torch.compile on CUDA; CPU never compiles
+    sdpa_fallback: bool = False  # CUDA, DOC_MASK=1, no FA3: 1 runs masked SDPA (math kernel: slow, T^2 memory); 0 stops
     # --- model ---
     vocab_size: int = 8192  # must equal the tokenizer's piece count
     num_layers: int = 11  # physical blocks
@@ -952,19 +951,46 @@ def set_compile_limits() -> None:
     setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
 
 
-VARLEN_WARMUP_BUCKETS = 6  # boundary-list sizes compiled ahead: up to 6*64 segments per batch
-
-
 def uses_varlen(h: Hyperparameters, device: torch.device) -> bool:
     return h.doc_mask and _fa3_varlen is not None and cuda_path(device)
 
 
-def varlen_warmup_ids(x: Tensor, gen: torch.Generator) -> list[Tensor]:
-    """Copies of x with BOS planted so that their cu_seqlens fill each of the first
-    VARLEN_WARMUP_BUCKETS sizes (those a batch of x's shape can reach): compiled before any clock starts."""
+def fa3_refusal(h: Hyperparameters, device: torch.device) -> str:
+    """Why a CUDA run must not start: without FA3 the document mask runs SDPA's math kernel on a
+    [B,1,T,T] mask (no flash/efficient kernel takes it), out of memory at the record batch."""
+    if not (h.doc_mask and cuda_path(device)) or _fa3_varlen is not None or h.sdpa_fallback:
+        return ""
+    cu = (torch.version.cuda or "12.8").replace(".", "")
+    return (f"DOC_MASK=1 on CUDA needs FlashAttention 3 (flash_attn_interface): "
+            f"{_fa3_error or 'not installed'}; install the wheel for torch {torch.__version__}: pip install flash-attn-3 "
+            f"--index-url https://download.pytorch.org/whl/cu{cu}/flash-attn-3/ (README: Install), or set SDPA_FALLBACK=1")
+
+
+def bos_stats(tokens, T: int) -> tuple[float, float]:
+    """(BOS per token, dispersion) over rows of T tokens cut as the loader cuts windows (T+1 apart):
+    dispersion = variance of a row's BOS count / the binomial's (document lengths spread it wider)."""
+    n = len(tokens) // (T + 1)
+    c = (np.asarray(tokens[: n * (T + 1)]).reshape(n, T + 1)[:, 1:T] == BOS_ID).sum(1)
+    rate = c.mean() / (T - 1) if n else 0.0
+    return rate, float(c.var() / ((T - 1) * rate * (1 - rate))) if 0 < rate < 1 else 1.0
+
+
+def varlen_buckets(rate: float, dispersion: float, B: int, T: int, sigmas: float = 6.0) -> range:
+    """cu_seqlens buckets (k: k*CU_BUCKET entries) a [B,T] batch of independent rows reaches: its
+    segments are B + the BOS among B*(T-1) tokens, mean B(T-1)rate, variance dispersion times the
+    binomial's; the range covers mean +- sigmas sd (6: a miss in ~1e9 batches, normal tails)."""
+    n = B * (T - 1)
+    mean, sd = n * rate, math.sqrt(max(dispersion, 1.0) * n * rate * (1 - rate))
+    lo, hi = B + max(math.floor(mean - sigmas * sd), 0), B + min(math.ceil(mean + sigmas * sd), n)
+    return range(lo // CU_BUCKET + 1, hi // CU_BUCKET + 2)  # len(cu) = segments + 1, padded up
+
+
+def varlen_warmup_ids(x: Tensor, gen: torch.Generator, buckets) -> list[Tensor]:
+    """Copies of x with BOS planted so that their cu_seqlens fill each bucket size k in buckets
+    (those a batch of x's shape reaches): compiled before any clock starts."""
     B, T = x.shape
     out = []
-    for k in range(1, VARLEN_WARMUP_BUCKETS + 1):
+    for k in buckets:
         segs = k * CU_BUCKET - 1  # boundary list = segs starts + the end = k buckets exactly
         if segs < B or segs > B * T:
             continue
@@ -2334,7 +2360,7 @@ PINNED = None  # the shipped file: {knob: value} of its config where that is not
 # The knobs a shipped file still takes from the environment (where things are, which run, compile):
 # it runs every other knob at its packed value and refuses any other (Hyperparameters.validate).
 FREE_KNOBS = ("run_id", "seed", "data_dir", "data_path", "tokenizer_path", "log_dir", "artifact_path", "eval_artifact",
-              "eval_nll_dir", "compile")
+              "eval_nll_dir", "compile", "sdpa_fallback")
 
 
 def rename_globals(src: bytes) -> bytes:
@@ -2830,19 +2856,56 @@ def eval_callables(h: Hyperparameters, model: GPT, d: Dist):
     return model.token_nll, model
 
 
-def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist) -> float:
-    """Compile every eval shape on random tokens (never validation data); no state is changed."""
+def window_segments(bos: np.ndarray, T: int, stride: int, B: int) -> np.ndarray:
+    """Segments (doc_layout's count) of every run of B consecutive eval windows (T tokens, this stride)
+    over a stream's BOS flags: each full batch of a stage (any rank's, any TTT chunk's) is one of them.
+    Overlapping windows share their documents, so no binomial model: the runs are counted."""
+    total = bos.size - 1
+    starts = window_starts(total, T, stride)
+    cum = np.concatenate([[0], np.cumsum(bos)])
+    rows = cum[np.minimum(starts + T, total)] - cum[starts + 1]  # BOS in x[1:T] of each window
+    if rows.size < B:  # one batch, padded with window 0 (score_windows)
+        return B + np.array([rows.sum() + (B - rows.size) * rows[0]])
+    rc = np.concatenate([[0], np.cumsum(rows)])
+    return B + rc[B:] - rc[:-B]
+
+
+def eval_varlen_buckets(h: Hyperparameters, d: Dist, bos: np.ndarray) -> dict[int, range]:
+    """Rows -> cu_seqlens buckets each compiled eval shape reaches on this validation stream: the scorer
+    (plain and sliding windows; the document stages hold one segment a row) and the TTT loss rows."""
+    T, B, out = h.eval_seq_len, eval_batch_windows(h, d.world_size), {}
+    strides = [T] + [h.eval_stride] * (h.sliding_window_enabled or h.ttt_enabled)
+    segs = np.concatenate([window_segments(bos, T, s, B) for s in strides] + [[B]] * h.doc_eval_enabled)
+    out[B] = range(int(segs.min()) // CU_BUCKET + 1, int(segs.max()) // CU_BUCKET + 2)
+    if (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0):
+        for n in {n for _, n, _ in ttt_step_shares(h, d) if n > 0}:  # chunk rows: consecutive, T apart
+            segs = window_segments(bos, T, T, n)
+            out.setdefault(n, range(int(segs.min()) // CU_BUCKET + 1, int(segs.max()) // CU_BUCKET + 2))
+    return out
+
+
+def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_tokens: Tensor, log=None) -> float:
+    """Compile every eval shape on random tokens (never validation data; its BOS positions only pick
+    the cu_seqlens buckets the stages reach); no state is changed."""
     if not (h.compile and cuda_path(d.device)):
         return 0.0
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(h.seed)
-    x, y = torch.randint(0, h.vocab_size, (2, eval_batch_windows(h, d.world_size), h.eval_seq_len), generator=gen).to(d.device)
+    B = eval_batch_windows(h, d.world_size)
+    x, y = torch.randint(0, h.vocab_size, (2, B, h.eval_seq_len), generator=gen).to(d.device)
+    ks = eval_varlen_buckets(h, d, (val_tokens == BOS_ID).cpu().numpy()) if uses_varlen(h, d.device) else {}
+    for n, r in sorted(ks.items()):
+        if log:
+            log(f"varlen_warmup shape:{n}x{h.eval_seq_len} buckets:{r.start}-{r.stop - 1} source:val")
+
+    def shapes(n):
+        return varlen_warmup_ids(x[:n], gen, ks[n]) if ks else [x[:n]]
     with torch.no_grad(), autocast_ctx(d.device):
-        for xb in [x] + (varlen_warmup_ids(x, gen) if uses_varlen(h, d.device) else []):
+        for xb in shapes(B):
             scorer(xb, y)
     if (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0):
         for n in sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}):
-            for xb in [x[:n]] + (varlen_warmup_ids(x[:n], gen) if uses_varlen(h, d.device) else []):
+            for xb in shapes(n):
                 with autocast_ctx(d.device):
                     loss_fn(xb, y[:n]).backward()
         model.zero_grad(set_to_none=True)
@@ -3218,12 +3281,18 @@ class Trainer:
         opt_states = [copy.deepcopy(o.state_dict()) for o in self.opts]
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(h.seed)
+        ks = []
+        if uses_varlen(h, self.d.device):  # loader rows are independent windows: the binomial model holds
+            rate, disp = bos_stats(self.loader.shards[0][: 1 << 25], h.train_seq_len)
+            ks = varlen_buckets(rate, disp, self.seqs_per_micro, h.train_seq_len)
+            self.log(f"varlen_warmup shape:{self.seqs_per_micro}x{h.train_seq_len} buckets:{ks.start}-{ks.stop - 1} "
+                     f"source:train bos_rate:{rate:.6f} dispersion:{disp:.2f}")
         for mode in ([False, True] if h.looping_enabled else [False]):
             set_looping(self.base, mode)
             for s in range(h.warmup_steps):
                 self.train_step(s, 1.0)
             x, y = self.next_micro_batch()
-            for xb in varlen_warmup_ids(x, gen) if uses_varlen(h, self.d.device) else []:
+            for xb in varlen_warmup_ids(x, gen, ks):
                 with autocast_ctx(self.d.device):
                     self.compiled(xb, y, self.base.doc_layout(xb)).backward()
             for o in self.opts:
@@ -3332,7 +3401,8 @@ def log_header(h: Hyperparameters, d: Dist, log: Logger) -> None:
         f"train_budget:{h.train_budget_seconds:.1f}s world_size:{d.world_size}")
     log(f"versions python:{sys.version.split()[0]} torch:{torch.__version__} cuda:{torch.version.cuda} device:{d.device}"
         + (f" gpu:{torch.cuda.get_device_name(d.device)}" if d.device.type == "cuda" else "")
-        + f" attention:{'fa3' if _fa3_func is not None and cuda_path(d.device) else 'sdpa'}")
+        + f" attention:{'fa3' if _fa3_func is not None and cuda_path(d.device) else 'sdpa'}"
+        + (f" fa3_error:{_fa3_error.replace(' ', '_')[:200]}" if _fa3_error and cuda_path(d.device) else ""))
     src = Path(__file__).read_bytes()
     log(f"code file_bytes:{len(src)} sha256:{hashlib.sha256(src).hexdigest()}")
 
@@ -3416,6 +3486,8 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
     log = log or Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
     log_header(h, d, log)
+    if fa3_refusal(h, d.device):
+        raise ConfigError(fa3_refusal(h, d.device))
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if d.device.type == "cuda":
@@ -3489,7 +3561,7 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     total = code + model_bytes
     log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
         f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:1 path:{artifact}")
-    times["warmup"] = eval_warmup(h, eval_model, scorer, loss_fn, d)
+    times["warmup"] = eval_warmup(h, eval_model, scorer, loss_fn, d, val_tokens, log)
     log(f"eval_warmup time:{times['warmup']:.1f}s tokens:synthetic")
     quant, times["quantized"] = timed_eval("quantized", h, d, log,
                                            lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_seq_len, c))

@@ -92,9 +92,10 @@ def test_doc_attention_equals_each_segment_alone(monkeypatch):
 def test_varlen_warmup_batches_fill_every_boundary_bucket():
     """The compile warmup of the FA3 varlen path: one batch per reachable cu_seqlens size."""
     x = torch.randint(0, 1024, (5, 100), generator=torch.Generator().manual_seed(10))
-    batches = tg.varlen_warmup_ids(x, torch.Generator().manual_seed(0))
+    batches = tg.varlen_warmup_ids(x, torch.Generator().manual_seed(0), range(1, 7))
     sizes = [tg.doc_layout(b, varlen=True).cu_seqlens.numel() for b in batches]
-    assert sizes == [k * tg.CU_BUCKET for k in range(1, tg.VARLEN_WARMUP_BUCKETS + 1)]
+    assert sizes == [k * tg.CU_BUCKET for k in range(1, 7)]
+    assert tg.varlen_warmup_ids(x, torch.Generator(), range(8, 9)) == []  # 8*64-1 segments > 5*100 tokens
     kept = torch.where(x == BOS, BOS + 1, x)  # only BOS positions change
     assert all(b.shape == x.shape and torch.equal(b[b != BOS], kept[b != BOS]) for b in batches)
 

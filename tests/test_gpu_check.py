@@ -30,14 +30,17 @@ def test_dry_run_prints_the_plan_and_checks_inputs(small_data, tmp_path):
     res = run_check("--dry-run", "--out", tmp_path / "rep", "--data", small_data, "--tokenizer", SP1024)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
-    for n, name, *_ in gpu_check.STEPS:
+    for n, name, *_ in gpu_check.STEPS[:5]:
         assert f"step {n} {name} " in out
-    assert "MAX_WALLCLOCK_SECONDS=90" in out and "--compare '' COMPILE=0" in out and out.rstrip().endswith("inputs:ok")
+    assert "MAX_WALLCLOCK_SECONDS=20" in out and "--compare ''" not in out
+    assert "step 6" not in out and out.rstrip().endswith("inputs:ok budget:ok")  # 1-5 by default on a GPU
+    projected = [int(m) for m in re.findall(r"projected:(\d+)s", out)]
+    assert len(projected) == 5 and sum(projected) <= 480 and "compiles:train=2 " in out.split("step 4")[1]
     assert not (tmp_path / "rep").exists()  # a dry run writes nothing
     missing = run_check("--dry-run", "--out", tmp_path / "rep", "--data", tmp_path / "nothing", "--tokenizer", SP1024)
     assert missing.returncode == 2
     assert f"missing: val shards in {tmp_path / 'nothing'}: run python3 tools/gpu_check.py --prepare" in missing.stdout
-    assert missing.stdout.rstrip().endswith("inputs:MISSING")
+    assert missing.stdout.rstrip().endswith("inputs:MISSING budget:unknown")
 
 
 def test_cpu_sized_check_runs_steps_1_to_5(small_data, tmp_path):
@@ -119,3 +122,31 @@ def test_eval_projection_scales_to_full_split_on_8_gpus():
     lines = ["val_tokens:100000 val_bytes:1", "final_sliding val_loss:1 val_bpb:1 eval_time:2000ms"]
     (line,) = gpu_check.eval_projection(lines)
     assert line.endswith(f"-> {2.0 * 40_540_160 / 100_000 / 8:.1f}s on 40540160 targets over 8 GPUs")
+
+
+def test_dry_run_fails_when_a_step_is_projected_over_its_cap(small_data, tmp_path, monkeypatch, capsys):
+    """Planned compiles x seconds each + the rest of the step against each cap: a slower compile
+    than the budget assumes (or more buckets) makes the dry run exit 2 and name the step."""
+    args = ["--dry-run", "--out", str(tmp_path / "rep"), "--data", str(small_data), "--tokenizer", str(SP1024)]
+    assert gpu_check.main(args) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(gpu_check.COMPILE_S, "train", 70.0)
+    assert gpu_check.main(args) == 2
+    out = capsys.readouterr().out
+    assert "OVER_CAP step 3: projected 152s > cap 95s" in out and out.rstrip().endswith("budget:OVER")
+
+
+def test_rerun_removes_the_previous_runs_logs(small_data, tmp_path, monkeypatch):
+    """A second run on the same machine: the step-4 log of the first (RUN_ID=gpu_check refuses to run
+    over it), its artifact and its step logs are gone before the steps start."""
+    work, out = tmp_path / "w", tmp_path / "rep"
+    work.mkdir()
+    out.mkdir()
+    for p in (work / "gpu_check.txt", work / "gpu_check.ptz", out / "4_pipeline_train_gpt.log"):
+        p.write_text("first run")
+    probe = f"import os, sys; left = [p for p in os.listdir({str(work)!r}) if p.startswith('gpu_check')]; print('out', left); sys.exit(bool(left))"
+    monkeypatch.setattr(gpu_check, "STEPS", [fake_step(4, "pipeline", [sys.executable, "-c", probe])])
+    rc = gpu_check.main(["--cpu-sized", "--out", str(out), "--work", str(work), "--data", str(small_data),
+                         "--tokenizer", str(SP1024), "--steps", "4"])
+    assert rc == 0, (out / "report.md").read_text()
+    assert (out / "4_pipeline_pipeline.log").is_file() and not (out / "4_pipeline_train_gpt.log").exists()

@@ -156,7 +156,27 @@ def test_gpu_machine_installs_the_default_build(pip_calls, monkeypatch):
     calls, _ = pip_calls
     monkeypatch.setattr(setup_env, "gpu_visible", lambda: True)
     setup_env.install_torch("python3", True)
-    assert calls == [["torch>=2.9"]]
+    assert calls == [["--index-url", "https://download.pytorch.org/whl/cu128", "torch==2.9.1"]]  # the records' build
+
+
+def test_gpu_machine_gets_fa3_for_its_torch(pip_calls, monkeypatch):
+    """An FA3 that fails to import (a wheel built for another torch) is replaced from the PyTorch
+    FA3 index of the torch's CUDA version; still broken after that, a warning names the way out."""
+    calls, results = pip_calls
+    monkeypatch.setattr(setup_env, "gpu_visible", lambda: True)
+    status = [("ImportError: undefined symbol: _ZN3c10", "12.8"), ("", "12.8")]
+    monkeypatch.setattr(setup_env, "fa3_status", lambda py: status.pop(0))
+    setup_env.gpu_extras("python3", "main", (2, 9), True)
+    assert calls == [["--index-url", "https://download.pytorch.org/whl/cu128/flash-attn-3/", "flash-attn-3"]]
+    calls.clear()
+    monkeypatch.setattr(setup_env, "fa3_status", lambda py: ("", "12.8"))
+    setup_env.gpu_extras("python3", "main", (2, 9), True)  # importable: nothing to do
+    monkeypatch.setattr(setup_env, "fa3_status", lambda py: ("ModuleNotFoundError: flash_attn_interface", "12.6"))
+    setup_env.gpu_extras("python3", "test", (2, 9), True)  # the test profile runs on CPU
+    assert calls == []
+    results.append((1, "ERROR: No matching distribution found for flash-attn-3"))
+    setup_env.gpu_extras("python3", "main", (2, 15), True)
+    assert calls == [["--index-url", "https://download.pytorch.org/whl/cu126/flash-attn-3/", "flash-attn-3"]]
 
 
 @pytest.mark.parametrize("script, seen", [("echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'", True),

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     if "ttt" in args.stages:
         tg.prepare_ttt(model, h)
     scorer, loss_fn = tg.eval_callables(h, model, d)
-    warm = tg.eval_warmup(h, model, scorer, loss_fn, d)
+    warm = tg.eval_warmup(h, model, scorer, loss_fn, d, tokens)
     print(f"device:{device} world:{args.world} targets:{n} docs:{len(tg.doc_spans(tokens)[0])} seq_len:{h.eval_seq_len} "
           f"stride:{h.eval_stride} ttt_chunk:{h.ttt_chunk_tokens} compile:{int(h.compile and device.type == 'cuda')}")
     print(f"stage:warmup time:{warm:.1f}s")

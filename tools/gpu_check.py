@@ -8,18 +8,24 @@ writes a report (report.md + every raw log) to --out.
     python3 tools/gpu_check.py --cpu-sized --out DIR --data D --tokenizer T   # the same steps, tiny, on CPU
 
 Steps, each in its own process with its own time limit; a failed or timed-out step is recorded and
-the next one still runs (only a step that needs an earlier one's output is skipped):
-  1 versions: torch, CUDA, GPU, FA3 / Triton / brotli present or not, the attention path chosen;
-  2 compile: the training step of both loop modes (fullgraph) and every eval callable, with times;
+the next one still runs (only a step that needs an earlier one's output is skipped). On a GPU steps
+1-5 run by default (their caps sum to the 480 s cap; step 6 runs by itself, --steps 6):
+  1 versions: torch, CUDA, GPU, FA3 (or its import error) / Triton / brotli, the attention path chosen;
+  2 compile: every eval callable (at --cpu-sized also the training step of both loop modes), with
+    times, at step 4's shapes, so step 4 finds these graphs in Inductor's caches;
   3 bench: tools/bench.py on the default config (98,304 tokens per micro-step on one GPU) for both
-    loop modes, then tools/bench.py --compare of the speed switches in COMPARES;
-  4 pipeline: train_gpt.py on real shards (sp8192) with MAX_WALLCLOCK_SECONDS=90: training, GPTQ,
-    artifact written and re-read, the size line, every eval stage through TTT; eval times are
-    projected to the full validation split on 8 GPUs;
+    loop modes (at --cpu-sized also tools/bench.py --compare of the speed switches in COMPARES);
+  4 pipeline: train_gpt.py on real shards (sp8192) with MAX_WALLCLOCK_SECONDS=20 and 8-row batches
+    (one or two cu_seqlens buckets to compile): training, GPTQ, artifact written and re-read, the size
+    line, every eval stage through TTT; eval times are projected to the full validation split on 8 GPUs;
   5 causality: tools/causality_check.py on the artifact of step 4 for the stages the record config
     runs, plain, sliding and TTT (CPU float32, deterministic);
   6 losses: the first 20 training losses of the record model on the GPU (bf16 autocast, eager, 1,024
     tokens per step to keep the CPU side short) next to a CPU float32 run of the same steps and data.
+The plan (and --dry-run) lists the graphs each step compiles, counted from the steps' env and the
+data with train_gpt's bucket rules, and projects each step's seconds (COMPILE_S, WARM, FIXED_S); a dry
+run exits 2 when a projection exceeds its step's cap. A rerun first removes the previous run's
+step logs, report and work files (RUN_ID=gpu_check is refused while its log exists).
 Knob env vars of the caller are dropped: every step runs the sizes written in SIZES, so two reports
 compare. report.md is rewritten after each step, so a killed run still leaves one.
 --prepare builds the shards from ../shared/data (FineWeb sample for validation, then the FineWeb
@@ -61,8 +67,12 @@ RECORD_STAGES = ("plain", "sliding", "ttt")
 SIZES = {
     "gpu": dict(
         base={},
-        bench=["--warmup", "1", "--steps", "4"], compare=["--warmup", "1", "--steps", "2", "--rounds", "1"],
-        pipeline=dict(MAX_WALLCLOCK_SECONDS="90", WARMUP_STEPS="2"),
+        # Steps 2 and 4 share these shapes, so step 4 finds step 2's graphs in Inductor's caches; 8 rows
+        # a micro-step and 8 eval windows keep the cu_seqlens buckets their batches reach to one or two.
+        shapes=dict(TRAIN_BATCH_TOKENS="131072", VAL_BATCH_TOKENS="16384", TTT_BATCH_SEQS="4"),
+        compile=["--eval-only"],  # steps 3 and 4 compile both training loop modes
+        bench=["--warmup", "1", "--steps", "2"], compare=None,  # --compare: bench.py by hand, it compiles twice more
+        pipeline=dict(MAX_WALLCLOCK_SECONDS="20", WARMUP_STEPS="1"),
         # Short windows keep 12 CPU evals of the record model within seconds; legality does not
         # depend on the window length. Points: the TTT chunk boundary and the target after it.
         causality_env=dict(EVAL_SEQ_LEN="512", EVAL_STRIDE="128", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1"),
@@ -70,7 +80,8 @@ SIZES = {
         # 1,024 tokens per step (8 micro-steps of one 128-token row) keep 20 CPU float32 steps of the
         # record model near half a minute; eager on the GPU so no new shapes are compiled.
         losses=dict(TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="1024", COMPILE="0", ITERATIONS="20"),
-        caps={1: 20, 2: 120, 3: 70, 4: 190, 5: 25, 6: 55},  # sums to the 480 s cap
+        caps={1: 10, 2: 65, 3: 95, 4: 285, 5: 25, 6: 60},  # 1-5 sum to the 480 s cap; 6 by itself (--steps 6)
+        default_steps=[1, 2, 3, 4, 5],
     ),
     "cpu": dict(
         base=dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="4",
@@ -78,11 +89,13 @@ SIZES = {
                   TRAIN_BATCH_TOKENS="1024", EVAL_SEQ_LEN="64", VAL_BATCH_TOKENS="2048", MAX_WALLCLOCK_SECONDS="0",
                   GPTQ_RESERVE_SECONDS="0", MUON_MOMENTUM_WARMUP_STEPS="10", EVAL_STRIDE="32",
                   TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", TTT_BATCH_SEQS="8", GPTQ_CALIBRATION_BATCHES="2"),
+        shapes={}, compile=[],
         bench=["--warmup", "0", "--steps", "1"], compare=["--warmup", "0", "--steps", "1", "--rounds", "1"],
         pipeline=dict(ITERATIONS="3", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1"),
         causality_env={}, causality=["--tokens", "1024", "--positions", "1", "--stage", *RECORD_STAGES],
         losses=dict(ITERATIONS="4"),
         caps={n: 600 for n in range(1, 7)},  # only against hangs: a busy CPU machine is slow
+        default_steps=[1, 2, 3, 4, 5, 6],
     ),
 }
 
@@ -119,19 +132,19 @@ def cmds_versions(ctx) -> list[Cmd]:
 
 
 def cmds_compile(ctx) -> list[Cmd]:
-    return [Cmd("compile", internal("compile"))]
+    return [Cmd("compile", internal("compile", *ctx.size["compile"]), dict(ctx.size["shapes"]))]
 
 
 def cmds_bench(ctx) -> list[Cmd]:
     bench = [sys.executable, str(REPO / "tools" / "bench.py")]
     out = [Cmd("bench", bench + ctx.size["bench"])]
-    for label, a, b in COMPARES:
+    for label, a, b in COMPARES if ctx.size["compare"] else []:
         out.append(Cmd(f"compare_{label}", bench + ctx.size["compare"] + ["--compare", a, b]))
     return out
 
 
 def cmds_pipeline(ctx) -> list[Cmd]:
-    env = dict(ctx.size["pipeline"], RUN_ID="gpu_check", LOG_DIR=str(ctx.work), ARTIFACT_PATH=str(ctx.artifact))
+    env = dict(ctx.size["shapes"], **ctx.size["pipeline"], RUN_ID="gpu_check", LOG_DIR=str(ctx.work), ARTIFACT_PATH=str(ctx.artifact))
     return [Cmd("train_gpt", [sys.executable, str(REPO / "train_gpt.py")], env)]
 
 
@@ -150,8 +163,8 @@ def cmds_losses(ctx) -> list[Cmd]:
 # (number, name, title, commands, keep: regex of the lines that go into the report, needs artifact)
 STEPS = [
     (1, "versions", "versions and attention path", cmds_versions, r"^(python|device|fa3|attention|torch)", False),
-    (2, "compile", "compile of both loop modes and the eval callables", cmds_compile, r"^compile ", False),
-    (3, "bench", "tools/bench.py: both loop modes and --compare", cmds_bench, r"^(device:|model_params|mode:|compare )", False),
+    (2, "compile", "compile of the eval callables (and both loop modes at --cpu-sized; steps 3-4 compile them on a GPU)", cmds_compile, r"^compile ", False),
+    (3, "bench", "tools/bench.py: both loop modes (and --compare at --cpu-sized)", cmds_bench, r"^(device:|model_params|mode:|compare )", False),
     (4, "pipeline", "train_gpt.py end to end", cmds_pipeline,
      r"^(model_params|warmup_steps|train_clock|looping:on|train_steps|gptq_hessian_end|quantized |artifact |eval_warmup|"
      r"final_|quant_gap|eval_budget|val_tokens|OVER_)", False),
@@ -169,6 +182,7 @@ class Ctx:
         self.work = Path(args.work).absolute() if args.work else REPO / "logs" / "gpu_check"
         self.artifact = self.work / "gpu_check.ptz"
         self.data, self.tokenizer = Path(args.data).absolute(), Path(args.tokenizer).absolute()
+        self.projected: dict[int, tuple[dict, float]] = {}
 
     def env(self) -> dict[str, str]:
         """Environment of every step: the caller's minus any of our knobs, plus the data and the size."""
@@ -311,7 +325,9 @@ def write_report(ctx, results: list[Result], started: float, done: bool) -> None
           f"- command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
           f"- size: {'cpu-sized (tiny config)' if ctx.args.cpu_sized else 'record config, one GPU'}; "
           f"data: `{ctx.data}`; tokenizer: `{ctx.tokenizer}`",
-          f"- wall time: {total:.0f}s of a {ctx.args.cap:.0f}s cap{'' if done else ' (still running)'}", "",
+          f"- wall time: {total:.0f}s of a {ctx.args.cap:.0f}s cap{'' if done else ' (still running)'}",
+          *(["- projected: " + ", ".join(f"step {n} {sec:.0f}s ({' '.join(f'{k}={v}' for k, v in c.items()) or 'no'} compiles)"
+                                          for n, (c, sec) in ctx.projected.items())] if ctx.projected else []), "",
           "| step | what | status | seconds |", "|---:|---|---|---:|"]
     md += [f"| {r.step} | {r.name} | {r.status} | {r.seconds:.0f} |" for r in results]
     loss_lines = [l for r in results if r.name == "losses" for l in r.lines if "loss step:" in l]
@@ -359,9 +375,79 @@ def plan(ctx) -> list[str]:
     for number, name, title, cmds_fn, _, _ in STEPS:
         if number in ctx.steps:
             out.append(f"step {number} {name} (cap {ctx.size['caps'][number]}s): {title}")
+            if not ctx.args.cpu_sized and number in ctx.projected:
+                n, sec = ctx.projected[number]
+                out.append(f"  compiles:{' '.join(f'{k}={v}' for k, v in n.items()) or 'none'} projected:{sec:.0f}s")
             for c in cmds_fn(ctx):
                 env = " ".join(f"{k}={v}" for k, v in c.env.items())
                 out.append(f"  {c.label}: {env + ' ' if env else ''}{shlex.join(Path(a).name if a == sys.executable else a for a in c.argv)}")
+    return out
+
+
+# Seconds per torch.compile of one graph on one H100/H200, cold. The 04-13 record log compiled 8
+# training graphs (2 loop modes x 4 cu_seqlens buckets) in 322 s; an eval graph is the forward only
+# (score) or a TTT loss forward+backward (loss). A graph an earlier step compiled at the same shapes
+# costs WARM of that: Inductor's FX-graph and AOTAutograd caches persist across processes (Dynamo
+# still traces). Step 2's measured compile_s lines check these figures.
+COMPILE_S = {"train": 40.0, "score": 15.0, "loss": 30.0}
+WARM = 0.35
+# The rest of each step at gpu size: start-up, model build, the timed work. Step 4: 10 load and scan,
+# 5 warmup steps, 20 training, 15 GPTQ, 70 brotli of the 16 MB artifact (#1868's log: 67 s), 20
+# reload, 25 pre-quant and eval stages on the ~100 validation documents.
+FIXED_S = {1: 8, 2: 12, 3: 12, 4: 165, 5: 20, 6: 45}
+
+
+def planned_compiles(ctx) -> dict[int, list[tuple]]:
+    """Step -> the graphs it compiles on a GPU with FA3 (key: kind, loop mode, rows, bucket), from the
+    steps' env and the data, with train_gpt's own bucket rules."""
+    import numpy as np
+    tg = tg_module()
+    d = tg.Dist(0, 1, 0, tg.torch.device("cpu"))
+    out = {}
+    for number, _, _, cmds_fn, _, _ in STEPS:
+        for c in cmds_fn(ctx) if number in ctx.steps else []:
+            h = tg.Hyperparameters.from_env({**ctx.env(), **c.env})
+            modes = [False, True] if h.looping_enabled else [False]
+            final = h.looping_enabled
+            B, n_ttt = tg.eval_batch_windows(h, 1), sorted({n for _, n, _ in tg.ttt_step_shares(h, d) if n > 0})
+            keys = []
+            if number == 2:  # random tokens: BOS at 1/vocab, one bucket
+                keys += [("train", m, h.train_batch_tokens // h.train_seq_len // 8, 1) for m in modes if "--eval-only" not in c.argv]
+                keys += [("score", final, B, 1)] + [("loss", final, n, 1) for n in n_ttt if h.ttt_enabled]
+            elif number == 3 and c.label == "bench":  # synthetic tokens hold no BOS: B segments
+                rows = h.train_batch_tokens // h.train_seq_len // 8
+                keys += [("train", m, rows, rows // tg.CU_BUCKET + 1) for m in modes]
+            elif number == 4:
+                rows = h.train_batch_tokens // h.train_seq_len // 8
+                rate, disp = tg.bos_stats(tg.read_shard(tg.shard_paths(str(ctx.data), "train")[0]), h.train_seq_len)
+                keys += [("train", m, rows, k) for m in modes for k in tg.varlen_buckets(rate, disp, rows, h.train_seq_len)]
+                val = tg.load_val_tokens(str(ctx.data), h.eval_seq_len).numpy() == tg.BOS_ID
+                for n, ks in sorted(tg.eval_varlen_buckets(h, d, np.asarray(val)).items()):
+                    keys += [("score" if n == B else "loss", final, n, k) for k in ks]
+            out.setdefault(number, []).extend(keys)
+    return out
+
+
+def projection(ctx) -> dict[int, tuple[dict, float]]:
+    """Step -> ({kind: compiles}, projected seconds): FIXED_S plus each compile, WARM when an earlier
+    step compiled the same graph."""
+    seen, out = set(), {}
+    plans = planned_compiles(ctx)
+    for number in ctx.steps:
+        keys = plans.get(number, [])
+        counts = {k: sum(1 for x in keys if x[0] == k) for k in COMPILE_S if any(x[0] == k for x in keys)}
+        sec = FIXED_S[number] + sum(COMPILE_S[k[0]] * (WARM if k in seen else 1.0) for k in keys)
+        seen.update(keys)
+        out[number] = counts, sec
+    return out
+
+
+def over_cap(ctx, proj) -> list[str]:
+    """'step N: ...' for each step whose projected seconds exceed its cap, and the total over --cap."""
+    caps = ctx.size["caps"]
+    out = [f"step {n}: projected {sec:.0f}s > cap {caps[n]}s ({counts})" for n, (counts, sec) in proj.items() if sec > caps[n]]
+    if sum(caps[n] for n in proj) > ctx.args.cap:
+        out.append(f"steps {','.join(map(str, proj))}: caps sum to {sum(caps[n] for n in proj)}s > --cap {ctx.args.cap:.0f}s")
     return out
 
 
@@ -428,8 +514,9 @@ def internal_versions() -> int:
     return 0
 
 
-def internal_compile() -> int:
-    """First and second call of the real training step per loop mode, then of each eval callable."""
+def internal_compile(eval_only: bool = False) -> int:
+    """First and second call of the real training step per loop mode (unless eval_only), then of each
+    eval callable."""
     import torch
     tg = tg_module()
     h = tg.Hyperparameters.from_env()
@@ -451,11 +538,12 @@ def internal_compile() -> int:
             times.append(trainer.sync_time() - t0)
         return times[0], times[1]
 
-    for looping in ([False, True] if h.looping_enabled else [False]):
+    for looping in ([False, True] if h.looping_enabled and not eval_only else [] if eval_only else [False]):
         tg.set_looping(model, looping)
         first, second = twice(lambda: trainer.train_step(0, 1.0))
         print(f"compile target:train_step looping:{int(looping)} {mode} first_s:{first:.2f} second_s:{second:.3f} "
               f"compile_s:{first - second:.2f} micro_batch:{trainer.seqs_per_micro}x{h.train_seq_len}", flush=True)
+    tg.set_looping(model, h.looping_enabled)  # the artifact keeps the loop mode training ends in
     if h.ttt_enabled:  # as train_and_eval: TTT set-up first, then the eval callables
         tg.prepare_ttt(model, h)
     scorer, loss_fn = tg.eval_callables(h, model, d)
@@ -529,7 +617,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare", action="store_true", help="build the step-4 data into data/gpu_check (CPU)")
     ap.add_argument("--cpu-sized", action="store_true", help="tiny config on CPU (what the tests run)")
     ap.add_argument("--cap", type=float, default=480.0, help="total seconds for all steps (default 480)")
-    ap.add_argument("--steps", type=parse_steps, default=[s[0] for s in STEPS], help="e.g. 1-5 or 1,4 (default: all)")
+    ap.add_argument("--steps", type=parse_steps, help="e.g. 1-5 or 1,4 (default: 1-5 on a GPU, all at --cpu-sized)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="shard folder (default: data/gpu_check/sp8192)")
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="SentencePiece model of --data")
     ap.add_argument("--work", help="scratch for the step-4 log and artifact (default: logs/gpu_check)")
@@ -538,9 +626,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-docs", type=int, default=None, help="with --prepare: documents in total (default: all)")
     ap.add_argument("--internal", choices=["versions", "compile", "losses"], help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.internal:
-        return {"versions": internal_versions, "compile": internal_compile,
+        return {"versions": internal_versions, "compile": lambda: internal_compile(args.eval_only),
                 "losses": lambda: internal_losses(args.device)}[args.internal]()
     if args.prepare:
         return prepare(args)
@@ -549,21 +638,26 @@ def main(argv=None) -> int:
     if not 0 < args.cap <= 480 and not args.cpu_sized:
         ap.error("--cap must be in (0, 480] seconds: the check is sized for an 8-minute slot")
     ctx = Ctx(args)
-    ctx.steps = args.steps
+    ctx.steps = args.steps or ctx.size["default_steps"]
     missing = check_inputs(ctx)
+    ctx.projected = {} if missing or args.cpu_sized else projection(ctx)
     if args.dry_run:
         for line in plan(ctx):
             print(line)
         for m in missing:
             print(f"missing: {m}")
-        print(f"inputs:{'ok' if not missing else 'MISSING'}")
-        return 2 if missing else 0
+        over = over_cap(ctx, ctx.projected) if ctx.projected else []
+        for o in over:
+            print(f"OVER_CAP {o}")
+        print(f"inputs:{'ok' if not missing else 'MISSING'} budget:{'OVER' if over else 'ok' if not missing else 'unknown'}")
+        return 2 if missing or over else 0
     if missing:
         print(f"error: missing {missing[0]}", file=sys.stderr)
         return 2
     ctx.out.mkdir(parents=True, exist_ok=True)
     ctx.work.mkdir(parents=True, exist_ok=True)
-    ctx.artifact.unlink(missing_ok=True)  # step 5 must check this run's artifact, never an older one
+    for p in [*ctx.work.glob("gpu_check*"), *ctx.out.glob("[1-6]_*"), ctx.out / "report.md"]:
+        p.unlink(missing_ok=True)  # a rerun: RUN_ID=gpu_check is refused while its log exists; step 5 must read this run's artifact
     (ctx.out / "plan.txt").write_text("\n".join(plan(ctx)) + "\n")
     started = time.monotonic()
     deadline = started + args.cap

@@ -3,10 +3,13 @@
 
     python3 tools/setup_env.py {main|test|sweep}     # what ./run.sh calls; messages go to stderr
 
-- torch is installed only when missing (or older than 2.9): the CUDA build (the index's default)
-  when `nvidia-smi -L` lists a GPU, otherwise the CPU build, torch==2.13.0 from the PyTorch CPU
-  index, falling back to the configured index (registries that carry the CPU wheel under the
-  plain pin). A torch that is already there, CUDA or not, is left alone.
+- torch is installed only when missing (or older than 2.9): when `nvidia-smi -L` lists a GPU, the
+  records' build torch==2.9.1 from the PyTorch cu128 index (GPU-tested range 2.9-2.13; a newer torch
+  already there is named), then for `main` FlashAttention 3 when `flash_attn_interface` does not
+  import: flash-attn-3 from the PyTorch index of the installed torch's CUDA version (a failure warns);
+  otherwise the CPU build, torch==2.13.0 from the PyTorch CPU index. Each falls back to the
+  configured index (registries that carry the wheel under the plain pin). A torch that is already
+  there, CUDA or not, is left alone.
 - An interpreter that refuses pip installs (PEP 668: an EXTERNALLY-MANAGED file in its stdlib
   directory, the default on current Debian and Ubuntu) gets a project virtual environment, .venv
   in the repository (ignored by git), made with --system-site-packages so packages the system
@@ -28,6 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TORCH_PIN = "torch==2.13.0"  # the version the test suite runs on
 TORCH_MIN = (2, 9)  # requirements.txt: torch>=2.9
+# On a GPU: the accepted records' build (2.9.1+cu128) and FlashAttention 3 for it. Tested range for
+# GPUs: 2.9 to 2.13 (the records ran 2.9.1; the CUDA-contract tests run 2.13's paths, the >=2.12
+# rms_norm autocast policy included).
+GPU_TORCH_PIN, GPU_INDEX = "torch==2.9.1", "https://download.pytorch.org/whl/cu128"
+GPU_TORCH_MAX = (2, 13)
+FA3_INDEX = "https://download.pytorch.org/whl/cu{cu}/flash-attn-3/"  # PyTorch's FA3 wheels (stable ABI, per CUDA)
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CORE = ["torch", "numpy", "sentencepiece", "brotli"]
 # profile -> (modules that must import, modules worth a try, extra pip packages, fail fast on no network)
@@ -142,8 +151,11 @@ def make_venv(venv: Path) -> None:
 
 def install_torch(py: str, fast_fail: bool) -> None:
     if gpu_visible():
-        say("NVIDIA GPU visible: installing torch with the package index's default (CUDA) build")
-        rc, out = pip(py, [f"torch>={'.'.join(map(str, TORCH_MIN))}"], fast_fail)
+        say(f"NVIDIA GPU visible: installing the records' CUDA build of torch ({GPU_TORCH_PIN}, {GPU_INDEX})")
+        rc, out = pip(py, ["--index-url", GPU_INDEX, GPU_TORCH_PIN], fast_fail)
+        if rc != 0:
+            say(f"{GPU_INDEX} did not serve {GPU_TORCH_PIN}; trying the configured package index")
+            rc, out = pip(py, [GPU_TORCH_PIN], fast_fail)
     else:
         say(f"no NVIDIA GPU visible: installing the CPU build of torch ({TORCH_PIN})")
         rc, out = pip(py, ["--index-url", CPU_INDEX, TORCH_PIN], True)
@@ -155,6 +167,30 @@ def install_torch(py: str, fast_fail: bool) -> None:
         raise SetupError(f"torch could not be installed: {cause}; {fix}")
 
 
+def fa3_status(py: str) -> tuple[str, str]:
+    """(error of `import flash_attn_interface` or '', torch's CUDA version or '') in py."""
+    code = ("import torch\nprint(torch.version.cuda or '')\ntry:\n import flash_attn_interface\n print('')\n"
+            "except Exception as e:\n print(f'{type(e).__name__}: {e}'.replace(chr(10), ' '))")
+    res = subprocess.run([py, "-c", code], capture_output=True, text=True)
+    lines = res.stdout.split("\n") + ["", ""]
+    return (lines[1].strip() if res.returncode == 0 else "torch does not import"), lines[0].strip()
+
+
+def install_fa3(py: str, fast_fail: bool) -> None:
+    """FlashAttention 3 for the installed CUDA torch (DOC_MASK=1 on a GPU stops without it); a failure
+    only warns: the run's own error line says what to install."""
+    err, cuda = fa3_status(py)
+    if not err or not cuda:
+        return
+    index = FA3_INDEX.format(cu=cuda.replace(".", ""))
+    say(f"FlashAttention 3 unusable ({err}): installing flash-attn-3 from {index}")
+    rc, out = pip(py, ["--index-url", index, "flash-attn-3"], fast_fail)
+    err = fa3_status(py)[0] if rc == 0 else install_cause(out)[0]
+    if err:
+        say(f"warning: FlashAttention 3 still unusable ({err}); build it from source for this torch "
+            f"(github.com/Dao-AILab/flash-attention, hopper/: python setup.py install) or run with SDPA_FALLBACK=1")
+
+
 def setup(profile: str, venv: Path, requirements: Path, also_need: list[str] = ()) -> str:
     need, want, extra, fast_fail = PROFILES[profile]
     need = need + list(also_need)
@@ -162,6 +198,7 @@ def setup(profile: str, venv: Path, requirements: Path, also_need: list[str] = (
     missing, torch_version = probe(py, need + want)
     torch_ok = torch_version is not None and torch_version >= TORCH_MIN
     if not missing and torch_ok:
+        gpu_extras(py, profile, torch_version, fast_fail)
         return py
     if py == sys.executable and externally_managed():
         say(f"{sys.executable} is externally managed (PEP 668) and refuses pip installs: using the project "
@@ -181,7 +218,19 @@ def setup(profile: str, venv: Path, requirements: Path, also_need: list[str] = (
             if still:
                 raise SetupError(f"{' '.join(still)} missing and pip could not install them: {cause}; {fix}")
             say(f"pip could not install everything in {requirements.name} ({cause}); the run does not need the rest, going on")
+    gpu_extras(py, profile, probe(py, ["torch"])[1], fast_fail)
     return py
+
+
+def gpu_extras(py: str, profile: str, torch_version, fast_fail: bool) -> None:
+    """On a GPU: a torch outside the tested range is named; FA3 installed for the main profile."""
+    if not gpu_visible() or torch_version is None:
+        return
+    if torch_version > GPU_TORCH_MAX:
+        say(f"warning: torch {'.'.join(map(str, torch_version))} is newer than the GPU-tested range 2.9-2.13 "
+            f"(the records: {GPU_TORCH_PIN}+cu128)")
+    if profile == "main":
+        install_fa3(py, fast_fail)
 
 
 def main(argv=None) -> int:
