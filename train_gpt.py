@@ -3337,7 +3337,7 @@ class Trainer:
         return bad > 0, t
 
     def run(self, val_fn) -> int:
-        h, d, log = self.h, self.d, self.log
+        h, log = self.h, self.log
         budget = h.train_budget_seconds
         tokens_per_step = h.train_batch_tokens
         log("train_clock:wall_first_step_to_last includes:steps,ema,flag_allreduce,logging excludes:validation")
