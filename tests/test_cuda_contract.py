@@ -145,7 +145,7 @@ def test_pipeline_runs_under_the_cuda_contract(contract_data, tmp_path):
                    tokenizer_path=str(SP1024), run_id="cc", sliding_window_enabled=1, ttt_enabled=1,
                    doc_eval_enabled=1, lora_ttt_enabled=1, lora_rank=4, lora_chunk_tokens=64, lora_batch_docs=2,
                    lora_warm_start_a=0, phased_prefix_docs=1, phased_num_phases=1, val_batch_tokens=8 * 64,
-                   ttt_chunk_tokens=1024)
+                   ttt_chunk_tokens=1024, compile=0)
     res = run_contract(env, tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     out = res.stdout
