@@ -182,7 +182,7 @@ def test_cli_too_few_docs_for_val_split(shared_data, tmp_path):
 
 def test_cli_bad_json_late_removes_own_shards_only(shared_data, tmp_path):
     """A failure after shards were written must not leave a dataset that looks complete."""
-    lines = [json.dumps({"text": "some words to tokenize " * 20}) for _ in range(30)] + ["{broken"]
+    lines = [json.dumps({"text": f"some words to tokenize {i} " * 20}) for i in range(30)] + ["{broken"]
     src = tmp_path / "late_error.jsonl"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"

@@ -397,7 +397,7 @@ def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
     pins = lambda h: eval(next(l for l in tg.prune_source(src, h).decode().splitlines() if l.startswith("PINNED")).split("=", 1)[1])  # noqa: E731
     assert pins(defaults) == {} and pins(tg.Hyperparameters(**on)) == on  # the config's values that are not the defaults
     free = dict(run_id="r", seed=7, data_dir="d", data_path="p", tokenizer_path="t", log_dir="l", artifact_path="a",
-                eval_artifact="e", eval_nll_dir="n", compile=False)
+                eval_artifact="e", eval_nll_dir="n", compile=False, sdpa_fallback=True)
     assert set(free) == set(tg.FREE_KNOBS) and pins(tg.Hyperparameters(**free, num_layers=5)) == {"num_layers": 5}
     with pytest.raises(tg.ConfigError, match="NUM_HEADS"):  # a config is checked before it is packed
         tg.pack_source(src, tg.Hyperparameters(num_heads=7))

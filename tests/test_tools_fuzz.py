@@ -36,6 +36,7 @@ CASES = {
     "bench_eval": [["--stages", "{F}"], ["--tokens", "-5", "--project"]],
     "bench_export": [["--input", "{F}", "--tokenizer", "{F}"], ["--input", "{F}", "--tokenizer", str(SP1024), "--workers", "0"]],
     "causality_check": [["--artifact", "{F}"]],
+    "comm_bytes": [["--world", "0"], ["--world", "{F}"], ["--world", "3"]],
     "compression_report": [["{F}"], ["{F}", "--by", "module"]],
     "gpu_check": [["--dry-run", "--data", "{F}", "--tokenizer", "{F}", "--out", "{F}"], ["--steps", "{F}", "--dry-run"]],
     "pack_code": [["--src", "{F}", "--out", "{F}"]],

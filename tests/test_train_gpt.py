@@ -484,9 +484,12 @@ def _slow_barrier_worker(rank: int, init: str, out: str):
         barrier = dist.barrier
 
         def slow(*a, **k):  # out of the barrier late, like a rank still reading its peer's message
-            barrier(*a, **k)
+            work = barrier(*a, **k)
+            if work is not None:
+                work.wait()
             time.sleep(2.0)
             Path(out + ".1").write_text(f"{time.time():.6f}")
+            return work
 
         dist.barrier = slow
     tg.shutdown_distributed(None, timeout_s=60.0)

@@ -154,7 +154,9 @@ def test_seed_results_variants():
     assert sig.seed_scores({"seed_results": {"1": 1.07, "2": 1.071}}) == [(1, 1.07, None), (2, 1.071, None)]
     assert sig.seed_scores({"seed_results": [{"seed": 3, "val_bpb": 1.1, "val_loss": 2.8}]}) == [(3, 1.1, 2.8)]
     assert sig.seed_scores({"per_seed": [{"seed": 5, "val_bpb": 1.2, "val_loss": 2.9}]}) == [(5, 1.2, 2.9)]
-    assert sig.seed_scores({"val_bpb": 1.2}) == [] and sig.seed_scores({"seed_results": {"1": {"bpb": 1}}}) == []
+    assert sig.seed_scores({"val_bpb": 1.2}) == []
+    with pytest.raises(ValueError, match="seed 1: val_bpb None"):  # a seed without a score is refused, not dropped
+        sig.seed_scores({"seed_results": {"1": {"bpb": 1}}})
 
 
 # --- env names of the record scripts -----------------------------------------------------------

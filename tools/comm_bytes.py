@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=int, default=8)
     args = ap.parse_args(argv)
+    if args.world < 1 or 8 % args.world:
+        ap.error(f"--world {args.world}: the world size must divide 8 (1, 2, 4 or 8)")
     h = tg.Hyperparameters()
     with torch.device("meta"):
         model = tg.GPT(h)
