@@ -33,6 +33,7 @@ CASES = {
                         ["--data", "{F}", "--tokenizer", str(SP1024), "--set", "NOPE"]],
     "analyze": [["{F}", "--set", "PRESET=smoke"], ["{F}", "--log", "{F}"], [str(SP1024), "--set", "X"]],
     "bench": [["--compare", "{F}", "NUM_LAYERS=x"], ["--steps", "-1"]],
+    "bench_memory": [["--rows", "1", "1"], ["--seq-lens", "7", "0", "--val-tokens", "-1"]],
     "bench_eval": [["--stages", "{F}"], ["--tokens", "-5", "--project"]],
     "bench_export": [["--input", "{F}", "--tokenizer", "{F}"], ["--input", "{F}", "--tokenizer", str(SP1024), "--workers", "0"]],
     "causality_check": [["--artifact", "{F}"]],

@@ -10,6 +10,7 @@ against the GPU's bf16 dense peak (--peak-tflops).
     python3 tools/bench.py                                          # one GPU, grad accumulation 8
     torchrun --standalone --nproc_per_node=8 tools/bench.py         # the record setting
     PRESET=smoke python3 tools/bench.py                             # CPU smoke config
+    python3 tools/bench.py --memory                                 # peak memory per phase, projected (CPU)
     python3 tools/bench.py --compare "" "NUM_LAYERS=12 MLP_MULT=3"  # A/B, alternating, ratio B/A
 
 Output: `key:value` lines; one `mode:...` line per loop mode (rank 0).
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_memory  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -156,10 +159,16 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense TFLOP/s per GPU for MFU (H100 SXM bf16: 989)")
     p.add_argument("--compare", nargs=2, metavar=("ENV_A", "ENV_B"), help='two "KEY=VALUE ..." env sets to run alternately')
     p.add_argument("--rounds", type=int, default=2, help="alternations for --compare")
+    p.add_argument("--memory", action="store_true", help="peak memory of every phase on CPU, projected to 8 GPUs (tools/bench_memory.py)")
+    bench_memory.add_args(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.memory:
+        bench_memory.check_args(p, args)
     try:
+        if args.memory:
+            return bench_memory.run(args)
         return compare(args) if args.compare else bench(args)
     except tg.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
