@@ -3009,8 +3009,8 @@ class Trainer:
         """This rank's share of the next micro-step of the global stream, on the device."""
         while len(self.pending) < 2:  # one worker thread keeps the stream order
             self.pending.append(self.prefetch.submit(self._read_batch))
-        x, y = self.pending.popleft().result()
-        return x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+        x, y = self.pending.popleft().result()  # views of [B, T+1] windows; copied dense, as the CUDA copy makes
+        return tuple(t.to(self.d.device, non_blocking=True, copy=True) for t in (x, y))  # them (graphs guard strides)
 
     def rewind_loader(self) -> None:
         for f in self.pending:
