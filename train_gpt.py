@@ -3221,7 +3221,8 @@ class Trainer:
         layout when that path runs (None: the model derives its layout)."""
         while len(self.pending) < 2:  # one worker thread keeps the stream order
             self.pending.append(self.prefetch.submit(self._read_batch))
-        b = [t.to(self.d.device, non_blocking=True) for t in self.pending.popleft().result()]
+        # x, y are views of [B, T+1] windows: copied dense, as the CUDA copy makes them (graphs guard strides)
+        b = [t.to(self.d.device, non_blocking=True, copy=True) for t in self.pending.popleft().result()]
         return b[0], b[1], DocLayout(None, b[2]) if self.varlen else None
 
     def next_micro_batch(self) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 FA3_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
-CALLS = {"func": 0, "varlen": 0}  # kernel launches (counted inside the ops: no guard on them in a compiled graph)
+CALLS = {"func": 0, "varlen": 0}  # kernel launches, eager or from a compiled graph (counted in the op: a
+# counter read while tracing would become a guard, and every call would recompile)
 
 
 class ContractError(RuntimeError):

@@ -43,7 +43,10 @@ CORE = ["torch", "numpy", "sentencepiece", "brotli"]
 PROFILES = {
     "main": (CORE, ["huggingface_hub", "matplotlib"], [], True),
     "sweep": (CORE, [], [], True),
-    "test": (CORE + ["huggingface_hub", "matplotlib", "scipy", "pytest"], [], ["pytest"], False),
+    # triton (Linux wheels only): the fused-CE kernels run in its CPU interpreter; unpinned, so that the
+    # triton a CUDA torch pins is never replaced
+    "test": (CORE + ["huggingface_hub", "matplotlib", "scipy", "pytest"] + ["triton"] * (sys.platform == "linux"), [],
+             ["pytest", "triton; platform_system == 'Linux'"], False),
 }
 # (text in pip's output, cause, fix); the first match wins, so the specific ones come first.
 CAUSES = [
