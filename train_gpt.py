@@ -991,8 +991,8 @@ def varlen_warmup_ids(x: Tensor, gen: torch.Generator, buckets) -> list[Tensor]:
     B, T = x.shape
     out = []
     for k in buckets:
-        segs = k * CU_BUCKET - 1  # boundary list = segs starts + the end = k buckets exactly
-        if segs < B or segs > B * T:
+        segs = min(k * CU_BUCKET - 1, B * T)  # boundary list = segs starts + the end: fills bucket k
+        if segs < max(B, (k - 1) * CU_BUCKET):
             continue
         xb = x.clone().flatten()
         xb[xb == BOS_ID] = BOS_ID + 1
@@ -2892,7 +2892,9 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(h.seed)
     B = eval_batch_windows(h, d.world_size)
-    x, y = torch.randint(0, h.vocab_size, (2, B, h.eval_seq_len), generator=gen).to(d.device)
+    ttt = (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0)
+    ns = sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}) if ttt else []
+    x, y = torch.randint(0, h.vocab_size, (2, max([B] + ns), h.eval_seq_len), generator=gen).to(d.device)  # TTT rows may outnumber B
     ks = eval_varlen_buckets(h, d, (val_tokens == BOS_ID).cpu().numpy()) if uses_varlen(h, d.device) else {}
     for n, r in sorted(ks.items()):
         if log:
@@ -2902,9 +2904,9 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
         return varlen_warmup_ids(x[:n], gen, ks[n]) if ks else [x[:n]]
     with torch.no_grad(), autocast_ctx(d.device):
         for xb in shapes(B):
-            scorer(xb, y)
-    if (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0):
-        for n in sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}):
+            scorer(xb, y[:B])
+    if ttt:
+        for n in ns:
             for xb in shapes(n):
                 with autocast_ctx(d.device):
                     loss_fn(xb, y[:n]).backward()

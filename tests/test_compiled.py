@@ -108,8 +108,8 @@ def test_compiled_training_step_one_graph_per_loop_mode(compiled_contract, monke
     for mode, batches, want in steps:
         for tr, compiled in zip(trainers, (True, False)):
             tg.set_looping(tr.base, mode)
-            feed = iter(copy.deepcopy(batches))
-            tr.next_micro_batch = lambda: next(feed)
+            feed = iter(copy.deepcopy(batches))  # with the layout the loader thread builds
+            tr.next_micro = lambda: (lambda x, y: (x, y, tg.DocLayout(None, tg.host_cu_seqlens(x))))(*next(feed))
             losses[compiled].append(tr.train_step(0, 1.0))
         assert compiled_contract.graphs == want, torch._dynamo.utils.guard_failures
     torch.testing.assert_close(torch.stack(losses[True]), torch.stack(losses[False]), rtol=0, atol=2e-3)
@@ -148,7 +148,7 @@ def test_compiled_eval_scorer_compiles_only_in_warmup(compiled_contract):
     luts = (torch.randint(1, 5, (V,), generator=gen), torch.rand(V, generator=gen) < 0.3, torch.rand(V, generator=gen) < 0.1)
     scorer, loss_fn = tg.eval_callables(h, model, CPU)
     assert compiled_contract.graphs == 0
-    tg.eval_warmup(h, model, scorer, loss_fn, CPU)
+    tg.eval_warmup(h, model, scorer, loss_fn, CPU, tokens)
     assert compiled_contract.graphs == 2, torch._dynamo.utils.guard_failures
     stages = [lambda f: tg.eval_windows(h, f, CPU, tokens, luts, h.eval_seq_len, True),
               lambda f: tg.eval_windows(h, f, CPU, tokens, luts, h.eval_stride, True),
@@ -167,7 +167,8 @@ def test_compiled_eval_scorer_compiles_only_in_warmup(compiled_contract):
         scorer(x, x)  # no autocast: fp32 q/k/v
 
 
-def test_pipeline_compiles_only_in_warmups(tmp_path, monkeypatch):
+@pytest.mark.parametrize("val_batch_tokens", [512, 128])  # 128: 2 windows, fewer than a TTT step's 8 sequences
+def test_pipeline_compiles_only_in_warmups(tmp_path, monkeypatch, val_batch_tokens):
     """train_and_eval under the contract with COMPILE=1 (Dynamo with its guards, graphs run eagerly):
     the training warmup compiles at most one graph per (loop mode, reachable cu_seqlens bucket), and no
     graph is compiled in the timed training loop or in a timed eval stage (a guard miss would)."""
@@ -184,7 +185,7 @@ def test_pipeline_compiles_only_in_warmups(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     h = small(data_path=str(data), tokenizer_path=str(SP1024), log_dir=str(tmp_path), run_id="c", warmup_steps=1,
               iterations=6, val_loss_every=3, enable_looping_at=0.5, ttt_enabled=True, ttt_epochs=1,
-              val_batch_tokens=512)  # 8 windows: the TTT steps' 8 sequences fit the warmup batch
+              val_batch_tokens=val_batch_tokens)
     torch._dynamo.reset()
     try:
         assert tg.train_and_eval(h, CPU, lambda msg, **kw: events.append(msg)) == 0
