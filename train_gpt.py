@@ -420,7 +420,7 @@ def check_unknown_env(env, known: dict) -> None:
                               + (f"use {ours} instead" if ours else "there is no equivalent here, unset it"))
         close = [name for name in known if edit_distance(key, name) <= 1]
         parts = set(key.split("_"))
-        if close or key.split("_")[0] in families or (parts & words and not key.startswith(_OTHER_SOFTWARE)):
+        if close or key.split("_")[0] in families or (parts & words and not key.lstrip("_").startswith(_OTHER_SOFTWARE)):
             near = sorted(known, key=lambda n: (-len(parts & set(n.split("_"))), edit_distance(key, n)))[:3]
             near = [n for n in near if parts & set(n.split("_"))] or near[:1]
             hint = f"; did you mean {close[0]}?" if close else f"; closest knobs: {', '.join(near)}"
