@@ -431,8 +431,11 @@ def test_shipped_triton_kernels_compute_what_the_readable_ones_do(tmp_path):
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (the kernels run on CUDA only)")
+    sys.path.insert(0, str(REPO / "tools"))
+    import pack_code
+
     packed = tmp_path / "train_gpt.py"
-    packed.write_bytes(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
+    packed.write_bytes(pack_code.pack_source((REPO / "train_gpt.py").read_bytes()))
     code = """
 import inspect, runpy, sys, torch, train_gpt as tg
 g = runpy.run_path(sys.argv[1], run_name="packed")

@@ -132,7 +132,7 @@ def render_readme(text: str, table: str) -> str:
 def code_size_text() -> str:
     """The counted code size of the default config as README.md states it, e.g. '33,545'."""
     tg = _import_train_gpt()
-    return f"{tg.counted_code_bytes(tg.Hyperparameters()):,}"
+    return f"{tg.counted_code_bytes(tg.Hyperparameters())[0]:,}"
 
 
 def readme_code_size(text: str) -> str:
