@@ -3113,17 +3113,8 @@ def lock_artifact(path: str):
         return None, f"artifact path {path} is in use by a live run; wait for it or set another ARTIFACT_PATH"
 
 
-def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> int:
-    """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
-    log = log or Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
-    log_header(h, d, log)
-    if fa3_refusal(h, d.device):
-        raise ConfigError(fa3_refusal(h, d.device))
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def load_validation(h: Hyperparameters, d: Dist, log: Logger) -> tuple[Tensor, tuple]:
+    """The validation tokens on the device and the byte-count tables (or the byte sidecar), checked against the tokenizer."""
     luts = build_byte_luts(h.tokenizer_file, h.vocab_size, bool(glob.glob(os.path.join(h.dataset_dir, "fineweb_val_bytes_*"))))
     val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
     if int(val_tokens.max()) >= h.vocab_size:
@@ -3139,34 +3130,36 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
         os.makedirs(h.eval_nll_dir, exist_ok=True)
         np.save(os.path.join(h.eval_nll_dir, "bytes.npy"), val_target_bytes.numpy().astype(np.int32))
     val_tokens = val_tokens.to(d.device)
-    log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if uses_varlen(h, d.device) else 'sdpa'} "
-        f"smear_gate:{int(h.smear_gate)} attn_gate:{h.attn_gate} polar_express:{int(h.polar_express)} "
-        f"fused_ce:{fused_ce_backend(d.device) if h.fused_ce else 'off'}")
-    pre = None
-    artifact = h.eval_artifact or h.artifact_file
-    if not h.eval_artifact:
-        train_paths, t0 = shard_paths(h.dataset_dir, "train"), time.perf_counter()
-        max_ids = all_reduce(shard_max_ids(train_paths, d.rank, d.world_size).to(d.device), dist.ReduceOp.MAX).cpu()
-        log(f"train_shards:{len(train_paths)} max_id:{int(max_ids.max())} scan_time:{time.perf_counter() - t0:.1f}s")
-        if int(max_ids.max()) >= h.vocab_size:  # on CUDA an out-of-range id would be a device assert mid-run
-            i = int(max_ids.argmax())
-            raise ConfigError(f"training shard {train_paths[i]} holds token id {int(max_ids[i])} >= VOCAB_SIZE={h.vocab_size}; "
-                              f"data and tokenizer do not match: rebuild the shards or fix DATA_PATH/VOCAB_SIZE")
-        model = GPT(h).to(d.device)
-        log(f"model_params:{count_params(model)}")
-        for mode, s in model.schedules.items():
-            log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
-        trainer = Trainer(h, d, log, model, train_paths)
-        require_doc_starts(trainer.loader.shards[0], "training", h)
-        trainer.warmup()
-        train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
-        trainer.apply_ema()
-        pre, _ = timed_eval("pre_quant", h, d, log,
-                            lambda c: eval_windows(h, model.token_nll, d, val_tokens, luts, h.eval_seq_len, c))
-        wrote = make_artifact(h, d, log, trainer, train_time)
-        del trainer, model
-    # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
-    t0 = time.perf_counter()
+    return val_tokens, luts
+
+
+def train_stage(h: Hyperparameters, d: Dist, log: Logger, val_tokens: Tensor, luts) -> tuple[EvalResult, str]:
+    """Train -> EMA -> pre-quant eval -> artifact written: the pre-quant result and the artifact's sha256."""
+    train_paths, t0 = shard_paths(h.dataset_dir, "train"), time.perf_counter()
+    max_ids = all_reduce(shard_max_ids(train_paths, d.rank, d.world_size).to(d.device), dist.ReduceOp.MAX).cpu()
+    log(f"train_shards:{len(train_paths)} max_id:{int(max_ids.max())} scan_time:{time.perf_counter() - t0:.1f}s")
+    if int(max_ids.max()) >= h.vocab_size:  # on CUDA an out-of-range id would be a device assert mid-run
+        i = int(max_ids.argmax())
+        raise ConfigError(f"training shard {train_paths[i]} holds token id {int(max_ids[i])} >= VOCAB_SIZE={h.vocab_size}; "
+                          f"data and tokenizer do not match: rebuild the shards or fix DATA_PATH/VOCAB_SIZE")
+    model = GPT(h).to(d.device)
+    log(f"model_params:{count_params(model)}")
+    for mode, s in model.schedules.items():
+        log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
+    trainer = Trainer(h, d, log, model, train_paths)
+    require_doc_starts(trainer.loader.shards[0], "training", h)
+    trainer.warmup()
+    train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
+    trainer.apply_ema()
+    pre, _ = timed_eval("pre_quant", h, d, log,
+                        lambda c: eval_windows(h, model.token_nll, d, val_tokens, luts, h.eval_seq_len, c))
+    wrote = make_artifact(h, d, log, trainer, train_time)
+    return pre, wrote
+
+
+def load_eval_model(h: Hyperparameters, d: Dist, log: Logger, artifact: str, wrote: str | None) -> tuple:
+    """A fresh model with the artifact's weights read back from disk, ready to score:
+    (model, scorer, loss_fn, state, looping, the artifact's info)."""
     eval_model = GPT(h).to(d.device)
     t1 = time.perf_counter()
     info = {}
@@ -3186,12 +3179,13 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     if h.ttt_enabled:
         prepare_ttt(eval_model, h)
     scorer, loss_fn = eval_callables(h, eval_model, d)
-    times = {"load": time.perf_counter() - t0}
-    code, packed = counted_code_bytes(code_config(h, info["knobs"]), log)  # ~1 s, no part of the evaluation
-    model_bytes = info["nbytes"]  # the bytes scored, not a later stat of the path
-    total = code + model_bytes
-    log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
-        f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:{int(packed)} path:{artifact}")
+    return eval_model, scorer, loss_fn, state, looping, info
+
+
+def eval_stages(h: Hyperparameters, d: Dist, log: Logger, loaded: tuple, val_tokens: Tensor, luts, pre: EvalResult | None,
+                times: dict) -> None:
+    """Every eval stage the config enables on the model load_eval_model read back, each timed into times."""
+    eval_model, scorer, loss_fn, state, looping, _ = loaded
     times["warmup"] = eval_warmup(h, eval_model, scorer, loss_fn, d, val_tokens, log)
     log(f"eval_warmup time:{times['warmup']:.1f}s tokens:synthetic")
     quant, times["quantized"] = timed_eval("quantized", h, d, log,
@@ -3219,6 +3213,37 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
                 lf = eval_callables(h, m, d)[1]
             return eval_lora_ttt(h, m, lf, d, val_tokens, luts, c, log)
         _, times["lora_ttt"] = timed_eval("lora_ttt", h, d, log, lora_stage)
+
+
+def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> int:
+    """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
+    log = log or Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
+    log_header(h, d, log)
+    if fa3_refusal(h, d.device):
+        raise ConfigError(fa3_refusal(h, d.device))
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    val_tokens, luts = load_validation(h, d, log)
+    log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if uses_varlen(h, d.device) else 'sdpa'} "
+        f"smear_gate:{int(h.smear_gate)} attn_gate:{h.attn_gate} polar_express:{int(h.polar_express)} "
+        f"fused_ce:{fused_ce_backend(d.device) if h.fused_ce else 'off'}")
+    pre = wrote = None
+    artifact = h.eval_artifact or h.artifact_file
+    if not h.eval_artifact:
+        pre, wrote = train_stage(h, d, log, val_tokens, luts)
+    # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
+    t0 = time.perf_counter()
+    loaded = load_eval_model(h, d, log, artifact, wrote)
+    times, info = {"load": time.perf_counter() - t0}, loaded[-1]
+    code, packed = counted_code_bytes(code_config(h, info["knobs"]), log)  # ~1 s, no part of the evaluation
+    model_bytes = info["nbytes"]  # the bytes scored, not a later stat of the path
+    total = code + model_bytes
+    log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
+        f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:{int(packed)} path:{artifact}")
+    eval_stages(h, d, log, loaded, val_tokens, luts, pre, times)
     used = sum(times.values())
     log(f"eval_budget used:{used:.1f}s limit:{EVAL_LIMIT_SECONDS:.0f}s stages:{'+'.join(times)}"
         + ("" if used <= EVAL_LIMIT_SECONDS else " OVER_BUDGET"))
