@@ -1,4 +1,6 @@
-"""Build and check records/ submissions from finished run logs.
+"""Is a records/ submission complete and consistent with its run logs? `python3 tools/records.py pack|check ...`
+
+Build and check records/ submissions from finished run logs.
 
     python tools/records.py pack --name NAME --author A --github-id G [--track T] [--date D]
         [--code train_gpt.py] [--summary TEXT] [--reference ... | --reference-bpb X | --reference-seeds a,b]

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Pick the Python that run.sh uses and install what it is missing; print that interpreter's path.
+"""Which Python runs train_gpt.py, with what it needs installed? `python3 tools/setup_env.py {main|test|sweep}`
+
+Pick the Python that run.sh uses and install what it is missing; print that interpreter's path.
 
     python3 tools/setup_env.py {main|test|sweep}     # what ./run.sh calls; messages go to stderr
 
