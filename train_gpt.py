@@ -2272,13 +2272,17 @@ def readable_code_bytes(h: Hyperparameters, log=print) -> tuple[int, bool]:
 
     src = Path(__file__).read_bytes()
     packer = Path(__file__).resolve().parent / "tools" / "pack_code.py"
+    why = "tools/pack_code.py is not beside train_gpt.py; run from the repository"
     if packer.is_file():
         spec = importlib.util.spec_from_file_location("pack_code", packer)
         pack_code = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(pack_code)
-        return len(pack_code.pack_source(src, h)), True
-    log("code_size ESTIMATE: tools/pack_code.py is not beside train_gpt.py, so counted_code_bytes is brotli-11 of the "
-        "source less comment lines, blank lines and indentation (code_packed:0); run from the repository to count it")
+        try:
+            return len(pack_code.pack_source(src, h)), True
+        except ImportError as e:  # python-minifier missing: the run goes on with the estimate
+            why = f"tools/pack_code.py cannot run ({e})"
+    log(f"code_size ESTIMATE: {why}; counted_code_bytes is brotli-11 of the source less comment lines, blank lines "
+        f"and indentation (code_packed:0)")
     lines = [line.strip() for line in src.decode().splitlines()]
     return len(_brotli().compress("\n".join(x for x in lines if x and x[0] != "#").encode(), quality=11)), False
 

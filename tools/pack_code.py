@@ -1,11 +1,12 @@
-"""What does train_gpt.py count as its code? Writes its packed (shipped) form for the config in the environment.
+"""What does train_gpt.py count as its code? `python3 tools/pack_code.py --out DIR/train_gpt.py` writes its packed form.
 
     [PRESET=... KNOB=...] python3 tools/pack_code.py [--src train_gpt.py] --out records/.../train_gpt.py
 
 The config is read as the run reads it (PRESET, then env vars), so set the same env as the run.
 The wrapper (raw LZMA2 or brotli in a latin-1 string literal) runs shipped_source with exec: the
 definitions and if-blocks that config cannot reach left out (PRUNE, dead_ifs), docstrings, comments
-and unread annotations removed, functions, constants and locals renamed, whitespace squeezed. It runs
+and unread annotations removed (strip_source), functions, constants and locals renamed and whitespace
+squeezed by python-minifier (minify; pinned in requirements.txt). It runs
 that config only: every knob but train_gpt.FREE_KNOBS is pinned to its packed value. Its size is what
 the run logs as counted_code_bytes (code_packed:1): the readable train_gpt.py loads this file to count
 itself. The readable file stays the source of truth. docs/evaluation.md describes each pass and
@@ -16,16 +17,13 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
-import collections
 import io
-import itertools
-import keyword
 import lzma
 import operator as op
 import re
-import string
 import sys
 import tokenize
+import types
 from dataclasses import fields
 from pathlib import Path
 
@@ -144,174 +142,66 @@ PRUNE = (
     ({"ttt_hash_embed": False}, "bigram_hash"),
     ({"embed_sparsity": 0.0}, "sparsify_rows_"),
 )
-def rename_globals(src: bytes) -> bytes:
-    """src with the module's functions and constants renamed to free two-letter names, most used first
-    (a function's __name__ changes with it: none is printed). Left alone: classes (their names
-    print), imports, dunders, PRESETS (tools read it from a shipped file), names in f-strings, and any
-    name also bound in a def, lambda, class or comprehension (a parameter, local, import or
-    except-as), where one name has two meanings."""
+# python-minifier's options for the shipped source (docs/benchmarks.md has the bytes of each): its
+# renaming and printing beat ours (the removed rename_globals, rename_locals and squeeze_source), and
+# constant_folding saves bytes. Left off: the passes that change what the program does (remove_asserts;
+# remove_annotations: torch.library.custom_op and triton.jit read them) and those that grow the packed
+# file here (hoist_literals, combine_imports, remove_pass, remove_explicit_return_none) or save nothing.
+# Docstrings are gone before it runs (strip_source); its literal-statement pass finds none. The version
+# is pinned (requirements.txt): the counted bytes are its output.
+MINIFIER_VERSION = "3.4.0"
+MINIFY = dict(rename_locals=True, rename_globals=True, constant_folding=True, remove_literal_statements=True,
+              remove_pass=False, remove_annotations=False, hoist_literals=False, combine_imports=False,
+              remove_object_base=False, convert_posargs_to_args=False, remove_asserts=False, remove_debug=False,
+              remove_explicit_return_none=False, remove_builtin_exception_brackets=False, remove_dead_branches=False,
+              preserve_shebang=False)
+
+
+def minify(src: bytes) -> bytes:
+    """src renamed and printed by python-minifier: each function's locals and the module's functions,
+    constants and imports get short names (parameters, classes and PRESETS keep theirs: callers pass
+    keywords, class names print, tools read PRESETS from a shipped file), statements are joined and
+    whitespace squeezed. ImportError names the package when it is missing or another version."""
+    import importlib.metadata
+
+    import python_minifier
+    import python_minifier.expression_printer
+
+    version = importlib.metadata.version("python-minifier")
+    if version != MINIFIER_VERSION:
+        raise ImportError(f"python-minifier {version} is installed; the counted code is "
+                          f"python-minifier {MINIFIER_VERSION}'s output: pip install python-minifier=={MINIFIER_VERSION}",
+                          name="python_minifier")
     tree = ast.parse(src)
-    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    mine = set(defs) | {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-    seen = set(dir(builtins)) | set(keyword.kwlist) | set(keyword.softkwlist)
-    other = {"PRESETS"}  # bound some other way, or kept
-    todo = [(n, True) for n in tree.body]
-    while todo:
-        node, top = todo.pop()
-        if isinstance(node, ast.Name):
-            seen.add(node.id)
-            if not (top or isinstance(node.ctx, ast.Load)):
-                other.add(node.id)
-        elif isinstance(node, ast.arg):
-            other.add(node.arg)
-        elif isinstance(node, ast.alias):
-            other.add((node.asname or node.name).split(".")[0])
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and defs.get(node.name) is not node:
-            other.add(node.name)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            other.add(node.name)
-        elif isinstance(node, ast.JoinedStr):
-            other.update(x.id for x in ast.walk(node) if isinstance(x, ast.Name))
-        scope = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp, ast.SetComp,
-                                  ast.DictComp, ast.GeneratorExp))
-        todo += [(x, top and not scope) for x in ast.iter_child_nodes(node)]
-    seen |= other | set(defs)  # a def no Name refers to still holds its name
-    names = [x for x in ast.walk(tree) if isinstance(x, ast.Name) and x.id in mine - other and len(x.id) > 2 and x.id[:2] != "__"]
-    ids = [x.id for x in names]
-    new = dict(zip(_most_used(ids + [n for n in defs if n in ids]), (s for s in _short_names(2) if s not in seen)))
-    lines = src.splitlines(keepends=True)
-    edits = [(x.lineno, x.col_offset, x.end_col_offset, new[x.id]) for x in names]
-    for name in set(new) & set(defs):
-        r = defs[name].lineno
-        c = re.search(rb"def\s+(" + name.encode() + rb")\b", lines[r - 1]).start(1)
-        edits.append((r, c, c + len(name), new[name]))
-    return _apply_renames(src, edits)
-
-
-def rename_locals(src: bytes) -> bytes:
-    """src with each function's own local variables renamed to the shortest free names, most used first.
-    Left alone: parameters (callers pass them by keyword), imports, except-as and global/nonlocal
-    names, names in f-strings (f"{x=}" prints the name), module names and builtins, and functions with
-    a class, match or locals()/vars()/eval/exec inside. Outer defaults and decorators run outside."""
-    tree = ast.parse(src)
-    outer = set(dir(builtins)) | set(keyword.kwlist) | set(keyword.softkwlist)
-    todo = list(tree.body)
-    while todo:  # the module's own names: not inside a def, lambda or class body
-        node = todo.pop()
-        if isinstance(node, ast.Name):
-            outer.add(node.id)
-        elif isinstance(node, ast.alias):
-            outer.add((node.asname or node.name).split(".")[0])
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            outer.add(node.name)
-        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Lambda)):
-            todo += ast.iter_child_nodes(node)
-    tops = [n for p in [tree, *[c for c in tree.body if isinstance(c, ast.ClassDef)]] for n in p.body
-            if isinstance(n, ast.FunctionDef)]
-    edits = []
-    for fn in tops:
-        nodes = [x for stmt in fn.body for x in ast.walk(stmt)]
-        names = [x for x in nodes if isinstance(x, ast.Name)]
-        if any(isinstance(x, (ast.ClassDef, ast.Match)) for x in nodes) or \
-                {x.id for x in names} & {"locals", "vars", "eval", "exec"}:
-            continue
-        keep = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)} | outer
-        for x in nodes:
-            if isinstance(x, ast.arg):
-                keep.add(x.arg)
-            elif isinstance(x, (ast.Global, ast.Nonlocal)):
-                keep.update(x.names)
-            elif isinstance(x, ast.alias):
-                keep.add((x.asname or x.name).split(".")[0])
-            elif isinstance(x, ast.ExceptHandler) and x.name:
-                keep.add(x.name)
-            elif isinstance(x, ast.JoinedStr):
-                keep.update(y.id for y in ast.walk(x) if isinstance(y, ast.Name))
-        local = {x.id for x in names if not isinstance(x.ctx, ast.Load)} - keep
-        used = keep | {x.id for x in names}
-        fresh = (s for n in range(1, 3) for s in _short_names(n) if s not in used)
-        new = dict(zip(_most_used([x.id for x in names if x.id in local]), fresh))
-        edits += [(x.lineno, x.col_offset, x.end_col_offset, new[x.id]) for x in names if x.id in new and new[x.id] != x.id]
-    return _apply_renames(src, edits)
-
-
-def _most_used(ids: list[str]) -> list[str]:
-    """The distinct ids, most frequent first (ties by name: the same order under every Python)."""
-    count = collections.Counter(ids)
-    return sorted(count, key=lambda k: (-count[k], k))
-
-
-def _apply_renames(src: bytes, edits: list[tuple[int, int, int, str]]) -> bytes:
-    """src with each (line, start col, end col, name) span replaced; spans never overlap."""
-    lines = src.splitlines(keepends=True)
-    for r, c0, c1, name in sorted(edits, reverse=True):
-        lines[r - 1] = lines[r - 1][:c0] + name.encode() + lines[r - 1][c1:]
-    return b"".join(lines)
-
-
-def _short_names(n: int):
-    first = string.ascii_letters + "_"
-    for head in first:
-        if n == 1:
-            yield head
-        else:
-            for tail in itertools.product(first + string.digits, repeat=n - 1):
-                yield head + "".join(tail)
-
-
-def squeeze_source(src: bytes) -> bytes:
-    """Each logical line rebuilt from its tokens, a space only between two that would merge, one space
-    of indent per level, simple statements in a row joined by `;` and a body of them moved onto its
-    header's line (the syntax tree stays the same); strings (f-strings whole) as written."""
-    lines = src.decode().splitlines(keepends=True)
-
-    def text(a, b):  # source between two (row, col) positions
-        if a[0] == b[0]:
-            return lines[a[0] - 1][a[1] : b[1]]
-        return lines[a[0] - 1][a[1] :] + "".join(lines[a[0] : b[0] - 1]) + lines[b[0] - 1][: b[1]]
-
-    out, cur, depth, prev, fstr = [], [], 0, None, None
-    word = lambda c: c.isalnum() or c == "_"  # noqa: E731
-    for tok in tokenize.generate_tokens(io.StringIO(src.decode()).readline):
-        kind = tokenize.tok_name[tok.type]
-        if fstr is not None:  # 3.12+: an f-string comes as pieces; keep it as written
-            fstr[1] += kind == "FSTRING_START"
-            fstr[1] -= kind == "FSTRING_END"
-            if fstr[1]:
-                continue
-            tok, kind, fstr = tok._replace(string=text(fstr[0], tok.end)), "STRING", None
-        if kind == "FSTRING_START":
-            fstr = [tok.start, 1]
-            continue
-        if kind in ("INDENT", "DEDENT"):
-            depth += 1 if kind == "INDENT" else -1
-        elif kind == "NEWLINE":
-            out.append((depth, "".join(cur)))
-            cur, prev = [], None
-        elif kind not in ("NL", "COMMENT", "ENDMARKER", "ENCODING"):
-            s = tok.string
-            if prev and (word(prev[1][-1]) or prev[0] == "NUMBER") and (word(s[0]) or s[0] == "." and prev[0] == "NUMBER"):
-                cur.append(" ")
-            cur.append(s)
-            prev = (kind, s)
-    res, i = [], 0
-    def simple(s):  # a compound statement written on one line (`if a:b`) takes nothing before or after it
-        return not s.endswith(":") and s[0] != "@" and not s.startswith("from __future__") and \
-            re.match(r"(async|class|def|elif|else|except|finally|for|if|try|while|with)\b", s) is None
-
-    while i < len(out):  # a header whose body is all simple statements takes them on its line
-        d, s = out[i]
-        body = list(itertools.takewhile(lambda x: x[0] > d, out[i + 1 :]))
-        if s.endswith(":") and body and all(simple(x[1]) for x in body):
-            res.append([d, s + ";".join(x[1] for x in body), False])
-            i += 1 + len(body)
-            continue
-        if res and simple(s) and res[-1][2] and res[-1][0] == d:  # and simple statements share a line
-            res[-1][1] += ";" + s
-        else:
-            res.append([d, s, simple(s)])
-        i += 1
-    return "".join(" " * d + s + "\n" for d, s, _ in res).encode()
+    keep = ["PRESETS"] + [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    # Its global renaming also binds builtins to short global names (E=len); a triton.jit kernel may
+    # read no global but a constexpr, so the builtins a kernel calls (range, float) keep their names.
+    kernels = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and
+               any(isinstance(x, ast.Attribute) and x.attr == "jit" for d in f.decorator_list for x in ast.walk(d))]
+    # Triton resolves a kernel's names by itself (globals first): a name the kernel reads from outside
+    # (`tl`, imported in the function that builds it) keeps its name, local or global, so that no
+    # renamed local of the builder takes a name a global already has (triton would read the global).
+    outside = sorted({x.id for f in kernels for x in ast.walk(f) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Load)} -
+                     {x.id for f in kernels for x in ast.walk(f) if isinstance(x, ast.Name) and not isinstance(x.ctx, ast.Load)} -
+                     {x.arg for f in kernels for x in ast.walk(f.args) if isinstance(x, ast.arg)} - set(dir(builtins)))
+    keep += outside
+    # Nor may it bind a kernel's parameter to a short local (`H=BLOCK`): a tl.constexpr does not survive
+    # the assignment, and tl.arange refuses the copy. The parameters keep their names (in every def).
+    params = sorted({x.arg for f in kernels for x in ast.walk(f.args) if isinstance(x, ast.arg)})
+    # Annotations are strings at run time (from __future__ import annotations) that the program reads
+    # (Hyperparameters' field types parse the env): the builtins named in one keep their names too.
+    notes = [x for n in ast.walk(tree) for x in (getattr(n, "annotation", None), getattr(n, "returns", None)) if x]
+    keep += sorted({x.id for f in kernels + notes for x in ast.walk(f) if isinstance(x, ast.Name) and x.id in dir(builtins)})
+    # It writes f-strings with PEP 701 nesting (f"{" ".join(x)}") when it runs on Python 3.12+, which
+    # 3.10 and 3.11 cannot parse, and which would make the counted bytes depend on the Python that
+    # packs. Its printer reads the version from its own module's sys; with 3.11 there, the output is
+    # the same under 3.10-3.13 (tests/test_pack_code.py) and runs on all of them.
+    printer = python_minifier.expression_printer
+    real_sys, printer.sys = printer.sys, types.SimpleNamespace(version_info=(3, 11))
+    try:
+        return python_minifier.minify(src.decode(), preserve_globals=keep, preserve_locals=outside + params, **MINIFY).encode()
+    finally:
+        printer.sys = real_sys
 
 
 def dead_ifs(tree, h) -> list:
@@ -393,8 +283,8 @@ def prune_source(src: bytes, h) -> bytes:
 
 
 def shipped_source(src: bytes, h=None) -> bytes:
-    """What the wrapper for config h (default: train_gpt's defaults) runs: pruned, stripped, names renamed, squeezed."""
-    return squeeze_source(rename_locals(rename_globals(strip_source(prune_source(src, h or _default_config())))))
+    """What the wrapper for config h (default: train_gpt's defaults) runs: pruned, stripped, minified."""
+    return minify(strip_source(prune_source(src, h or _default_config())))
 
 
 def pack_source(src: bytes, h=None) -> bytes:

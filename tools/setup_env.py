@@ -43,9 +43,9 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CORE = ["torch", "numpy", "sentencepiece", "brotli"]
 # profile -> (modules that must import, modules worth a try, extra pip packages, fail fast on no network)
 PROFILES = {
-    "main": (CORE, ["huggingface_hub", "matplotlib"], [], True),
-    "sweep": (CORE, [], [], True),
-    "test": (CORE + ["huggingface_hub", "matplotlib", "scipy", "pytest"], [], ["pytest"], False),
+    "main": (CORE, ["huggingface_hub", "matplotlib", "python_minifier"], [], True),  # the run counts its code with it
+    "sweep": (CORE, ["python_minifier"], [], True),
+    "test": (CORE + ["huggingface_hub", "matplotlib", "scipy", "pytest", "python_minifier"], [], ["pytest"], False),
 }
 # (text in pip's output, cause, fix); the first match wins, so the specific ones come first.
 CAUSES = [
