@@ -2549,7 +2549,7 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
     return time.perf_counter() - t0
 
 
-# --- Document-masked eval and per-document LoRA TTT (record #1855, built score-first) -------------
+# Document-masked eval and per-document LoRA TTT (record #1855, built score-first).
 # A document starts at a BOS (and at target 0): its targets are [start, next start), so its last
 # target is the next document's BOS and every target belongs to exactly one document. Every window
 # of these stages holds tokens of one document only, left-aligned in a [rows, EVAL_SEQ_LEN] batch
