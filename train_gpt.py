@@ -2250,112 +2250,6 @@ def code_config(h: Hyperparameters, knobs: dict) -> Hyperparameters:
     return dataclasses.replace(h, **{k: knobs.get(k, _DEFAULTS[k]) for k in train if k not in FREE_KNOBS})
 
 
-# Self-extracting code: the stripped source, raw LZMA2 (the 04-09 record's wrapper) or brotli-11
-# (PR #1855's), whichever is smaller, run with exec. The compressed bytes sit in a latin-1 string
-# literal (PEP 263 coding line), which costs ~1% in escapes where base85 costs 25%.
-_PACK_HEADS = (b'#coding:l1\nimport lzma as L,linecache as C;s=L.decompress("""', b'#coding:l1\nimport brotli,linecache as C;s=brotli.decompress("""')
-# linecache holds the source under a made-up file name so that inspect.getsource (triton.jit) and
-# tracebacks see it.
-_PACK_RUN = b'.decode();F=__file__+"*";C.cache[F]=0,None,s.splitlines(1),F;exec(compile(s,F,"exec"))\n'
-_PACK_TAILS = (b'""".encode("l1"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}])' + _PACK_RUN, b'""".encode("l1"))' + _PACK_RUN)
-
-
-def latin1_literal(raw: bytes) -> bytes:
-    """The body of a triple-quoted str literal in a latin-1 file that .encode("l1")s back to raw:
-    the tokenizer refuses NUL and folds CR into LF, a backslash escapes, and a quote ends the
-    literal only as the first of three (or just before the closing ones)."""
-    import re
-
-    esc = {b"\0": b"\\0", b"\r": b"\\r", b"\\": b"\\\\", b'"': b'\\"'}
-    return re.sub(rb'(\0)(?=[0-7])|[\0\r\\]|"(?="|\Z)', lambda m: b"\\x00" if m[1] else esc[m[0]], raw)
-
-
-def strip_source(src: bytes) -> bytes:
-    """The shipped source: docstrings, comments, blank lines, the annotations of functions whose
-    decorators do not read them and of a def's `x: T = v` locals removed, and blocks indented by one
-    space per level. Everything is located with ast and tokenize, so string literals and all other
-    code stay byte-identical (a body left empty gets `pass`)."""
-    import ast
-    import io
-    import tokenize
-
-    text = src.decode()
-    lines = text.splitlines(keepends=True)
-    char = lambda r, c: len(lines[r - 1].encode()[:c].decode())  # ast columns are utf-8 offsets  # noqa: E731
-    cuts: dict[int, list] = {}
-    gone = set()  # docstring lines after the first
-    tree = ast.parse(text)
-    local = {id(x) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for st in f.body for x in ast.walk(st) if isinstance(x, ast.AnnAssign)}
-    local -= {id(x) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for x in c.body}
-
-    def reads_annotations(fn):  # torch.library.custom_op (the op schema) and triton.jit (constexpr)
-        return any(isinstance(x, ast.Attribute) and x.attr in ("custom_op", "jit") for d in fn.decorator_list for x in ast.walk(d))
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.AnnAssign) and node.value and node.target.end_lineno == node.value.lineno and id(node) in local:
-            r = node.lineno  # `x: T = v` in a def -> `x = v` (annotations of locals are never evaluated)
-            cuts.setdefault(r, []).append((char(r, node.target.end_col_offset), lines[r - 1].rfind("=", 0, char(r, node.value.col_offset))))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not reads_annotations(node):
-            a = node.args
-            for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
-                if arg.annotation and arg.annotation.end_lineno == arg.lineno:
-                    cuts.setdefault(arg.lineno, []).append((char(arg.lineno, arg.col_offset) + len(arg.arg),
-                                                            char(arg.lineno, arg.annotation.end_col_offset)))
-            if node.returns and node.returns.lineno == node.returns.end_lineno:
-                r = node.returns.lineno
-                c0 = lines[r - 1].rfind("->", 0, char(r, node.returns.col_offset))
-                cuts.setdefault(r, []).append((len(lines[r - 1][:c0].rstrip()), char(r, node.returns.end_col_offset)))
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            d = body[0]
-            if lines[d.lineno - 1][: d.col_offset].strip() or lines[d.end_lineno - 1].encode()[d.end_col_offset :].strip():
-                continue  # shares its line with code: leave it
-            cuts.setdefault(d.lineno, []).append((d.col_offset, None if len(body) > 1 else "pass"))
-            gone.update(range(d.lineno + 1, d.end_lineno + 1))
-    keep, starts, depth, at_start = set(), {}, 0, True
-    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        if tok.type == tokenize.COMMENT:
-            cuts.setdefault(tok.start[0], []).append((tok.start[1], None))
-        elif tok.type in (tokenize.INDENT, tokenize.DEDENT):
-            depth += 1 if tok.type == tokenize.INDENT else -1
-        elif tok.type == tokenize.NEWLINE:
-            at_start = True
-        elif tok.type != tokenize.NL and at_start:
-            starts[tok.start[0]], at_start = depth, False
-        if tok.end[0] > tok.start[0]:
-            keep.update(range(tok.start[0] + 1, tok.end[0] + 1))  # inside a multi-line string: as is
-    out = []
-    for r, line in enumerate(lines, 1):
-        for c0, c1 in sorted(cuts.get(r, []), reverse=True):
-            line = line[:c0] + ("\n" if c1 is None else c1 + "\n" if isinstance(c1, str) else line[c1:])
-        if r in gone:
-            continue
-        if r in keep:
-            out.append(line)
-        elif line.strip():
-            out.append(" " * starts.get(r, 1) + line.strip() + "\n")
-    return "".join(out).encode()
-
-
-# Top-level definitions that only the named knobs reach: the shipped file leaves a group out when
-# every one of its knobs has the value given here. Never shipped: the packing code (the wrapper
-# counts its own length) and check_config (the shipped config was checked when it was packed).
-PRUNE = (
-    ({}, "latin1_literal strip_source rename_globals rename_locals _most_used _apply_renames _short_names squeeze_source dead_ifs "
-         "prune_source shipped_source pack_source PRUNE check_config VALUE_RANGES"),
-    ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
-    ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
-     "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
-    ({"compressor": "brotli"}, "CODECS codec_fns smallest_stream l1_chain tensor_role encode_pergroup _unstream decode_pergroup"),
-    ({"lqer_top_n": 0}, "lqer_factors quantize_asym dequantize_asym"),
-    ({"awq_lite": False}, "awq_group awq_scales"),
-    ({"embed_bits_tiers": ""}, "parse_tiers embed_row_tiers"),
-    ({"embed_rotation_rank": 0}, "LowRankResidual"),
-    ({"ttt_hash_embed": False}, "bigram_hash"),
-    ({"embed_sparsity": 0.0}, "sparsify_rows_"),
-)
 PINNED = None  # the shipped file: {knob: value} of its config where that is not the default
 # The knobs a shipped file still takes from the environment (where things are, which run, compile):
 # it runs every other knob at its packed value and refuses any other (Hyperparameters.validate).
@@ -2363,293 +2257,34 @@ FREE_KNOBS = ("run_id", "seed", "data_dir", "data_path", "tokenizer_path", "log_
               "eval_nll_dir", "compile", "sdpa_fallback")
 
 
-def rename_globals(src: bytes) -> bytes:
-    """src with the module's functions and constants renamed to free two-letter names, most used first
-    (a function's __name__ changes with it: none is printed). Left alone: classes (their names
-    print), imports, dunders, PRESETS (tools read it from a shipped file), names in f-strings, and any
-    name also bound in a def, lambda, class or comprehension (a parameter, local, import or
-    except-as), where one name has two meanings."""
-    import ast
-    import builtins
-    import keyword
-    import re
-
-    tree = ast.parse(src)
-    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    mine = set(defs) | {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-    seen = set(dir(builtins)) | set(keyword.kwlist) | set(keyword.softkwlist)
-    other = {"PRESETS"}  # bound some other way, or kept
-    todo = [(n, True) for n in tree.body]
-    while todo:
-        node, top = todo.pop()
-        if isinstance(node, ast.Name):
-            seen.add(node.id)
-            if not (top or isinstance(node.ctx, ast.Load)):
-                other.add(node.id)
-        elif isinstance(node, ast.arg):
-            other.add(node.arg)
-        elif isinstance(node, ast.alias):
-            other.add((node.asname or node.name).split(".")[0])
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and defs.get(node.name) is not node:
-            other.add(node.name)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            other.add(node.name)
-        elif isinstance(node, ast.JoinedStr):
-            other.update(x.id for x in ast.walk(node) if isinstance(x, ast.Name))
-        scope = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp, ast.SetComp,
-                                  ast.DictComp, ast.GeneratorExp))
-        todo += [(x, top and not scope) for x in ast.iter_child_nodes(node)]
-    seen |= other | set(defs)  # a def no Name refers to still holds its name
-    names = [x for x in ast.walk(tree) if isinstance(x, ast.Name) and x.id in mine - other and len(x.id) > 2 and x.id[:2] != "__"]
-    ids = [x.id for x in names]
-    new = dict(zip(_most_used(ids + [n for n in defs if n in ids]), (s for s in _short_names(2) if s not in seen)))
-    lines = src.splitlines(keepends=True)
-    edits = [(x.lineno, x.col_offset, x.end_col_offset, new[x.id]) for x in names]
-    for name in set(new) & set(defs):
-        r = defs[name].lineno
-        c = re.search(rb"def\s+(" + name.encode() + rb")\b", lines[r - 1]).start(1)
-        edits.append((r, c, c + len(name), new[name]))
-    return _apply_renames(src, edits)
+def counted_code_bytes(h: Hyperparameters, log=print) -> tuple[int, bool]:
+    """The code size the artifact counts for config h, and whether it is the packed size (code_packed).
+    A shipped file (PINNED set) is the packed wrapper itself; the readable file asks tools/."""
+    if PINNED is not None:
+        return os.path.getsize(__file__), True
+    return readable_code_bytes(h, log)
 
 
-def rename_locals(src: bytes) -> bytes:
-    """src with each function's own local variables renamed to the shortest free names, most used first.
-    Left alone: parameters (callers pass them by keyword), imports, except-as and global/nonlocal
-    names, names in f-strings (f"{x=}" prints the name), module names and builtins, and functions with
-    a class, match or locals()/vars()/eval/exec inside. Outer defaults and decorators run outside."""
-    import ast
-    import builtins
-    import keyword
+def readable_code_bytes(h: Hyperparameters, log=print) -> tuple[int, bool]:
+    """The size tools/pack_code.py packs this file to for config h (True); in a folder without it (a lone
+    copy), an estimate (False, logged as one): brotli-11 of the source less comments, blank lines and indentation."""
+    import importlib.util
 
-    tree = ast.parse(src)
-    outer = set(dir(builtins)) | set(keyword.kwlist) | set(keyword.softkwlist)
-    todo = list(tree.body)
-    while todo:  # the module's own names: not inside a def, lambda or class body
-        node = todo.pop()
-        if isinstance(node, ast.Name):
-            outer.add(node.id)
-        elif isinstance(node, ast.alias):
-            outer.add((node.asname or node.name).split(".")[0])
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            outer.add(node.name)
-        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Lambda)):
-            todo += ast.iter_child_nodes(node)
-    tops = [n for p in [tree, *[c for c in tree.body if isinstance(c, ast.ClassDef)]] for n in p.body
-            if isinstance(n, ast.FunctionDef)]
-    edits = []
-    for fn in tops:
-        nodes = [x for stmt in fn.body for x in ast.walk(stmt)]
-        names = [x for x in nodes if isinstance(x, ast.Name)]
-        if any(isinstance(x, (ast.ClassDef, ast.Match)) for x in nodes) or \
-                {x.id for x in names} & {"locals", "vars", "eval", "exec"}:
-            continue
-        keep = {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)} | outer
-        for x in nodes:
-            if isinstance(x, ast.arg):
-                keep.add(x.arg)
-            elif isinstance(x, (ast.Global, ast.Nonlocal)):
-                keep.update(x.names)
-            elif isinstance(x, ast.alias):
-                keep.add((x.asname or x.name).split(".")[0])
-            elif isinstance(x, ast.ExceptHandler) and x.name:
-                keep.add(x.name)
-            elif isinstance(x, ast.JoinedStr):
-                keep.update(y.id for y in ast.walk(x) if isinstance(y, ast.Name))
-        local = {x.id for x in names if not isinstance(x.ctx, ast.Load)} - keep
-        used = keep | {x.id for x in names}
-        fresh = (s for n in range(1, 3) for s in _short_names(n) if s not in used)
-        new = dict(zip(_most_used([x.id for x in names if x.id in local]), fresh))
-        edits += [(x.lineno, x.col_offset, x.end_col_offset, new[x.id]) for x in names if x.id in new and new[x.id] != x.id]
-    return _apply_renames(src, edits)
-
-
-def _most_used(ids: list[str]) -> list[str]:
-    """The distinct ids, most frequent first (ties by name: the same order under every Python)."""
-    count = collections.Counter(ids)
-    return sorted(count, key=lambda k: (-count[k], k))
-
-
-def _apply_renames(src: bytes, edits: list[tuple[int, int, int, str]]) -> bytes:
-    """src with each (line, start col, end col, name) span replaced; spans never overlap."""
-    lines = src.splitlines(keepends=True)
-    for r, c0, c1, name in sorted(edits, reverse=True):
-        lines[r - 1] = lines[r - 1][:c0] + name.encode() + lines[r - 1][c1:]
-    return b"".join(lines)
-
-
-def _short_names(n: int):
-    import itertools
-    import string
-
-    first = string.ascii_letters + "_"
-    for head in first:
-        if n == 1:
-            yield head
-        else:
-            for tail in itertools.product(first + string.digits, repeat=n - 1):
-                yield head + "".join(tail)
-
-
-def squeeze_source(src: bytes) -> bytes:
-    """Each logical line rebuilt from its tokens, a space only between two that would merge, one space
-    of indent per level, simple statements in a row joined by `;` and a body of them moved onto its
-    header's line (the syntax tree stays the same); strings (f-strings whole) as written."""
-    import io
-    import itertools
-    import tokenize
-
-    lines = src.decode().splitlines(keepends=True)
-
-    def text(a, b):  # source between two (row, col) positions
-        if a[0] == b[0]:
-            return lines[a[0] - 1][a[1] : b[1]]
-        return lines[a[0] - 1][a[1] :] + "".join(lines[a[0] : b[0] - 1]) + lines[b[0] - 1][: b[1]]
-
-    out, cur, depth, prev, fstr = [], [], 0, None, None
-    word = lambda c: c.isalnum() or c == "_"  # noqa: E731
-    for tok in tokenize.generate_tokens(io.StringIO(src.decode()).readline):
-        kind = tokenize.tok_name[tok.type]
-        if fstr is not None:  # 3.12+: an f-string comes as pieces; keep it as written
-            fstr[1] += kind == "FSTRING_START"
-            fstr[1] -= kind == "FSTRING_END"
-            if fstr[1]:
-                continue
-            tok, kind, fstr = tok._replace(string=text(fstr[0], tok.end)), "STRING", None
-        if kind == "FSTRING_START":
-            fstr = [tok.start, 1]
-            continue
-        if kind in ("INDENT", "DEDENT"):
-            depth += 1 if kind == "INDENT" else -1
-        elif kind == "NEWLINE":
-            out.append((depth, "".join(cur)))
-            cur, prev = [], None
-        elif kind not in ("NL", "COMMENT", "ENDMARKER", "ENCODING"):
-            s = tok.string
-            if prev and (word(prev[1][-1]) or prev[0] == "NUMBER") and (word(s[0]) or s[0] == "." and prev[0] == "NUMBER"):
-                cur.append(" ")
-            cur.append(s)
-            prev = (kind, s)
-    res, i = [], 0
-    simple = lambda s: not s.endswith(":") and s[0] != "@" and not s.startswith("from __future__")  # noqa: E731
-    while i < len(out):  # a header whose body is all simple statements takes them on its line
-        d, s = out[i]
-        body = list(itertools.takewhile(lambda x: x[0] > d, out[i + 1 :]))
-        if s.endswith(":") and body and all(simple(x[1]) for x in body):
-            res.append([d, s + ";".join(x[1] for x in body), False])
-            i += 1 + len(body)
-            continue
-        if res and simple(s) and res[-1][2] and res[-1][0] == d:  # and simple statements share a line
-            res[-1][1] += ";" + s
-        else:
-            res.append([d, s, simple(s)])
-        i += 1
-    return "".join(" " * d + s + "\n" for d, s, _ in res).encode()
-
-
-def dead_ifs(tree, h: Hyperparameters) -> list:
-    """The `if` statements without else that config h never enters: in a def whose parameter
-    `h: Hyperparameters` is never rebound, a test that is false for h's pinned knobs whatever the
-    other names hold (names, attributes, constants, not/and/or, one comparison: nothing to call),
-    never all of a block's statements."""
-    import ast
-    import operator as op
-
-    knobs = {f.name for f in fields(h)} - set(FREE_KNOBS)
-    ops = {ast.Eq: op.eq, ast.NotEq: op.ne, ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge}
-    pure = (ast.Name, ast.Attribute, ast.Constant, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.expr_context, ast.boolop,
-            ast.cmpop, ast.Not)
-
-    def value(e):  # the test's value under h, or LookupError where it depends on anything else
-        if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "h" and e.attr in knobs:
-            return getattr(h, e.attr)
-        if isinstance(e, ast.Constant):
-            return e.value
-        if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not):
-            return not value(e.operand)
-        if isinstance(e, ast.Compare) and len(e.ops) == 1 and type(e.ops[0]) in ops:
-            return ops[type(e.ops[0])](value(e.left), value(e.comparators[0]))
-        if isinstance(e, ast.BoolOp):
-            known = []
-            for x in e.values:
-                try:
-                    known.append(bool(value(x)))
-                except LookupError:
-                    pass
-            if isinstance(e.op, ast.And) and False in known or isinstance(e.op, ast.Or) and True in known:
-                return isinstance(e.op, ast.Or)
-            if len(known) == len(e.values):
-                return isinstance(e.op, ast.And)
-        raise LookupError
-
-    def dead(s):
-        if not (isinstance(s, ast.If) and not s.orelse and all(isinstance(x, pure) for x in ast.walk(s.test))):
-            return False
-        try:
-            return not value(s.test)
-        except LookupError:
-            return False
-
-    out = []
-    for fn in ast.walk(tree):
-        a = fn.args.posonlyargs + fn.args.args if isinstance(fn, ast.FunctionDef) else []
-        if not any(x.arg == "h" and isinstance(x.annotation, ast.Name) and x.annotation.id == "Hyperparameters" for x in a) or \
-                any(isinstance(x, ast.Name) and x.id == "h" and not isinstance(x.ctx, ast.Load) for x in ast.walk(fn)):
-            continue
-        todo = [fn]
-        while todo:  # this def's own statements: nested defs and lambdas see h through their own test
-            node = todo.pop()
-            for block in (getattr(node, k, None) for k in ("body", "orelse", "finalbody", "handlers")):
-                if isinstance(block, list):
-                    gone = [s for s in block if dead(s)]
-                    out += gone if len(gone) < len(block) else []
-                    todo += [s for s in block if s not in gone and not isinstance(s, (ast.FunctionDef, ast.ClassDef))]
-    return out
-
-
-def prune_source(src: bytes, h: Hyperparameters) -> bytes:
-    """src for config h: without the PRUNE groups h cannot reach and the dead_ifs, PINNED set to h's
-    values that are not the defaults (FREE_KNOBS aside)."""
-    import ast
-
-    text = src.decode()
-    lines = text.splitlines(keepends=True)
-    pins = {f.name: getattr(h, f.name) for f in fields(h) if f.name not in FREE_KNOBS and getattr(h, f.name) != f.default}
-    drop = {n for knobs, names in PRUNE if all(getattr(h, k) == v for k, v in knobs.items()) for n in names.split()}
-    tree = ast.parse(text)
-    new = {i: "" for s in dead_ifs(tree, h) for i in range(s.lineno - 1, s.end_lineno)}
-    for node in tree.body:
-        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        first = min([node.lineno] + [x.lineno for x in getattr(node, "decorator_list", [])]) - 1
-        if names == ["PINNED"] or set(names) & drop:
-            new.update(dict.fromkeys(range(first, node.end_lineno), ""))
-            if names == ["PINNED"]:
-                new[first] = f"PINNED = {pins!r}\n"
-    return "".join(new.get(i, line) for i, line in enumerate(lines)).encode()
-
-
-def shipped_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
-    """What the wrapper for config h (default: the defaults) runs: pruned, stripped, names renamed, squeezed."""
-    return squeeze_source(rename_locals(rename_globals(strip_source(prune_source(src, h or Hyperparameters())))))
-
-
-def pack_source(src: bytes, h: Hyperparameters | None = None) -> bytes:
-    """The counted form of the code for config h (default: the defaults): shipped_source in the smaller
-    self-extracting wrapper."""
-    import lzma
-
-    h = h or Hyperparameters()
-    check_config(h)  # the shipped file trusts its config
-    src = shipped_source(src, h)
-    raw = (lzma.compress(src, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
-           _brotli().compress(src, quality=11))
-    return min((head + latin1_literal(r) + t for head, r, t in zip(_PACK_HEADS, raw, _PACK_TAILS)), key=len)
-
-
-def counted_code_bytes(h: Hyperparameters) -> int:
-    """Size of the packed wrapper of this file for config h (or of this file itself when it is the wrapper)."""
     src = Path(__file__).read_bytes()
-    return len(src) if src.startswith(_PACK_HEADS) else len(pack_source(src, h))
+    packer = Path(__file__).resolve().parent / "tools" / "pack_code.py"
+    why = "tools/pack_code.py is not beside train_gpt.py; run from the repository"
+    if packer.is_file():
+        spec = importlib.util.spec_from_file_location("pack_code", packer)
+        pack_code = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pack_code)
+        try:
+            return len(pack_code.pack_source(src, h)), True
+        except ImportError as e:  # python-minifier missing: the run goes on with the estimate
+            why = f"tools/pack_code.py cannot run ({e})"
+    log(f"code_size ESTIMATE: {why}; counted_code_bytes is brotli-11 of the source less comment lines, blank lines "
+        f"and indentation (code_packed:0)")
+    lines = [line.strip() for line in src.decode().splitlines()]
+    return len(_brotli().compress("\n".join(x for x in lines if x and x[0] != "#").encode(), quality=11)), False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2916,7 +2551,7 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
     return time.perf_counter() - t0
 
 
-# --- Document-masked eval and per-document LoRA TTT (record #1855, built score-first) -------------
+# Document-masked eval and per-document LoRA TTT (record #1855, built score-first).
 # A document starts at a BOS (and at target 0): its targets are [start, next start), so its last
 # target is the next document's BOS and every target belongs to exactly one document. Every window
 # of these stages holds tokens of one document only, left-aligned in a [rows, EVAL_SEQ_LEN] batch
@@ -3485,17 +3120,8 @@ def lock_artifact(path: str):
         return None, f"artifact path {path} is in use by a live run; wait for it or set another ARTIFACT_PATH"
 
 
-def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> int:
-    """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
-    log = log or Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
-    log_header(h, d, log)
-    if fa3_refusal(h, d.device):
-        raise ConfigError(fa3_refusal(h, d.device))
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    if d.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def load_validation(h: Hyperparameters, d: Dist, log: Logger) -> tuple[Tensor, tuple]:
+    """The validation tokens on the device and the byte-count tables (or the byte sidecar), checked against the tokenizer."""
     luts = build_byte_luts(h.tokenizer_file, h.vocab_size, bool(glob.glob(os.path.join(h.dataset_dir, "fineweb_val_bytes_*"))))
     val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
     if int(val_tokens.max()) >= h.vocab_size:
@@ -3511,34 +3137,36 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
         os.makedirs(h.eval_nll_dir, exist_ok=True)
         np.save(os.path.join(h.eval_nll_dir, "bytes.npy"), val_target_bytes.numpy().astype(np.int32))
     val_tokens = val_tokens.to(d.device)
-    log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if uses_varlen(h, d.device) else 'sdpa'} "
-        f"smear_gate:{int(h.smear_gate)} attn_gate:{h.attn_gate} polar_express:{int(h.polar_express)} "
-        f"fused_ce:{fused_ce_backend(d.device) if h.fused_ce else 'off'}")
-    pre = None
-    artifact = h.eval_artifact or h.artifact_file
-    if not h.eval_artifact:
-        train_paths, t0 = shard_paths(h.dataset_dir, "train"), time.perf_counter()
-        max_ids = all_reduce(shard_max_ids(train_paths, d.rank, d.world_size).to(d.device), dist.ReduceOp.MAX).cpu()
-        log(f"train_shards:{len(train_paths)} max_id:{int(max_ids.max())} scan_time:{time.perf_counter() - t0:.1f}s")
-        if int(max_ids.max()) >= h.vocab_size:  # on CUDA an out-of-range id would be a device assert mid-run
-            i = int(max_ids.argmax())
-            raise ConfigError(f"training shard {train_paths[i]} holds token id {int(max_ids[i])} >= VOCAB_SIZE={h.vocab_size}; "
-                              f"data and tokenizer do not match: rebuild the shards or fix DATA_PATH/VOCAB_SIZE")
-        model = GPT(h).to(d.device)
-        log(f"model_params:{count_params(model)}")
-        for mode, s in model.schedules.items():
-            log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
-        trainer = Trainer(h, d, log, model, train_paths)
-        require_doc_starts(trainer.loader.shards[0], "training", h)
-        trainer.warmup()
-        train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
-        trainer.apply_ema()
-        pre, _ = timed_eval("pre_quant", h, d, log,
-                            lambda c: eval_windows(h, model.token_nll, d, val_tokens, luts, h.eval_seq_len, c))
-        wrote = make_artifact(h, d, log, trainer, train_time)
-        del trainer, model
-    # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
-    t0 = time.perf_counter()
+    return val_tokens, luts
+
+
+def train_stage(h: Hyperparameters, d: Dist, log: Logger, val_tokens: Tensor, luts) -> tuple[EvalResult, str]:
+    """Train -> EMA -> pre-quant eval -> artifact written: the pre-quant result and the artifact's sha256."""
+    train_paths, t0 = shard_paths(h.dataset_dir, "train"), time.perf_counter()
+    max_ids = all_reduce(shard_max_ids(train_paths, d.rank, d.world_size).to(d.device), dist.ReduceOp.MAX).cpu()
+    log(f"train_shards:{len(train_paths)} max_id:{int(max_ids.max())} scan_time:{time.perf_counter() - t0:.1f}s")
+    if int(max_ids.max()) >= h.vocab_size:  # on CUDA an out-of-range id would be a device assert mid-run
+        i = int(max_ids.argmax())
+        raise ConfigError(f"training shard {train_paths[i]} holds token id {int(max_ids[i])} >= VOCAB_SIZE={h.vocab_size}; "
+                          f"data and tokenizer do not match: rebuild the shards or fix DATA_PATH/VOCAB_SIZE")
+    model = GPT(h).to(d.device)
+    log(f"model_params:{count_params(model)}")
+    for mode, s in model.schedules.items():
+        log(f"schedule looping:{int(mode)} encoder:{s.encoder} decoder:{s.decoder} n_skip:{s.n_skip} parallel_from:{s.parallel_from}")
+    trainer = Trainer(h, d, log, model, train_paths)
+    require_doc_starts(trainer.loader.shards[0], "training", h)
+    trainer.warmup()
+    train_time = trainer.run(lambda m: eval_val(h, m, d, val_tokens, luts))
+    trainer.apply_ema()
+    pre, _ = timed_eval("pre_quant", h, d, log,
+                        lambda c: eval_windows(h, model.token_nll, d, val_tokens, luts, h.eval_seq_len, c))
+    wrote = make_artifact(h, d, log, trainer, train_time)
+    return pre, wrote
+
+
+def load_eval_model(h: Hyperparameters, d: Dist, log: Logger, artifact: str, wrote: str | None) -> tuple:
+    """A fresh model with the artifact's weights read back from disk, ready to score:
+    (model, scorer, loss_fn, state, looping, the artifact's info)."""
     eval_model = GPT(h).to(d.device)
     t1 = time.perf_counter()
     info = {}
@@ -3558,12 +3186,13 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     if h.ttt_enabled:
         prepare_ttt(eval_model, h)
     scorer, loss_fn = eval_callables(h, eval_model, d)
-    times = {"load": time.perf_counter() - t0}
-    code = counted_code_bytes(code_config(h, info["knobs"]))  # ~1 s, no part of the evaluation
-    model_bytes = info["nbytes"]  # the bytes scored, not a later stat of the path
-    total = code + model_bytes
-    log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
-        f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:1 path:{artifact}")
+    return eval_model, scorer, loss_fn, state, looping, info
+
+
+def eval_stages(h: Hyperparameters, d: Dist, log: Logger, loaded: tuple, val_tokens: Tensor, luts, pre: EvalResult | None,
+                times: dict) -> None:
+    """Every eval stage the config enables on the model load_eval_model read back, each timed into times."""
+    eval_model, scorer, loss_fn, state, looping, _ = loaded
     times["warmup"] = eval_warmup(h, eval_model, scorer, loss_fn, d, val_tokens, log)
     log(f"eval_warmup time:{times['warmup']:.1f}s tokens:synthetic")
     quant, times["quantized"] = timed_eval("quantized", h, d, log,
@@ -3591,6 +3220,37 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
                 lf = eval_callables(h, m, d)[1]
             return eval_lora_ttt(h, m, lf, d, val_tokens, luts, c, log)
         _, times["lora_ttt"] = timed_eval("lora_ttt", h, d, log, lora_stage)
+
+
+def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> int:
+    """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
+    log = log or Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
+    log_header(h, d, log)
+    if fa3_refusal(h, d.device):
+        raise ConfigError(fa3_refusal(h, d.device))
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    val_tokens, luts = load_validation(h, d, log)
+    log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if uses_varlen(h, d.device) else 'sdpa'} "
+        f"smear_gate:{int(h.smear_gate)} attn_gate:{h.attn_gate} polar_express:{int(h.polar_express)} "
+        f"fused_ce:{fused_ce_backend(d.device) if h.fused_ce else 'off'}")
+    pre = wrote = None
+    artifact = h.eval_artifact or h.artifact_file
+    if not h.eval_artifact:
+        pre, wrote = train_stage(h, d, log, val_tokens, luts)
+    # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
+    t0 = time.perf_counter()
+    loaded = load_eval_model(h, d, log, artifact, wrote)
+    times, info = {"load": time.perf_counter() - t0}, loaded[-1]
+    code, packed = counted_code_bytes(code_config(h, info["knobs"]), log)  # ~1 s, no part of the evaluation
+    model_bytes = info["nbytes"]  # the bytes scored, not a later stat of the path
+    total = code + model_bytes
+    log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
+        f"limit:{SIZE_LIMIT} headroom:{SIZE_LIMIT - total} code_packed:{int(packed)} path:{artifact}")
+    eval_stages(h, d, log, loaded, val_tokens, luts, pre, times)
     used = sum(times.values())
     log(f"eval_budget used:{used:.1f}s limit:{EVAL_LIMIT_SECONDS:.0f}s stages:{'+'.join(times)}"
         + ("" if used <= EVAL_LIMIT_SECONDS else " OVER_BUDGET"))

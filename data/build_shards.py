@@ -40,6 +40,7 @@ import numpy as np
 import sentencepiece as spm
 
 import caseops
+from documents import PathLike, check_input_path, iter_documents, positive_int  # noqa: F401 (build_shards.* API)
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -59,7 +60,6 @@ PROGRESS_SECONDS = 10.0
 DOCS_PER_TASK = 256
 TASKS_PER_WORKER = 4
 
-PathLike = str | os.PathLike
 
 
 def write_shard(path: PathLike, tokens: np.ndarray) -> None:
@@ -91,45 +91,6 @@ def write_shard(path: PathLike, tokens: np.ndarray) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-
-
-def _check_input_path(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}; check the --input path")
-    if path.suffix not in (".jsonl", ".txt"):
-        raise ValueError(
-            f"unsupported input {path}: use .jsonl (one JSON object with a \"text\" field per line) "
-            "or .txt (one document per file)"
-        )
-
-
-def iter_documents(paths: Iterable[PathLike]) -> Iterator[str]:
-    """Yield document texts from .jsonl files (field "text") or .txt files (one document each)."""
-    for raw_path in paths:
-        path = Path(raw_path)
-        _check_input_path(path)
-        if path.suffix == ".txt":
-            try:
-                yield path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
-            continue
-        # Binary lines split on b"\n" only, so stray \r or U+2028 inside a record
-        # cannot break it apart and the reported line numbers match `sed -n`.
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    reason = e.msg if isinstance(e, json.JSONDecodeError) else "not valid UTF-8"
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({reason}); fix or remove that line") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(
-                        f"{path}:{lineno}: record has no string \"text\" field; each line must be an object like {{\"text\": \"...\"}}"
-                    )
-                yield record["text"]
 
 
 def _load_tokenizer(tokenizer_path: PathLike) -> spm.SentencePieceProcessor:
@@ -325,7 +286,7 @@ def check_val_split(input_paths: Sequence[PathLike], val_docs: int) -> None:
     n = 0  # documents, counted as iter_documents yields them but without parsing (fast; bad lines fail later)
     for raw_path in input_paths:
         path = Path(raw_path)
-        _check_input_path(path)
+        check_input_path(path)
         if path.suffix == ".txt":
             n += 1
         else:
@@ -347,7 +308,7 @@ def check_inputs(input_paths: Sequence[PathLike]) -> None:
     """Every input exists, is .jsonl/.txt, and is given once (twice, its documents would be in both splits)."""
     seen: dict[tuple[int, int], PathLike] = {}
     for p in input_paths:
-        _check_input_path(Path(p))
+        check_input_path(Path(p))
         st = os.stat(p)
         if (st.st_dev, st.st_ino) in seen:
             raise ValueError(f"input {p} is given twice (also as {seen[st.st_dev, st.st_ino]}); pass each --input once")
@@ -502,16 +463,6 @@ def build_shards(
         "val_text_fingerprint": val_text,
         "tokenizer_sha256": tok_meta["sha256"],
     }
-
-
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def default_paths(vocab_size: int, use_caseops: bool = False) -> tuple[Path, Path]:

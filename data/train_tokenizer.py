@@ -29,6 +29,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 import caseops
+from documents import PathLike, iter_documents, positive_int
 
 # From the challenge's data/download_hf_docs_and_tokenize.py.
 PUBLIC_SETTINGS = dict(
@@ -52,7 +53,6 @@ TRAIN_THREADS = 16
 MIN_VOCAB = 4 + 256 + 1  # specials, 256 byte-fallback pieces, "▁"
 MAX_VOCAB = 1 << 16  # shards store uint16 ids
 
-PathLike = str | os.PathLike
 
 
 def training_text(text: str) -> str:
@@ -155,8 +155,6 @@ def save_model(proto: bytes, path: PathLike) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from build_shards import iter_documents, positive_int
-
     parser = argparse.ArgumentParser(description="Train a SentencePiece BPE tokenizer with the public FineWeb settings.")
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl (field \"text\") or .txt files, in order")
     parser.add_argument("--vocab-size", type=positive_int, required=True, help="pieces in the tokenizer")

@@ -147,7 +147,7 @@ def test_size_limit_counts_code_and_model(margin, rc, full_run, synth_data, tmp_
     synthetic_tokenizer(monkeypatch)
     h = hparams(synth_data, tmp_path, "size", eval_artifact=str(artifact), sliding_window_enabled=False,
                 ttt_enabled=False)
-    total = len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h)) + artifact.stat().st_size
+    total = tg.counted_code_bytes(h)[0] + artifact.stat().st_size
     monkeypatch.setattr(tg, "SIZE_LIMIT", total + margin)
     assert tg.train_and_eval(h, CPU) == rc
     log = (tmp_path / "size.txt").read_text()

@@ -216,3 +216,17 @@ def test_cli_success_prints_summary_and_refuses_rerun(shared_data, tmp_path):
     rerun = run_cli(*args)
     assert_one_line_error(rerun, "already holds")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_no_import_circle_between_the_data_scripts():
+    """train_tokenizer.py takes what it shares with build_shards.py from documents.py, never from build_shards.py,
+    and documents.py imports neither."""
+    import ast
+
+    def imports(name):
+        tree = ast.parse((REPO / "data" / f"{name}.py").read_text())
+        return {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+            {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "documents" in imports("train_tokenizer") and "build_shards" not in imports("train_tokenizer")
+    assert not imports("documents") & {"build_shards", "train_tokenizer"}

@@ -47,7 +47,7 @@ def synth_data(tmp_path_factory):
     return out
 
 
-def synthetic_tokenizer(monkeypatch, code_bytes=lambda h: 1000 + 7 * (h.compressor == "pergroup") + 13 * h.lqer_top_n):
+def synthetic_tokenizer(monkeypatch, code_bytes=lambda h, log=None: (1000 + 7 * (h.compressor == "pergroup") + 13 * h.lqer_top_n, True)):
     vocab = torch.arange(1024)
     boundary = (vocab % 7 == 0) | (vocab == tg.BOS_ID)
     monkeypatch.setattr(tg, "build_byte_luts", lambda path, v, *r: (torch.where(boundary, 0, vocab % 5 + 1), vocab % 3 == 0, boundary))

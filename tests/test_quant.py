@@ -1,19 +1,12 @@
-"""Artifact: SDClip/RTN/GPTQ, the pickle-free container, compression, accounting and round trips."""
-import ast
+"""Artifact: SDClip/RTN/GPTQ, the pickle-free container, compression, accounting and round trips
+(the code packer's own tests: test_pack_code.py)."""
 import collections
 import dataclasses
-import dis
-import glob
-import hashlib
-import inspect
-import itertools
-import json
 import os
-import re
 import shutil
+import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -22,6 +15,7 @@ import train_gpt as tg
 from conftest import REPO, SP1024, TINY, clean_environ, tiny_env
 
 sys.path.insert(0, str(REPO / "tools"))
+import pack_code  # noqa: E402
 import records  # noqa: E402
 
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
@@ -105,425 +99,6 @@ def test_container_round_trip_and_errors():
     assert tg.byte_unshuffle(tg.byte_shuffle(blob[:-1])) == blob[:-1]
     with pytest.raises(ValueError, match="brotli"):
         tg.decompress_artifact(tg.compress_artifact(blob)[:-10])
-
-
-def test_pack_source_behaves_identically(tmp_path):
-    src = b"import inspect,sys\ndef f(x):\n    y = x + 1\n    return y\nprint('packed', __name__, len(sys.argv))\nprint(inspect.getsource(f))\n"
-    packed = tg.pack_source(src)
-    (tmp_path / "p.py").write_bytes(packed)
-    out = subprocess.run([sys.executable, str(tmp_path / "p.py"), "a"], capture_output=True, text=True)
-    # triton.jit reads its kernels' source with inspect: the wrapper must keep it reachable
-    assert out.stdout == "packed __main__ 2\ndef f(x):a=x+1;return a\n\n", out.stderr
-    h = tg.Hyperparameters(compressor="pergroup")
-    assert tg.counted_code_bytes(h) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
-
-
-def test_the_packed_file_keeps_its_source_readable_for_triton(tmp_path):
-    """triton.jit reads each kernel's source with inspect: in the packed train_gpt.py too."""
-    packed = tmp_path / "train_gpt.py"
-    packed.write_bytes(tg.pack_source((REPO / "train_gpt.py").read_bytes()))
-    code = ("import inspect, runpy, sys; g = runpy.run_path(sys.argv[1], run_name='packed'); "
-            "print([(s.count('@triton.jit'), 'def fwd(' in s, 'def bwd(' in s) for s in (inspect.getsource(f) for f in g.values() "
-            "if inspect.isfunction(f) and f.__code__.co_filename.endswith('*')) if 'import triton' in s])")
-    out = subprocess.run([sys.executable, "-c", code, str(packed)], capture_output=True, text=True, timeout=300)
-    assert out.stdout.strip() == "[(2, True, True)]", out.stderr[-1000:]
-
-
-@pytest.mark.parametrize("seed, tail", [(0, b'"\\'), (1, b'"'), (2, b'""'), (3, b"\x00"), (4, b"\x007")])
-def test_latin1_literal_carries_every_byte(tmp_path, seed, tail):
-    """The wrapper's literal, read back by Python's own parser, is the compressed stream byte for byte."""
-    raw = bytes(range(256)) + b'"""\\\r\n\0' + b'\x000\x007\x008""""x\\"\x00' + \
-        torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(seed)).to(torch.uint8).numpy().tobytes() + tail
-    (tmp_path / "l.py").write_bytes(b'#coding:l1\nimport sys;sys.stdout.buffer.write("""' + tg.latin1_literal(raw) + b'""".encode("l1"))\n')
-    out = subprocess.run([sys.executable, str(tmp_path / "l.py")], capture_output=True)
-    assert out.returncode == 0 and out.stdout == raw, out.stderr[-300:]
-    assert len(tg.latin1_literal(raw)) < 1.02 * len(raw)
-
-
-def test_unpack_reads_a_literal_that_ends_in_a_quote():
-    """tools/records.py reads the source back out of a wrapper whose stream ends in a quote (escaped,
-    just before the closing quotes)."""
-    import brotli
-
-    src = next(s for i in range(20000) if brotli.compress(s := hashlib.sha256(b"%d" % i).digest() * 2, quality=11).endswith(b'"'))
-    body = tg.latin1_literal(brotli.compress(src, quality=11))
-    assert body.endswith(b'\\"')
-    assert records.unpack_wrapper(tg._PACK_HEADS[1] + body + tg._PACK_TAILS[1]) == src
-
-
-GLOBAL_OPS = {"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME", "DELETE_NAME"}
-
-
-def same_program_up_to_local_names(a: types.CodeType, b: types.CodeType, names: dict, glob: dict | None = None):
-    """Asserts that two code objects run the same instructions on the same attributes and constants,
-    and differ at most by a one-to-one renaming of local variables (fresh per function) and, given
-    glob, one module-wide one-to-one renaming of global names (else globals must match)."""
-    assert a.co_argcount == b.co_argcount and a.co_kwonlyargcount == b.co_kwonlyargcount and a.co_flags == b.co_flags, a.co_name
-    n = a.co_argcount + a.co_kwonlyargcount + bool(a.co_flags & 4) + bool(a.co_flags & 8)
-    for p, q in zip(a.co_varnames[:n], b.co_varnames[:n]):
-        assert p == q and names.setdefault(p, p) == p, f"{a.co_name}: parameter {p} renamed"
-    ia, ib = list(dis.get_instructions(a)), list(dis.get_instructions(b))
-    assert [i.opname for i in ia] == [i.opname for i in ib], a.co_name
-    for j, (x, y) in enumerate(zip(ia, ib)):
-        if isinstance(x.argval, types.CodeType):  # a def in a module or class body renames on its own
-            same_program_up_to_local_names(x.argval, y.argval, names if a.co_flags & inspect.CO_OPTIMIZED else {}, glob)
-        elif x.opname in ("MAKE_CELL", "LOAD_CLOSURE"):  # cells are made and passed in the sorted order of their names
-            continue
-        elif x.opcode in dis.haslocal or x.opcode in dis.hasfree:
-            assert names.setdefault(x.argval, y.argval) == y.argval, f"{a.co_name}: {x.argval} renamed two ways"
-        elif glob is not None and x.opname in GLOBAL_OPS:
-            assert glob.setdefault(x.argval, y.argval) == y.argval, f"{a.co_name}: global {x.argval} renamed two ways"
-        elif glob is not None and ia[j + 1 :][:1] and ia[j + 1].opname == "MAKE_FUNCTION" and isinstance(x.argval, str):  # 3.10: qualname
-            head, *rest = x.argval.split(".")
-            assert ".".join([glob.get(head, head), *rest]) == y.argval, f"{a.co_name}: {x.argval} != {y.argval}"
-        else:
-            assert x.argval == y.argval, f"{a.co_name}: {x.opname} {x.argval!r} != {y.argval!r}"
-    assert len(set(names.values())) == len(names), f"{a.co_name}: two locals renamed to one name"
-    assert glob is None or len(set(glob.values())) == len(glob), f"{a.co_name}: two globals renamed to one name"
-
-
-RENAME_CASES = b'''
-import functools
-total = 100
-def deco(f):
-    return f
-def outer(a, b=2, *args, k=3, **kw):
-    counter = 0
-    values = [counter + v for v in range(a)]
-    def inner(step=b):
-        nonlocal counter
-        counter += step
-        return counter
-    def make():
-        acc = []
-        for i in range(3):
-            acc.append(i * total)
-        return acc
-    try:
-        raise ValueError(a)
-    except ValueError as err:
-        msg = str(err)
-    if (width := len(values)) > 1:
-        width += 1
-    label = f"{width=} {msg!r:>6}"
-    lam = lambda z, q=k: z + q + a
-    squares = {x: x * x for x in values}
-    return inner(), inner(5), make(), label, lam(1), sorted(squares.items()), width, args, kw
-def boxed(n):
-    kept_name = n + 1
-    class Box:
-        item = kept_name
-    return Box.item
-def bump(n):
-    global total
-    total_before = total
-    total += n
-    return total_before, total
-@deco
-def third(longname_one, longname_two):
-    longname_three = longname_one + longname_two
-    longname_four = [longname_three for _ in range(2)]
-    return longname_four, eval("1 + 1")
-@functools.lru_cache
-def fourth(x):
-    product = x * 2
-    return product
-print(outer(4, 1, 9, k=2, extra=1), boxed(1), bump(2), bump(3))
-print(third(longname_two=1, longname_one=2), fourth(x=3))
-'''
-
-
-def test_rename_locals_keeps_behaviour_and_every_name_callers_see(tmp_path):
-    renamed = tg.rename_locals(RENAME_CASES)
-    runs = []
-    for name, code in (("a.py", RENAME_CASES), ("b.py", renamed)):
-        (tmp_path / name).write_bytes(code)
-        runs.append(subprocess.run([sys.executable, str(tmp_path / name)], capture_output=True, text=True))
-    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[1].stderr
-    same_program_up_to_local_names(compile(RENAME_CASES, "a", "exec"), compile(renamed, "b", "exec"), {})
-    for kept in (b"counter", b"width=", b"kept_name", b"total += n", b"longname_three"):
-        assert kept in renamed  # nonlocal, an f-string's name, a class body's or eval's scope, a global: left alone
-    assert b"total_before" not in renamed and b"product" not in renamed
-    assert b"longname_three" not in tg.rename_locals(RENAME_CASES.replace(b'eval("1 + 1")', b"2"))
-
-
-GLOBAL_CASES = b'''
-import functools
-LIMIT = 3
-SCALE = 2.0
-def helper(x):
-    return x * SCALE
-def shadowed(v):
-    return v + 1
-def uses_param(shadowed):
-    return shadowed * 2
-def counted():
-    global LIMIT
-    LIMIT += 1
-    return LIMIT
-def wrap(f):
-    @functools.wraps(f)
-    def inner(*a):
-        return f(*a) + 1
-    return inner
-@wrap
-def decorated(x):
-    return helper(x)
-class Box:
-    size = LIMIT
-    def get(self):
-        return helper(self.size)
-TABLE = {k: helper(k) for k in range(LIMIT)}
-def shown():
-    return f"{SHOWN_VALUE=}"
-SHOWN_VALUE = 5
-def caught():
-    try:
-        raise ValueError("boom")
-    except ValueError as problem:
-        return str(problem)
-def problem():
-    return "module-level"
-def loader():
-    import json as codec
-    return codec.dumps([1])
-def codec():
-    return "mine"
-def aa():
-    return "registered elsewhere, never named"
-print(helper(2), uses_param(3), shadowed(1), counted(), decorated(4), Box().get(), TABLE, shown())
-print(caught(), problem(), loader(), codec())
-'''
-
-
-def test_rename_globals_keeps_behaviour_and_every_name_with_two_meanings(tmp_path):
-    renamed, glob = tg.rename_globals(GLOBAL_CASES), {}
-    runs = []
-    for name, code in (("a.py", GLOBAL_CASES), ("b.py", renamed)):
-        (tmp_path / name).write_bytes(code)
-        runs.append(subprocess.run([sys.executable, str(tmp_path / name)], capture_output=True, text=True))
-    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[1].stderr
-    same_program_up_to_local_names(compile(GLOBAL_CASES, "a", "exec"), compile(renamed, "b", "exec"), {}, glob)
-    moved = {k for k, v in glob.items() if k != v}
-    # a parameter's, local's, except-as or import's name elsewhere, an f-string's, a class: left alone
-    assert moved == {"SCALE", "helper", "uses_param", "counted", "wrap", "decorated", "TABLE", "shown", "caught", "loader"}, moved
-    assert all(len(glob[k]) == 2 for k in moved) and renamed.count(b"def aa(") == 1  # no fresh name takes a def's
-
-
-def test_shipped_source_is_the_same_program():
-    """Minifying the stripped source keeps its syntax tree (whitespace) and its bytecode up to local
-    and global names, for the default config and one that keeps every group."""
-    src = (REPO / "train_gpt.py").read_bytes()
-    for h in (tg.Hyperparameters(), tg.Hyperparameters(lora_ttt_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
-                                                        embed_bits_tiers="4:8,8", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.1)):
-        stripped = tg.strip_source(tg.prune_source(src, h))
-        renamed, glob = tg.rename_locals(tg.rename_globals(stripped)), {}
-        same_program_up_to_local_names(compile(stripped, "a", "exec"), compile(renamed, "b", "exec"), {}, glob)
-        moved = {k: v for k, v in glob.items() if k != v}
-        assert len(moved) > 100 and not moved.keys() & {"Hyperparameters", "GPT", "PRESETS", "torch"}, moved
-        squeezed = tg.squeeze_source(renamed)
-        assert ast.dump(ast.parse(squeezed)) == ast.dump(ast.parse(renamed))
-        assert len(squeezed) < 0.95 * len(stripped)
-
-
-PACK_ONLY = """
-import ast, dataclasses, hashlib, json, sys
-src = open(sys.argv[1], "rb").read()
-want = {"strip_source", "rename_globals", "rename_locals", "_most_used", "_apply_renames", "_short_names", "squeeze_source", "dead_ifs",
-        "prune_source", "shipped_source", "PRUNE", "FREE_KNOBS"}
-keep = [n for n in ast.parse(src).body if getattr(n, "name", None) in want or
-        isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in want]
-g = {"fields": dataclasses.fields, "collections": __import__("collections")}
-exec("from __future__ import annotations\\n" + "\\n".join(ast.get_source_segment(src.decode(), n) for n in keep), g)
-knobs = json.loads(sys.argv[2])  # [name, default, value]
-H = dataclasses.make_dataclass("H", [(n, object, dataclasses.field(default=d)) for n, d, _ in knobs])
-h = H(**{n: v for n, _, v in knobs})
-print(hashlib.sha256(g["shipped_source"](src, h)).hexdigest())
-"""
-
-
-def test_shipped_source_is_the_same_under_every_python_here():
-    """The run counts its packed size on the GPU machine and tools/records.py re-packs elsewhere:
-    the shipped source must not depend on the Python version (3.12 tokenizes f-strings in pieces)."""
-    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    found = {}
-    for p in [shutil.which(f"python3.{m}") for m in range(10, 15)] + \
-            sorted(glob.glob(os.path.expanduser(os.environ.get("PYENV_ROOT", "~/.pyenv")) + "/versions/3.1*/bin/python3")):
-        v = p and subprocess.run([p, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True).stdout.split()
-        if v and tuple(map(int, v)) >= (3, 10) and ".".join(v) != here:
-            found.setdefault(".".join(v), p)
-    others = list(found.values())
-    if not others:
-        pytest.skip("no other python3.x on PATH to compare with")
-    src = REPO / "train_gpt.py"
-    for h in (tg.Hyperparameters(), tg.Hyperparameters(lora_ttt_enabled=True, compressor="pergroup", num_layers=5)):
-        knobs = json.dumps([(f.name, f.default, getattr(h, f.name)) for f in dataclasses.fields(h)])
-        want = hashlib.sha256(tg.shipped_source(src.read_bytes(), h)).hexdigest()
-        for py in others:
-            out = subprocess.run([py, "-c", PACK_ONLY, str(src), knobs], capture_output=True, text=True, timeout=120)
-            assert out.stdout.strip() == want, (py, out.stderr[-500:])
-
-
-def node_names(node) -> list[str]:
-    """The names a top-level statement defines: a def or class, or plain assignment targets."""
-    import ast
-
-    return [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-        [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-
-
-def top_level_names(src: bytes) -> set[str]:
-    import ast
-
-    return {n for node in ast.parse(src).body for n in node_names(node)}
-
-
-def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
-    src = (REPO / "train_gpt.py").read_bytes()
-    tops, defaults = top_level_names(src), tg.Hyperparameters()
-    groups = [(knobs, set(names.split())) for knobs, names in tg.PRUNE]
-    for knobs, names in groups:
-        assert names <= tops, names - tops  # a misspelt name would silently ship
-        assert all(getattr(defaults, k) == v for k, v in knobs.items())  # the defaults pass the pins
-    always = groups[0][1]
-    on = dict(lora_ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
-              embed_bits_tiers="128:8,rest:6", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.5)
-    assert {k for knobs, _ in groups for k in knobs} == set(on)
-    gone = lambda h: tops - top_level_names(tg.prune_source(src, h))  # noqa: E731
-    assert gone(tg.Hyperparameters(**on)) == always
-    assert gone(defaults) == set().union(*(names for _, names in groups))
-    for k, v in on.items():  # one knob on keeps exactly the groups that name it
-        assert gone(dataclasses.replace(defaults, **{k: v})) == set().union(*(n for kn, n in groups if k not in kn))
-    pins = lambda h: eval(next(l for l in tg.prune_source(src, h).decode().splitlines() if l.startswith("PINNED")).split("=", 1)[1])  # noqa: E731
-    assert pins(defaults) == {} and pins(tg.Hyperparameters(**on)) == on  # the config's values that are not the defaults
-    free = dict(run_id="r", seed=7, data_dir="d", data_path="p", tokenizer_path="t", log_dir="l", artifact_path="a",
-                eval_artifact="e", eval_nll_dir="n", compile=False, sdpa_fallback=True)
-    assert set(free) == set(tg.FREE_KNOBS) and pins(tg.Hyperparameters(**free, num_layers=5)) == {"num_layers": 5}
-    with pytest.raises(tg.ConfigError, match="NUM_HEADS"):  # a config is checked before it is packed
-        tg.pack_source(src, tg.Hyperparameters(num_heads=7))
-
-
-FOLD_CASES = """
-def f(h: Hyperparameters, x):
-    if h.lora_ttt_enabled:
-        x += 1  # gone: off
-    if x > 2 and h.ttt_enabled or h.lora_ttt_enabled:
-        x += 2  # kept: x decides
-    if x and h.lora_ttt_enabled:
-        x += 3  # gone: pure names and off
-    if check(x) and h.lora_ttt_enabled:
-        x += 4  # kept: a call
-    if h.ttt_enabled:
-        x += 5  # kept: on
-    if h.seed == 5:
-        x += 6  # kept: a free knob
-    if h.lora_ttt_enabled:
-        x += 7  # kept: an else
-    else:
-        x -= 7
-    if h.compressor == "pergroup" or h.lora_ttt_enabled:
-        x += 8  # gone: both off
-    for y in range(2):
-        if h.lora_ttt_enabled:
-            x += 9  # kept: the loop's only statement
-    def inner(h):
-        if h.lora_ttt_enabled:
-            x += 10  # kept: another h
-        return x
-    return x
-def g(h, x):
-    if h.lora_ttt_enabled:
-        x += 11  # kept: h not annotated
-    return x
-def k(h: Hyperparameters, x):
-    h = other(h)
-    if h.lora_ttt_enabled:
-        x += 12  # kept: h rebound
-    return x
-"""
-
-
-def test_dead_ifs_are_the_blocks_the_config_never_enters():
-    import ast
-
-    gone = tg.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters())
-    assert sorted(ast.unparse(s.body[0]) for s in gone) == ["x += 1", "x += 3", "x += 8"]
-    assert tg.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters(lora_ttt_enabled=True)) == []
-    src = (REPO / "train_gpt.py").read_bytes()
-    on = tg.Hyperparameters(lora_ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True)
-    for h in (tg.Hyperparameters(), tg.Hyperparameters.from_env({"PRESET": "smoke"}), on):
-        gone = tg.dead_ifs(ast.parse(src), h)
-        assert gone or h is on
-        for s in gone:  # Python's own eval of each test: false whatever its other names hold
-            names = {x.id for x in ast.walk(s.test) if isinstance(x, ast.Name)} - {"h"}
-            for values in itertools.product([0, 1, 2.5, "tok_emb.weight", None, True], repeat=len(names)):
-                assert not eval(ast.unparse(s.test), {"h": h, **dict(zip(sorted(names), values))}), ast.unparse(s.test)
-        shipped = tg.prune_source(src, h).decode()
-        assert ("timed_eval(\"lora_ttt\"" in shipped) == h.lora_ttt_enabled
-
-
-def test_a_shipped_file_runs_its_packed_config_and_refuses_others(monkeypatch):
-    monkeypatch.setattr(tg, "PINNED", {"num_layers": 5, "matrix_lr": 0.03})
-    h = tg.Hyperparameters.from_env({"SEED": "7", "RUN_ID": "x", "COMPILE": "0"})  # free knobs still come from the env
-    assert (h.num_layers, h.matrix_lr, h.seed, h.run_id, h.compile, h.model_dim) == (5, 0.03, 7, "x", False, 512)
-    assert tg.Hyperparameters.from_env({"NUM_LAYERS": "5", "MATRIX_LR": "0.030"}) == tg.Hyperparameters.from_env({})
-    for env, msg in (({"NUM_LAYERS": "6"}, "NUM_LAYERS=6: this train_gpt.py was packed for NUM_LAYERS=5; run the readable"),
-                     ({"MODEL_DIM": "256"}, "MODEL_DIM=256: this train_gpt.py was packed for MODEL_DIM=512"),
-                     ({"MATRIX_LR": "nan"}, "MATRIX_LR=nan: this train_gpt.py was packed for MATRIX_LR=0.03"),
-                     ({"SEED": "-1"}, r"SEED=-1 must lie in \[0,4294967295\]")):
-        with pytest.raises(tg.ConfigError, match=msg):
-            tg.Hyperparameters.from_env(env)
-
-
-# Calls into a PRUNE group whose guard is not a knob of the group: each runs only when the group's
-# knob was on where the data came from (an artifact's encoding, a module built from the knob) or
-# never in the shipped file (counted_code_bytes of a wrapper returns its own length).
-DATA_GUARDED = {
-    ("decode_artifact", "decode_pergroup"): "the artifact's magic",
-    ("dequantize_int", "dequantize_asym"): "the artifact holds LQER factors",
-    ("dequantize_int", "awq_scales"): "the artifact's metadata marks an AWQ group",
-    ("gptq_quantize", "awq_scales"): "keep is passed only when AWQ_LITE=1",
-    ("GPT", "LowRankResidual"): "r = EMBED_ROTATION_RANK",
-    ("GPT", "bigram_hash"): "hash_embed exists only with TTT_HASH_EMBED=1",
-    ("counted_code_bytes", "pack_source"): "not called in the shipped wrapper",
-    ("Hyperparameters", "check_config"): "PINNED is None: the readable source (a shipped file's config was checked when packed)",
-}
-
-
-def test_prune_groups_are_reached_only_under_their_knobs():
-    """Every call into a group from outside it sits under a condition (if, conditional expression,
-    loop bound) naming one of the group's knobs, or in a group kept whenever this one is, or is a
-    reviewed DATA_GUARDED site. A group keyed to the wrong knob would ship without code a config
-    needs, and the run would stop after training."""
-    import ast
-
-    tree = ast.parse((REPO / "train_gpt.py").read_text())
-    owner = {}
-    for knobs, names in tg.PRUNE:
-        owner.update({n: (set(knobs), set(names.split())) for n in names.split()})
-    problems, seen = [], set()
-
-    def visit(node, top, conds):
-        if isinstance(node, ast.Name) and node.id in owner and node.id not in owner.get(top, (None, set()))[1]:
-            knobs, _ = owner[node.id]
-            kept_with = top in owner and owner[top][0] <= knobs  # top is kept only when this group is
-            if not (knobs and any(k in c for c in conds for k in knobs)) and not kept_with:
-                seen.add((top, node.id))
-                if (top, node.id) not in DATA_GUARDED:
-                    problems.append(f"{top} uses {node.id} outside a condition on {sorted(knobs)}")
-        guard = []
-        if isinstance(node, (ast.If, ast.IfExp, ast.While)):
-            guard = [ast.unparse(node.test)]
-        elif isinstance(node, (ast.For, ast.comprehension)):
-            guard = [ast.unparse(node.iter)]
-        for child in ast.iter_child_nodes(node):
-            visit(child, top, conds + guard if child is not getattr(node, "test", None) else conds)
-
-    for node in tree.body:
-        for name in node_names(node) or [None]:
-            visit(node, name, [])
-    assert not problems, problems
-    assert seen == set(DATA_GUARDED)  # every reviewed site still exists
 
 
 def gptq_spec(name, p, h) -> bool:
@@ -664,9 +239,9 @@ def test_artifact_round_trip_is_bit_exact(trained, tmp_path):
 # --- end to end ----------------------------------------------------------------------------------
 
 
-def run(env, tmp_path):
+def run(env, tmp_path, script=REPO / "train_gpt.py"):
     env = {**clean_environ(), **env, "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
 
 
@@ -689,14 +264,23 @@ def test_end_to_end_accounting_and_eval_only(dataset, tmp_path):
     artifact = tmp_path / "logs" / "e2e.ptz"
     assert int(kv["bytes_model"]) == artifact.stat().st_size
     h = tg.Hyperparameters.from_env(env)
-    assert int(kv["counted_code_bytes"]) == len(tg.pack_source((REPO / "train_gpt.py").read_bytes(), h))
+    assert int(kv["counted_code_bytes"]) == len(pack_code.pack_source((REPO / "train_gpt.py").read_bytes(), h))
+    assert kv["code_packed"] == "1" and "ESTIMATE" not in r.stdout
     assert int(kv["bytes_total"]) == int(kv["bytes_model"]) + int(kv["counted_code_bytes"])
     assert "gptq_hessian_end:" in r.stdout and "quant_gap val_bpb:" in r.stdout
     quantized = next(l for l in r.stdout.splitlines() if l.startswith("final_quantized"))
-    # re-score the saved artifact without training
-    again = run({**env, "EVAL_ARTIFACT": str(artifact), "RUN_ID": "rescore"}, tmp_path)
+    # re-score the saved artifact without training, from a copy of train_gpt.py alone in an empty folder:
+    # it runs, and counts its code with a labelled estimate (no tools/pack_code.py beside it)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(REPO / "train_gpt.py", lone / "train_gpt.py")
+    again = run({**env, "EVAL_ARTIFACT": str(artifact), "RUN_ID": "rescore"}, tmp_path, lone / "train_gpt.py")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "final_pre_quant" not in again.stdout
+    line = next(l for l in again.stdout.splitlines() if l.startswith("artifact "))
+    est = dict(t.split(":", 1) for t in line.split()[1:])
+    assert est["code_packed"] == "0" and "code_size ESTIMATE:" in again.stdout
+    assert int(kv["counted_code_bytes"]) < int(est["counted_code_bytes"]) < 3 * int(kv["counted_code_bytes"])
     requant = next(l for l in again.stdout.splitlines() if l.startswith("final_quantized"))
     assert requant.split("eval_time")[0] == quantized.split("eval_time")[0]
     # the packed (counted) form of the script, stripped source inside, trains and scores the same,

@@ -9,6 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
+import pack_code  # noqa: E402
 import readme_knobs  # noqa: E402
 import train_gpt  # noqa: E402
 
@@ -24,7 +25,7 @@ def test_knob_table_is_current():
 
 
 def test_counted_code_size_is_current():
-    assert readme_knobs.readme_code_size(README) == f"{len(train_gpt.pack_source((REPO / 'train_gpt.py').read_bytes(), train_gpt.Hyperparameters())):,}", (
+    assert readme_knobs.readme_code_size(README) == f"{len(pack_code.pack_source((REPO / 'train_gpt.py').read_bytes(), train_gpt.Hyperparameters())):,}", (
         "README.md's counted code size is stale; run: python3 tools/readme_knobs.py --write")
 
 

@@ -16,6 +16,7 @@ from conftest import REPO
 from test_sweep import tiny_sweep
 
 sys.path.insert(0, str(REPO / "tools"))
+import pack_code  # noqa: E402
 import plot_runs  # noqa: E402
 import records  # noqa: E402
 import runlog  # noqa: E402
@@ -272,7 +273,7 @@ def test_pack_ships_the_counted_code(packed, logs):
     assert int(code.group(1)) == len(source) and records.sha256(source).startswith(code.group(2))
     assert f"counted_code_bytes:{len(shipped)} " in logs[0].read_text()  # the size the artifact counted
     h = records.run_config(tg, [runlog.read_log(logs[0])])  # the config the run logged
-    assert h.run_id and records.unpack_wrapper(shipped) == tg.shipped_source(source, h)
+    assert h.run_id and records.unpack_wrapper(shipped) == pack_code.shipped_source(source, h)
 
 
 def test_readme_tables_and_exact_command(packed, logs):

@@ -96,3 +96,19 @@ def test_malformed_input_never_gives_a_traceback(tool, tmp_path, monkeypatch):
             if rc:  # a refusal names the problem: an error line, or the tool's own report of what is missing/wrong
                 last = text.splitlines()[-1] if text else out.getvalue().strip().splitlines()[-1]
                 assert any(w in last for w in ("error:", "MISSING", "check:failed")), f"{tool} {args} ({kind}): {last!r}"
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_runs_without_gpu_or_data_and_the_docstring_opens_with_its_question(tool, tmp_path):
+    """`python3 tools/<tool>.py --help` from an empty folder, no GPU visible: usage, exit 0. The module
+    docstring's first line says what the tool answers and the command that asks it."""
+    import ast
+    import subprocess
+
+    env = {**clean_environ(), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-1000:]
+    assert not any(tmp_path.iterdir())  # nothing written
+    first = ast.get_docstring(ast.parse((REPO / "tools" / f"{tool}.py").read_text())).splitlines()[0]
+    assert "? `" in first and f"{tool}.py" in first.split("? `", 1)[1], first

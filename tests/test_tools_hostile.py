@@ -173,11 +173,11 @@ def test_pack_code_bad_paths(tmp_path, capsys, case, monkeypatch):
         monkeypatch.delenv(k)
     (tmp_path / "dir").mkdir()
     packed = tmp_path / "packed.py"
-    packed.write_bytes(tg._PACK_HEADS[0] + b'abc"""' + tg._PACK_TAILS[0])
+    packed.write_bytes(pack_code.PACK_HEADS[0] + b'abc"""' + pack_code.PACK_TAILS[0])
     src = {"packed_src": packed, "missing_src": tmp_path / "none.py", "folder_out": REPO / "train_gpt.py"}[case]
     out = tmp_path / ("dir" if case == "folder_out" else "o.py")
     if case == "folder_out":
-        monkeypatch.setattr(tg, "pack_source", lambda *a: pytest.fail("packed before checking --out"))
+        monkeypatch.setattr(pack_code, "pack_source", lambda *a: pytest.fail("packed before checking --out"))
     assert pack_code.main(["--src", str(src), "--out", str(out)]) == 2
     assert {"packed_src": "already packed", "missing_src": "is not a file", "folder_out": "is a folder"}[case] in one_line(capsys)
     assert not (tmp_path / "o.py").exists()

@@ -1,4 +1,6 @@
-"""Artifact techniques one at a time and together: model bytes saved and quantization-gap change.
+"""What does each artifact technique save, alone and together? `python3 tools/ablate_artifact.py --data DIR --tokenizer SP.model`
+
+Artifact techniques one at a time and together: model bytes saved and quantization-gap change.
 
     python3 tools/ablate_artifact.py --data DIR --tokenizer SP.model [--preset smoke] [--steps 300]
         [--set KEY=VALUE ...] [--val-tokens 32768] [--calib 8] [--variants baseline,clips,...]

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Weight analysis of a trained model: the tables and plots of the embedding and head studies.
+"""What did a trained model's embedding and head learn? `python3 tools/analyze.py logs/<run_id>.ptz --log logs/<run_id>.txt`
+
+Weight analysis of a trained model: the tables and plots of the embedding and head studies.
 
     python3 tools/analyze.py logs/<run_id>.ptz --log logs/<run_id>.txt --text "The capital of France is" \\
         --out analysis/<run_id>

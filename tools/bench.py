@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Training-step benchmark of train_gpt.py on synthetic tokens (no data files needed).
+"""How fast is a training step of train_gpt.py (synthetic tokens, no data files)? `python3 tools/bench.py`
+
+Training-step benchmark of train_gpt.py on synthetic tokens (no data files needed).
 
 Runs the real Trainer (prefetching loader, micro-step accumulation, gradient all-reduce, Muon
 sharded over ranks, clip, EMA) of Hyperparameters.from_env() on every rank it is launched with, over

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Eval-stage timing of train_gpt.py on synthetic tokens, as rank 0 of a WORLD-GPU run.
+"""How long does each eval stage of train_gpt.py take on WORLD GPUs (synthetic tokens)? `python3 tools/bench_eval.py`
+
+Eval-stage timing of train_gpt.py on synthetic tokens, as rank 0 of a WORLD-GPU run.
 
 Builds the model from Hyperparameters.from_env() (PRESET / env overrides apply) with random
 weights, and runs the plain, sliding and TTT stages, and the document stages (doc_plain,

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Export throughput of data/build_shards.py: documents and tokens per second.
+"""How fast does data/build_shards.py export documents and tokens? `python3 tools/bench_export.py --input FILE.jsonl --tokenizer SP.model`
+
+Export throughput of data/build_shards.py: documents and tokens per second.
 
 Exports the given documents into a temporary directory once per (tokenizer, worker count) and
 reports the wall time of the whole export (reading JSON, encoding, writing shards), and the CPU

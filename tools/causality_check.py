@@ -1,4 +1,6 @@
-"""Perturbation check of causality for every eval stage, on a saved artifact.
+"""Does any eval stage's score of a token depend on later tokens (perturbation check)? `python3 tools/causality_check.py --artifact logs/run.ptz`
+
+Perturbation check of causality for every eval stage, on a saved artifact.
 
 For a prefix of the validation stream, score every target with a stage; then replace every token
 after stream position p with a different random token and score again. A causal stage gives every

@@ -1,4 +1,6 @@
-"""Bytes each rank sends per training step, before and after the owner-based gradient reduction.
+"""How many bytes does each rank send per training step, before and after the owner-based reduction? `python3 tools/comm_bytes.py [--world 8]`
+
+Bytes each rank sends per training step, before and after the owner-based gradient reduction.
 
     python tools/comm_bytes.py [--world 8]
 
@@ -36,7 +38,7 @@ def step_bytes(muon: list[int], adam: list[int], world: int, update_bytes: int =
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=int, default=8)
+    ap.add_argument("--world", type=int, default=8, help="ranks (at least 1)")
     args = ap.parse_args(argv)
     if args.world < 1 or 8 % args.world:
         ap.error(f"--world {args.world}: the world size must divide 8 (1, 2, 4 or 8)")

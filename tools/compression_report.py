@@ -1,4 +1,6 @@
-"""Compression efficiency of an artifact: bytes per tensor group and codec against the entropy bound.
+"""How close is an artifact's compression to the entropy bound, per tensor group and codec? `python3 tools/compression_report.py logs/<run_id>.ptz`
+
+Compression efficiency of an artifact: bytes per tensor group and codec against the entropy bound.
 
     python tools/compression_report.py logs/<run_id>.ptz [--by kind|module|role]
 

@@ -1,6 +1,5 @@
 #!/usr/bin/env python3
-"""First contact with a GPU: one command that checks train_gpt.py on one GPU within a time cap and
-writes a report (report.md + every raw log) to --out.
+"""Does train_gpt.py work on one GPU within a time cap (report.md + raw logs to --out)? `python3 tools/gpu_check.py --out gpu_report`
 
     python3 tools/gpu_check.py --prepare                 # once, any machine (CPU): the data of steps 4-6
     python3 tools/gpu_check.py --dry-run --out gpu_report  # the plan; checks every input exists

@@ -1,4 +1,6 @@
-"""Plot training loss and val_bpb of one or several runs from their logs to a PNG.
+"""How do runs' training loss and val_bpb compare, as a PNG? `python3 tools/plot_runs.py logs/a.txt logs/b.txt --out curves.png`
+
+Plot training loss and val_bpb of one or several runs from their logs to a PNG.
 
     python tools/plot_runs.py logs/a.txt logs/b.txt --out curves.png [--x step|time]
     python tools/plot_runs.py logs/a.txt records/track_10min_16mb/<record>/train_seed42.log --out c.png

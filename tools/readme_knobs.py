@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Generate the knob table of docs/knobs.md from train_gpt.Hyperparameters, and README.md's counted code size.
+"""Are docs/knobs.md's knob table and README.md's counted code size current? `python3 tools/readme_knobs.py --write` rewrites them.
+
+Generate the knob table of docs/knobs.md from train_gpt.Hyperparameters, and README.md's counted code size.
 
 Every dataclass field becomes one row: env var (field name upper-cased), default (from the
 dataclass) and meaning (the trailing `# ...` comment on the field's line in train_gpt.py, or the
@@ -132,7 +134,7 @@ def render_readme(text: str, table: str) -> str:
 def code_size_text() -> str:
     """The counted code size of the default config as README.md states it, e.g. '33,545'."""
     tg = _import_train_gpt()
-    return f"{tg.counted_code_bytes(tg.Hyperparameters()):,}"
+    return f"{tg.counted_code_bytes(tg.Hyperparameters())[0]:,}"
 
 
 def readme_code_size(text: str) -> str:

@@ -1,4 +1,6 @@
-"""Build and check records/ submissions from finished run logs.
+"""Is a records/ submission complete and consistent with its run logs? `python3 tools/records.py pack|check ...`
+
+Build and check records/ submissions from finished run logs.
 
     python tools/records.py pack --name NAME --author A --github-id G [--track T] [--date D]
         [--code train_gpt.py] [--summary TEXT] [--reference ... | --reference-bpb X | --reference-seeds a,b]
@@ -39,6 +41,7 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
+import pack_code  # noqa: E402
 import runlog  # noqa: E402
 import significance  # noqa: E402
 
@@ -111,9 +114,9 @@ def load_schema() -> dict:
 @dataclass
 class Code:
     readable: bytes  # the source
-    counted: bytes  # what the artifact counts: the packed wrapper (code_packed:1) or the source
+    counted: bytes  # what the artifact counts: the packed wrapper (code_packed:1)
     ran_packed: bool  # the logs hash the packed wrapper (it was launched) rather than the source
-    module: object  # the code loaded as a module: Hyperparameters, PRESETS (pack_source in the readable source)
+    module: object  # the code loaded as a module: Hyperparameters, PRESETS
 
 
 def sha256(b: bytes) -> str:
@@ -121,7 +124,7 @@ def sha256(b: bytes) -> str:
 
 
 def unpack_wrapper(src: bytes) -> bytes | None:
-    """The source inside a self-extracting wrapper (train_gpt.pack_source: the stripped source), else None.
+    """The source inside a self-extracting wrapper (tools/pack_code.py: the shipped source), else None.
     Reads today's latin-1 literal wrapper and the older base85 one."""
     m = re.match(rb'#coding:l1\nimport (lzma|brotli)[^"]*"""(.*)"""\.encode', src, re.S)  # the last close: the body may end in \"
     if m:
@@ -157,7 +160,7 @@ def load_module(source: bytes, origin: str):
 
 def run_config(module, runs: list[runlog.RunLog]):
     """The config the first run logged (its `hp` lines) as the module's Hyperparameters: what the
-    shipped code was packed for (train_gpt.pack_source prunes by it)."""
+    shipped code was packed for (tools/pack_code.py prunes by it)."""
     hp = runs[0].hp if runs else {}
     return module.Hyperparameters(**{f.name: module.parse_env_value(f.name.upper(), hp[f.name], f.type)
                                      for f in dataclasses.fields(module.Hyperparameters) if f.name in hp})
@@ -173,12 +176,13 @@ def match_code(path: Path, runs: list[runlog.RunLog], readable_path: Path | None
     if readable is not given and readable_path is not None and readable_path.is_file():
         full = readable_path.read_bytes()
         mod = load_module(full, str(readable_path))
-        if hasattr(mod, "pack_source") and unpack_wrapper(mod.pack_source(full, run_config(mod, runs))) == readable:
+        if hasattr(mod, "FREE_KNOBS") and unpack_wrapper(packer(mod)(full, run_config(mod, runs))) == readable:
             readable = full
     module = load_module(readable, str(path))
-    if readable is given and not hasattr(module, "pack_source"):
-        raise PackError(f"{path} has no pack_source(); pass --code with the packed train_gpt.py that ran")
-    packed = given if readable is not given else module.pack_source(readable, run_config(module, runs))
+    if readable is given and not hasattr(module, "FREE_KNOBS"):
+        raise PackError(f"{path} cannot be packed (no FREE_KNOBS: an older train_gpt.py); pass --code with the packed "
+                        f"train_gpt.py that ran")
+    packed = given if readable is not given else packer(module)(readable, run_config(module, runs))
     for r in runs:
         if r.code_file_bytes is None:
             raise PackError(f"log {r.path} has no `code file_bytes:<n> sha256:<hex>` line; cannot tell which code produced it")
@@ -186,11 +190,18 @@ def match_code(path: Path, runs: list[runlog.RunLog], readable_path: Path | None
         if ran is None:
             raise PackError(f"log {r.path} was produced by code file_bytes:{r.code_file_bytes} sha256:{r.code_sha256} but "
                             f"{path} is file_bytes:{len(readable)} sha256:{sha256(readable)[:16]}; pass --code with the file that ran")
-        counted = packed if r.artifact.get("code_packed", "1") == "1" else readable
-        if len(counted) != r.artifact["counted_code_bytes"]:
+        if r.artifact.get("code_packed", "1") != "1":
+            raise PackError(f"log {r.path} counts an estimate of its code (code_packed:0: train_gpt.py ran without "
+                            f"tools/pack_code.py beside it); rerun from the repository")
+        if len(packed) != r.artifact["counted_code_bytes"]:
             raise PackError(f"log {r.path} has counted_code_bytes:{r.artifact['counted_code_bytes']} but the code packs to "
-                            f"{len(counted)} bytes here (different lzma?); pack on the machine that ran")
-    return Code(readable, counted, ran is not readable, module)
+                            f"{len(packed)} bytes here (different lzma?); pack on the machine that ran")
+    return Code(readable, packed, ran is not readable, module)
+
+
+def packer(module):
+    """What packs a readable source: its own pack_source (a train_gpt.py from before tools/pack_code.py), else ours."""
+    return getattr(module, "pack_source", None) or pack_code.pack_source
 
 
 # --- compliance ------------------------------------------------------------------------------

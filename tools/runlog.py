@@ -1,4 +1,6 @@
-"""Parse a train_gpt.py log (logs/<RUN_ID>.txt) or an accepted record's log into numbers; render run tables.
+"""What did these runs score, as one table? `python3 tools/runlog.py logs/*.txt`
+
+Parse a train_gpt.py log (logs/<RUN_ID>.txt) or an accepted record's log into numbers; render run tables.
 
     python tools/runlog.py logs/*.txt [--csv out.csv] [--md out.md]   # table sorted by score
     python tools/runlog.py logs/mine.txt records/track_10min_16mb/<record>/train_seed42.log

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Pick the Python that run.sh uses and install what it is missing; print that interpreter's path.
+"""Which Python runs train_gpt.py, with what it needs installed? `python3 tools/setup_env.py {main|test|sweep}`
+
+Pick the Python that run.sh uses and install what it is missing; print that interpreter's path.
 
     python3 tools/setup_env.py {main|test|sweep}     # what ./run.sh calls; messages go to stderr
 
@@ -41,12 +43,12 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CORE = ["torch", "numpy", "sentencepiece", "brotli"]
 # profile -> (modules that must import, modules worth a try, extra pip packages, fail fast on no network)
 PROFILES = {
-    "main": (CORE, ["huggingface_hub", "matplotlib"], [], True),
-    "sweep": (CORE, [], [], True),
+    "main": (CORE, ["huggingface_hub", "matplotlib", "python_minifier"], [], True),  # the run counts its code with it
+    "sweep": (CORE, ["python_minifier"], [], True),
     # triton (Linux wheels only): the fused-CE kernels run in its CPU interpreter; unpinned, so that the
     # triton a CUDA torch pins is never replaced
-    "test": (CORE + ["huggingface_hub", "matplotlib", "scipy", "pytest"] + ["triton"] * (sys.platform == "linux"), [],
-             ["pytest", "triton; platform_system == 'Linux'"], False),
+    "test": (CORE + ["huggingface_hub", "matplotlib", "scipy", "pytest", "python_minifier"] + ["triton"] * (sys.platform == "linux"),
+             [], ["pytest", "triton; platform_system == 'Linux'"], False),
 }
 # (text in pip's output, cause, fix); the first match wins, so the specific ones come first.
 CAUSES = [

@@ -1,4 +1,4 @@
-"""Is our mean score lower than a reference by more than a margin? One-sided t-tests on seeds.
+"""Is our mean score lower than a reference by more than a margin (one-sided t-tests on seeds)? `python3 tools/significance.py OURS... --reference-bpb B`
 
     python tools/significance.py OURS... --reference-bpb 1.0810            # one-sample t-test
     python tools/significance.py OURS... --reference-seeds 1.0808,1.0810,1.0812   # Welch

@@ -1,4 +1,6 @@
-"""Run train_gpt.py once per line of env overrides and tabulate the runs from their logs.
+"""How do runs of train_gpt.py over lines of env overrides compare? `./run.sh sweep FILE` (`python3 tools/sweep.py FILE`)
+
+Run train_gpt.py once per line of env overrides and tabulate the runs from their logs.
 
     ./run.sh sweep FILE [--steps N] [--out DIR] [--nproc N] [--dry-run] [--plot]
 

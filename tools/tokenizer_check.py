@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Bytes per token of a SentencePiece tokenizer, and the check of train_gpt.py's byte tables.
+"""How many bytes per token does a tokenizer give, and do train_gpt.py's byte tables count them right? `python3 tools/tokenizer_check.py --tokenizer SP.model --input docs.jsonl`
+
+Bytes per token of a SentencePiece tokenizer, and the check of train_gpt.py's byte tables.
 
 val_bpb divides the summed loss by the byte count of train_gpt.build_byte_luts + target_bytes.
 Whenever the tokenizer changes, those bytes must equal the UTF-8 bytes of the decoded text. This
