@@ -2708,6 +2708,124 @@ def eval_batch_windows(h: Hyperparameters, world_size: int) -> int:
     return max(h.val_batch_tokens // (world_size * h.eval_seq_len), 1)
 
 
+# --- Token-only causal n-gram tilt (#2130/#2135) ---------------------------------------------------
+# Target i's context is the NGRAM_ORDER-1 stream tokens ending at token i (its input), over the whole
+# validation stream (no reset at documents). Its hint is the top next token among the earlier targets
+# of the same context, if its share of them is >= NGRAM_THRESHOLD; the top changes only when another
+# token's count strictly exceeds the top count (a tie keeps it), the rule of #2135's tables, counted
+# exactly here. A hinted target is scored under p'(a) = p(a) e^{beta[a=h]} / Z, the model's
+# distribution exactly renormalised; the hint depends on tokens <= i only and never enters a training loss.
+
+NGRAM_MULTS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)  # odd 64-bit hash multipliers
+
+
+def ngram_hints(tokens: np.ndarray, order: int, threshold: float) -> np.ndarray:
+    """Hint per target of a token stream (ids < 2^16; -1: none), O(N log N) numpy. Positions sorted by
+    a 64-bit hash of their context, then by position, group equal contexts (checked word by word: a
+    collision retries with another multiplier); a stable sort by next token gives each pair's running
+    count, a running max of it the top count, and the last position where it grew the top token."""
+    tok = np.ascontiguousarray(tokens, dtype=np.uint64)
+    n, k = tok.size - 1, order - 1
+    out = np.full(max(n, 0), -1, dtype=np.int32)
+    m = n - k + 1  # targets with a full context: context j is tokens j..j+k-1, its target token j+k
+    if m < 2:
+        return out
+    pb = max((m - 1).bit_length(), 1)
+    words, offs = tok, range(k)  # equality of contexts j, j' <=> words[j + o] == words[j' + o] for o in offs
+    if k >= 4:  # four 16-bit ids a word
+        words = tok[: n - 2] | tok[1 : n - 1] << np.uint64(16) | tok[2:n] << np.uint64(32) | tok[3:] << np.uint64(48)
+        offs = sorted({*range(0, k - 4, 4), k - 4})
+    for mult in NGRAM_MULTS:
+        key = tok[:m].copy()
+        for j in range(1, k):  # Horner: the high bits depend on every token of the context
+            key *= np.uint64(mult)
+            key += tok[j : j + m]
+        v = key >> np.uint64(pb)
+        v <<= np.uint64(pb)
+        v |= np.arange(m, dtype=np.uint64)
+        v.sort()  # by (high key bits, position) in one value sort
+        dup = (v[1:] ^ v[:-1]) >> np.uint64(pb) == 0
+        cand = np.r_[dup, False] | np.r_[False, dup]  # contexts whose high bits occur more than once
+        pos = (v[cand] & np.uint64((1 << pb) - 1)).astype(np.int64)
+        del v, dup, cand
+        kc = key[pos]
+        o = np.argsort(kc, kind="stable")  # by (full key, position)
+        pos, kc = pos[o], kc[o]
+        same = kc[1:] == kc[:-1]
+        a, b = pos[:-1][same], pos[1:][same]
+        if all(np.array_equal(words[a + j], words[b + j]) for j in offs):
+            break
+    else:
+        raise RuntimeError("ngram_hints: context hash collisions with every multiplier")
+    c = pos.size
+    if c == 0:
+        return out
+    start = np.r_[True, ~same]
+    gid = np.cumsum(start) - 1
+    idx = np.arange(c)
+    y = tok[pos + k].astype(np.int64)
+    pk = gid << 16 | y
+    o = np.argsort(pk, kind="stable")  # by (context, next token, position)
+    pk = pk[o]
+    run = np.maximum.accumulate(np.where(np.r_[True, pk[1:] != pk[:-1]], idx, 0))
+    r = np.empty(c, dtype=np.int64)
+    r[o] = idx - run + 1  # count of (context, next token) up to and including this position
+    cm = np.maximum.accumulate(gid * (c + 1) + r) - gid * (c + 1)  # top count after this position
+    prev = np.r_[0, cm[:-1]]
+    prev[start] = 0
+    last = np.maximum.accumulate(np.where(r > prev, idx, 0))  # where the top last changed hands
+    q = np.flatnonzero(~start)  # lookups of a context seen before: the state after the previous member
+    total = q - np.flatnonzero(start)[gid[q]]
+    hit = q[cm[q - 1] / total >= threshold]
+    out[pos[hit] + k - 1] = y[last[hit - 1]]
+    return out
+    pb = max((m - 1).bit_length(), 1)
+    for mult in NGRAM_MULTS:
+        key = tok[:m].copy()
+        for j in range(1, k):  # Horner: the high bits depend on every token of the context
+            key *= np.uint64(mult)
+            key += tok[j : j + m]
+        v = key >> np.uint64(pb) << np.uint64(pb) | np.arange(m, dtype=np.uint64)
+        v.sort()  # by (high key bits, position) in one value sort
+        dup = (v[1:] >> np.uint64(pb)) == (v[:-1] >> np.uint64(pb))
+        cand = np.zeros(m, dtype=bool)
+        cand[1:] |= dup
+        cand[:-1] |= dup
+        pos = (v[cand] & np.uint64((1 << pb) - 1)).astype(np.int64)  # contexts seen more than once
+        del v, dup, cand
+        kc = key[pos]
+        o = np.argsort(kc, kind="stable")  # by (full key, position)
+        pos, kc = pos[o], kc[o]
+        same = kc[1:] == kc[:-1]
+        a, b = pos[:-1][same], pos[1:][same]
+        if all(np.array_equal(tok[a + j], tok[b + j]) for j in range(k)):
+            break
+    else:
+        raise RuntimeError("ngram_hints: context hash collisions with every multiplier")
+    c = pos.size
+    if c == 0:
+        return out
+    start = np.r_[True, ~same]
+    gid = np.cumsum(start) - 1
+    idx = np.arange(c)
+    y = tok[pos + k].astype(np.int64)
+    pk = gid * (int(y.max()) + 1) + y
+    o = np.argsort(pk, kind="stable")  # by (context, next token, position)
+    pk = pk[o]
+    run = np.maximum.accumulate(np.where(np.r_[True, pk[1:] != pk[:-1]], idx, 0))
+    r = np.empty(c, dtype=np.int64)
+    r[o] = idx - run + 1  # count of (context, next token) up to and including this position
+    cm = np.maximum.accumulate(gid * (c + 1) + r) - gid * (c + 1)  # top count after this position
+    prev = np.r_[0, cm[:-1]]
+    prev[start] = 0
+    last = np.maximum.accumulate(np.where(r > prev, idx, 0))  # where the top last changed hands
+    q = np.flatnonzero(~start)  # lookups of a context seen before: state after the previous member
+    total = q - np.flatnonzero(start)[gid[q]]
+    hit = q[cm[q - 1] / total >= threshold]
+    out[pos[hit] + k - 1] = y[last[hit - 1]]
+    return out
+
+
 @torch.no_grad()
 def score_windows(scorer, tokens: Tensor, starts: Tensor, ctx: int, seq_len: int, per_batch: int,
                   luts, sums: Tensor, nll_out: Tensor | None) -> None:
