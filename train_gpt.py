@@ -195,6 +195,11 @@ class Hyperparameters:
     phased_lr: float = 1e-3  # global SGD LR, cosine over the chunks of each phase (#1855)
     phased_momentum: float = 0.9  # global SGD momentum (#1855)
     phased_grad_clip: float = 1.0  # global SGD grad-norm clip; 0 disables
+    # --- token-only causal n-gram tilt (#2130/#2135; scoring only, never a training loss) ---
+    ngram_tilt: bool = False  # score hinted targets under the model's distribution tilted toward the hint
+    ngram_order: int = 16  # the hint's context: the NGRAM_ORDER-1 stream tokens up to the target's input
+    ngram_threshold: float = 0.8  # hint = top next token of the context when its share of earlier targets >= this
+    ngram_beta: float = 2.625  # tilt p'(a) ~ p(a) e^{beta [a = hint]}
 
     @property
     def model_dim_embed(self) -> int:
@@ -330,13 +335,14 @@ VALUE_RANGES = {
     "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
                "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
                "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std "
-               "lora_lr lora_wd phased_lr phased_grad_clip",
+               "lora_lr lora_wd phased_lr phased_grad_clip ngram_beta",
     "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
                "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches",
     "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas lora_eps lora_alpha",
     "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum lora_beta1 lora_beta2 "
              "phased_momentum",
-    "[0,1]": "enable_looping_at warmdown_frac min_lr",
+    "[0,1]": "enable_looping_at warmdown_frac min_lr ngram_threshold",
+    "[2,inf)": "ngram_order",
 }
 
 # Tiny config for CPU smoke runs and tests: every feature of the record config, at toy scale.
@@ -1476,9 +1482,11 @@ class GPT(nn.Module):
     def logits(self, ids: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
         return self.head_logits(self.hidden(ids, docs, lora), None if lora is None else lora.slot(-1))
 
-    def token_nll(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
-        """Per-target NLL in nats, [B,T] float32."""
+    def token_nll(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None, lora=None, hints=None):
+        """Per-target NLL in nats, [B,T] float32; with hints [B,T] also -log p(hint) (hinted_nll)."""
         z = self.logits(ids, docs, lora)
+        if hints is not None:
+            return hinted_nll(z, targets, hints)
         return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def forward(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None) -> Tensor:
@@ -2343,9 +2351,125 @@ def eval_batch_windows(h: Hyperparameters, world_size: int) -> int:
     return max(h.val_batch_tokens // (world_size * h.eval_seq_len), 1)
 
 
+# --- Token-only causal n-gram tilt (#2130/#2135) ---------------------------------------------------
+# Target i's context is the NGRAM_ORDER-1 stream tokens ending at token i (its input), over the whole
+# validation stream (no reset at documents). Its hint is the top next token among the earlier targets
+# of the same context, if its share of them is >= NGRAM_THRESHOLD; the top changes only when another
+# token's count strictly exceeds the top count (a tie keeps it), the rule of #2135's tables, counted
+# exactly here. A hinted target is scored under p'(a) = p(a) e^{beta[a=h]} / Z, the model's
+# distribution exactly renormalised; the hint depends on tokens <= i only and never enters a training loss.
+
+NGRAM_MULTS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)  # odd 64-bit hash multipliers
+
+
+def ngram_hints(tokens: np.ndarray, order: int, threshold: float) -> np.ndarray:
+    """Hint per target of a token stream (ids < 2^16; -1: none), O(N log N) numpy. Positions sorted by
+    a 64-bit hash of their context, then by position, group equal contexts (checked word by word: a
+    collision retries with another multiplier); a stable sort by next token gives each pair's running
+    count, a running max of it the top count, and the last position where it grew the top token."""
+    tok = np.ascontiguousarray(tokens, dtype=np.uint64)
+    n, k = tok.size - 1, order - 1
+    out = np.full(max(n, 0), -1, dtype=np.int32)
+    m = n - k + 1  # targets with a full context: context j is tokens j..j+k-1, its target token j+k
+    if m < 2:
+        return out
+    pb = max((m - 1).bit_length(), 1)
+    words, offs = tok, range(k)  # equality of contexts j, j' <=> words[j + o] == words[j' + o] for o in offs
+    if k >= 4:  # four 16-bit ids a word
+        words = tok[: n - 2] | tok[1 : n - 1] << np.uint64(16) | tok[2:n] << np.uint64(32) | tok[3:] << np.uint64(48)
+        offs = sorted({*range(0, k - 4, 4), k - 4})
+    for mult in NGRAM_MULTS:
+        key = tok[:m].copy()
+        for j in range(1, k):  # Horner: the high bits depend on every token of the context
+            key *= np.uint64(mult)
+            key += tok[j : j + m]
+        v = key >> np.uint64(pb)
+        v <<= np.uint64(pb)
+        v |= np.arange(m, dtype=np.uint64)
+        v.sort()  # by (high key bits, position) in one value sort
+        dup = (v[1:] ^ v[:-1]) >> np.uint64(pb) == 0
+        cand = np.r_[dup, False] | np.r_[False, dup]  # contexts whose high bits occur more than once
+        pos = (v[cand] & np.uint64((1 << pb) - 1)).astype(np.int64)
+        del v, dup, cand
+        kc = key[pos]
+        o = np.argsort(kc, kind="stable")  # by (full key, position)
+        pos, kc = pos[o], kc[o]
+        same = kc[1:] == kc[:-1]
+        a, b = pos[:-1][same], pos[1:][same]
+        if all(np.array_equal(words[a + j], words[b + j]) for j in offs):
+            break
+    else:
+        raise RuntimeError("ngram_hints: context hash collisions with every multiplier")
+    c = pos.size
+    if c == 0:
+        return out
+    start = np.r_[True, ~same]
+    gid = np.cumsum(start) - 1
+    idx = np.arange(c)
+    y = tok[pos + k].astype(np.int64)
+    pk = gid << 16 | y
+    o = np.argsort(pk, kind="stable")  # by (context, next token, position)
+    pk = pk[o]
+    run = np.maximum.accumulate(np.where(np.r_[True, pk[1:] != pk[:-1]], idx, 0))
+    r = np.empty(c, dtype=np.int64)
+    r[o] = idx - run + 1  # count of (context, next token) up to and including this position
+    cm = np.maximum.accumulate(gid * (c + 1) + r) - gid * (c + 1)  # top count after this position
+    prev = np.r_[0, cm[:-1]]
+    prev[start] = 0
+    last = np.maximum.accumulate(np.where(r > prev, idx, 0))  # where the top last changed hands
+    q = np.flatnonzero(~start)  # lookups of a context seen before: the state after the previous member
+    total = q - np.flatnonzero(start)[gid[q]]
+    hit = q[cm[q - 1] / total >= threshold]
+    out[pos[hit] + k - 1] = y[last[hit - 1]]
+    return out
+
+
+def hinted_nll(z: Tensor, targets: Tensor, hints: Tensor) -> tuple[Tensor, Tensor]:
+    """-log p(target) and -log p(hint) from one log-softmax of the scores z [B,T,V]: cross_entropy's own
+    two steps, so the first is bit for bit token_nll's without hints."""
+    lp = F.log_softmax(z, dim=-1)
+    return -lp.gather(-1, targets[..., None])[..., 0], -lp.gather(-1, hints.clamp_min(0)[..., None])[..., 0]
+
+
+def tilted_nll(scorer, x: Tensor, y: Tensor, idx: Tensor, tilt) -> tuple[Tensor, Tensor]:
+    """(NLL, tilted NLL, detached: it is never trained on) of targets y at stream positions idx."""
+    hint = tilt[0][idx.clamp(0, tilt[0].numel() - 1)]
+    nll, nlq = (t.float() for t in scorer(x, y, hints=hint))
+    return nll, tilt_nll(nll.detach(), nlq.detach(), y, hint, tilt[1])
+
+
+def tilt_nll(nll: Tensor, nlq: Tensor, y: Tensor, hint: Tensor, beta: float) -> Tensor:
+    """-log p'(y), p'(a) = p(a) e^{beta [a = hint]} / (1 + q (e^beta - 1)) with q = p(hint) = e^{-nlq};
+    nll where there is no hint (-1)."""
+    t = nll - beta * (y == hint) + torch.log1p(torch.exp(-nlq) * math.expm1(beta))
+    return torch.where(hint >= 0, t, nll)
+
+
+def ngram_tilt(h: Hyperparameters, tokens: Tensor, log=None) -> tuple[Tensor, float] | None:
+    """(hint of every target of the stream on its device, beta), or None when NGRAM_TILT=0. Every rank
+    computes the same hints from the whole stream; the caller counts the time as evaluation."""
+    if not h.ngram_tilt:
+        return None
+    t0, tok = time.perf_counter(), tokens.cpu().numpy()
+    hints = ngram_hints(tok, h.ngram_order, h.ngram_threshold)
+    if log:
+        log(f"ngram_tilt hinted:{int((hints >= 0).sum())} correct:{int((hints == tok[1:]).sum())} targets:{hints.size} "
+            f"order:{h.ngram_order} threshold:{h.ngram_threshold} beta:{h.ngram_beta} precompute:{time.perf_counter() - t0:.1f}s")
+    return torch.from_numpy(hints).to(tokens.device, torch.int64), h.ngram_beta
+
+
+def score_nll(scorer, x: Tensor, y: Tensor, idx: Tensor, tilt) -> tuple[Tensor, Tensor]:
+    """(NLL, scored NLL) of targets y at stream positions idx; they differ when tilt = (hints of the
+    stream, beta) is given (tilted_nll)."""
+    if tilt is not None:
+        return tilted_nll(scorer, x, y, idx, tilt)
+    nll = scorer(x, y).float()
+    return nll, nll
+
+
 @torch.no_grad()
 def score_windows(scorer, tokens: Tensor, starts: Tensor, ctx: int, seq_len: int, per_batch: int,
-                  luts, sums: Tensor, nll_out: Tensor | None) -> None:
+                  luts, sums: Tensor, nll_out: Tensor | None, tilt=None) -> None:
     """Add the scored targets of these windows to sums (nll, tokens, bytes) and nll_out.
 
     Batches are padded to per_batch windows (one compiled shape); masks instead of boolean
@@ -2363,7 +2487,7 @@ def score_windows(scorer, tokens: Tensor, starts: Tensor, ctx: int, seq_len: int
         idx = idx.clamp(max=total - 1)
         x, y = tokens[idx], tokens[idx + 1]
         with autocast_ctx(tokens.device):
-            nll = torch.where(scored, scorer(x, y).float(), 0.0)
+            nll = torch.where(scored, score_nll(scorer, x, y, idx, tilt)[1], 0.0)
         sums[0] += nll.double().sum()
         sums[1] += scored.sum()
         sums[2] += torch.where(scored, target_bytes(x, y, luts, idx), 0).sum()
@@ -2379,7 +2503,7 @@ def finish_eval(sums: Tensor, nll_out: Tensor | None) -> tuple[EvalResult, Tenso
 
 
 def eval_windows(h: Hyperparameters, scorer, d: Dist, tokens: Tensor, luts, stride: int,
-                 collect: bool = False) -> tuple[EvalResult, Tensor | None]:
+                 collect: bool = False, tilt=None) -> tuple[EvalResult, Tensor | None]:
     """Sliding-window eval (stride = EVAL_SEQ_LEN: plain non-overlapping eval); windows split by rank.
 
     scorer(x, y) -> per-target NLL [B, T]; collect=True also returns every target's NLL in stream order.
@@ -2391,7 +2515,7 @@ def eval_windows(h: Hyperparameters, scorer, d: Dist, tokens: Tensor, luts, stri
     sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
     nll_out = torch.zeros(total, device=tokens.device) if collect else None
     luts = tuple(t.to(tokens.device) for t in luts)
-    score_windows(scorer, tokens, starts, T - stride, T, eval_batch_windows(h, d.world_size), luts, sums, nll_out)
+    score_windows(scorer, tokens, starts, T - stride, T, eval_batch_windows(h, d.world_size), luts, sums, nll_out, tilt)
     return finish_eval(sums, nll_out)
 
 
@@ -2449,7 +2573,7 @@ def sgd_chunk(h: Hyperparameters, opt, params, loss_fn, d: Dist, tokens: Tensor,
 
 
 def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: Tensor, luts,
-             collect: bool = False, log=None) -> tuple[EvalResult, Tensor | None]:
+             collect: bool = False, log=None, tilt=None) -> tuple[EvalResult, Tensor | None]:
     """Score-first TTT: for each chunk, score its windows with the current weights, then (except
     for the last chunk) train on the chunk's tokens for TTT_EPOCHS with SGD, cosine LR over chunks.
 
@@ -2470,7 +2594,7 @@ def eval_ttt(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, tokens: T
     for c in range(n_chunks):
         lo, hi = rank_range(int(bounds[c + 1] - bounds[c]), d.rank, d.world_size)
         score_windows(scorer, tokens, starts[bounds[c] + lo : bounds[c] + hi], T - h.eval_stride, T,
-                      per_batch, luts, sums, nll_out)
+                      per_batch, luts, sums, nll_out, tilt)
         if log is not None and ((c + 1) % log_every == 0 or c == n_chunks - 1):
             r = bpb_from_sums(*all_reduce(sums.clone()).tolist())
             log(f"ttt_progress chunk:{c + 1}/{n_chunks} val_bpb:{r.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
@@ -2487,7 +2611,7 @@ def eval_callables(h: Hyperparameters, model: GPT, d: Dist):
     if h.compile and cuda_path(d.device):
         set_compile_limits()
         nll, loss = (torch.compile(f, dynamic=False, fullgraph=True) for f in (model.token_nll, model))
-        return (lambda x, y: nll(x, y, model.doc_layout(x))), (lambda x, y: loss(x, y, model.doc_layout(x)))
+        return (lambda x, y, hints=None: nll(x, y, model.doc_layout(x), hints=hints)), (lambda x, y: loss(x, y, model.doc_layout(x)))
     return model.token_nll, model
 
 
@@ -2540,6 +2664,8 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
     with torch.no_grad(), autocast_ctx(d.device):
         for xb in shapes(B):
             scorer(xb, y[:B])
+            if h.ngram_tilt:  # the graph that also returns -log p(hint)
+                scorer(xb, y[:B], hints=y[:B])
     if ttt:
         for n in ns:
             for xb in shapes(n):
@@ -2607,13 +2733,13 @@ def window_batch(tokens: Tensor, ws: Tensor, first: Tensor, end: Tensor, seq_len
 
 @torch.no_grad()
 def score_doc_windows(scorer, tokens: Tensor, ws: Tensor, first: Tensor, end: Tensor, seq_len: int, per_batch: int,
-                      luts, sums: Tensor, nll_out: Tensor | None) -> None:
+                      luts, sums: Tensor, nll_out: Tensor | None, tilt=None) -> None:
     """score_windows for (start, first, end) windows; padded to per_batch rows (one compiled shape)."""
     for b in range(0, ws.numel(), per_batch):
         pad = lambda t: F.pad(t[b : b + per_batch], (0, per_batch - t[b : b + per_batch].numel()))  # noqa: E731
         x, y, scored, idx = window_batch(tokens, pad(ws), pad(first), pad(end), seq_len)
         with autocast_ctx(tokens.device):
-            nll = scorer(x, y).float()
+            nll = score_nll(scorer, x, y, idx, tilt)[1]
         accumulate(nll, x, y, scored, idx, luts, sums, nll_out)
 
 
@@ -2627,7 +2753,7 @@ def accumulate(nll: Tensor, x: Tensor, y: Tensor, scored: Tensor, idx: Tensor, l
 
 
 def eval_doc_windows(h: Hyperparameters, scorer, d: Dist, tokens: Tensor, luts, stride: int,
-                     collect: bool = False) -> tuple[EvalResult, Tensor | None]:
+                     collect: bool = False, tilt=None) -> tuple[EvalResult, Tensor | None]:
     """Document-masked eval: plain (stride = EVAL_SEQ_LEN) or sliding; windows split by rank."""
     T, total = h.eval_seq_len, tokens.numel() - 1
     plan = doc_windows(*doc_spans(tokens), T, stride)
@@ -2636,7 +2762,7 @@ def eval_doc_windows(h: Hyperparameters, scorer, d: Dist, tokens: Tensor, luts, 
     sums = torch.zeros(3, dtype=torch.float64, device=tokens.device)
     nll_out = torch.zeros(total, device=tokens.device) if collect else None
     luts = tuple(t.to(tokens.device) for t in luts)
-    score_doc_windows(scorer, tokens, ws, first, end, T, eval_batch_windows(h, d.world_size), luts, sums, nll_out)
+    score_doc_windows(scorer, tokens, ws, first, end, T, eval_batch_windows(h, d.world_size), luts, sums, nll_out, tilt)
     return finish_eval(sums, nll_out)
 
 
@@ -2738,7 +2864,7 @@ def global_sgd(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tensor,
 
 
 def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tensor, luts,
-                  collect: bool = False, log=None, trace=None) -> tuple[EvalResult, Tensor | None]:
+                  collect: bool = False, log=None, trace=None, tilt=None) -> tuple[EvalResult, Tensor | None]:
     """Per-document LoRA TTT with phased global SGD; mutates the model.
 
     Documents go to ranks round-robin in stream order; each rank keeps LORA_BATCH_DOCS documents in
@@ -2791,8 +2917,8 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
         x, y, scored, idx = window_batch(tokens, ws, first, end, T)
         more = [r for r in active if int(end[r]) < int(ends[row_doc[r]])]
         with autocast_ctx(dev), torch.set_grad_enabled(bool(more)):
-            nll = model.token_nll(x, y, lora=lora).float()
-        accumulate(nll, x, y, scored, idx, luts, sums, nll_out)
+            nll, score = score_nll(lambda x, y, hints=None: model.token_nll(x, y, lora=lora, hints=hints), x, y, idx, tilt)
+        accumulate(score, x, y, scored, idx, luts, sums, nll_out)  # the adapters train on the untilted nll
         if trace is not None:  # read off the masks that are summed and trained on
             trace.extend(("score", *spans(idx[r], scored[r])) for r in range(R) if scored[r].any())
         if more:  # one step per row on the mean NLL of the targets scored above
@@ -3195,21 +3321,25 @@ def eval_stages(h: Hyperparameters, d: Dist, log: Logger, loaded: tuple, val_tok
     eval_model, scorer, loss_fn, state, looping, _ = loaded
     times["warmup"] = eval_warmup(h, eval_model, scorer, loss_fn, d, val_tokens, log)
     log(f"eval_warmup time:{times['warmup']:.1f}s tokens:synthetic")
+    tilt, t1 = None, time.perf_counter()
+    if h.ngram_tilt:  # inside the eval clock: the hints are part of the scoring
+        tilt = ngram_tilt(h, val_tokens, log)
+        times["ngram"] = time.perf_counter() - t1
     quant, times["quantized"] = timed_eval("quantized", h, d, log,
-                                           lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_seq_len, c))
-    if pre is not None:
+                                           lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_seq_len, c, tilt))
+    if pre is not None and tilt is None:  # pre_quant, a training diagnostic, is never tilted
         log(f"quant_gap val_bpb:{quant.val_bpb - pre.val_bpb:+.8f}")
     if h.sliding_window_enabled:
         _, times["sliding"] = timed_eval("sliding", h, d, log,
-                                         lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_stride, c))
+                                         lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_stride, c, tilt))
     if h.doc_eval_enabled:
         _, times["doc_quantized"] = timed_eval("doc_quantized", h, d, log, lambda c: eval_doc_windows(
-            h, scorer, d, val_tokens, luts, h.eval_seq_len, c))
+            h, scorer, d, val_tokens, luts, h.eval_seq_len, c, tilt))
         _, times["doc_sliding"] = timed_eval("doc_sliding", h, d, log, lambda c: eval_doc_windows(
-            h, scorer, d, val_tokens, luts, h.eval_stride, c))
+            h, scorer, d, val_tokens, luts, h.eval_stride, c, tilt))
     if h.ttt_enabled:
         _, times["ttt"] = timed_eval("ttt", h, d, log,
-                                     lambda c: eval_ttt(h, eval_model, scorer, loss_fn, d, val_tokens, luts, c, log))
+                                     lambda c: eval_ttt(h, eval_model, scorer, loss_fn, d, val_tokens, luts, c, log, tilt))
     if h.lora_ttt_enabled:
         def lora_stage(c):
             m, lf = eval_model, loss_fn
@@ -3218,7 +3348,7 @@ def eval_stages(h: Hyperparameters, d: Dist, log: Logger, loaded: tuple, val_tok
                 m.load_state_dict(state, strict=True)
                 set_looping(m, looping)
                 lf = eval_callables(h, m, d)[1]
-            return eval_lora_ttt(h, m, lf, d, val_tokens, luts, c, log)
+            return eval_lora_ttt(h, m, lf, d, val_tokens, luts, c, log, tilt=tilt)
         _, times["lora_ttt"] = timed_eval("lora_ttt", h, d, log, lora_stage)
 
 

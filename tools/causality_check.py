@@ -8,12 +8,15 @@ target at or before p (target i is token i+1, so i < p) a bit-identical NLL. TTT
 a fresh copy of the artifact on each run, so their weight updates are part of what is checked.
 The document stages (doc_plain, doc_sliding, lora_ttt) score documents in stream order, so the same
 check covers them; the points include document starts and the LoRA stage's phase boundaries.
+With NGRAM_TILT=1 every stage is scored tilted, with the n-gram hints recomputed from each
+(perturbed) stream, and the hints of targets 0..p are compared too: target p's hint may not read
+its own target (token p+1), which the scores alone cannot show (every NLL reads its target).
 
     python3 tools/causality_check.py --artifact logs/run.ptz [--stage plain sliding ttt] \
         [--tokens 20000] [--positions 3] [--seed 0]   # --stage also doc_plain doc_sliding lora_ttt
 
 The model config comes from the same env vars as the run that wrote the artifact (PRESET,
-VOCAB_SIZE, ..., DATA_PATH, TOKENIZER_PATH, EVAL_STRIDE, TTT_*). Runs on CPU in float32, where
+VOCAB_SIZE, ..., DATA_PATH, TOKENIZER_PATH, EVAL_STRIDE, TTT_*, NGRAM_*). Runs on CPU in float32, where
 every kernel is deterministic. Exit status 1 when any stage leaks, 2 on bad input.
 """
 from __future__ import annotations
@@ -32,18 +35,19 @@ STAGES = ("plain", "sliding", "ttt", "doc_plain", "doc_sliding", "lora_ttt")
 
 
 def stage_nll(h: tg.Hyperparameters, make_model, tokens: torch.Tensor, luts, stage: str, scorer=None) -> torch.Tensor:
-    """Per-target NLL of one stage on a fresh model; scorer overrides model.token_nll (for controls)."""
-    model = make_model()
+    """Per-target NLL of one stage on a fresh model; scorer overrides model.token_nll (for controls).
+    NGRAM_TILT=1: tilted by the hints of this stream, computed here as the run computes them."""
+    model, tilt = make_model(), tg.ngram_tilt(h, tokens)
     if stage == "lora_ttt":
-        return tg.eval_lora_ttt(h, model, model, CPU, tokens, luts, collect=True)[1]
+        return tg.eval_lora_ttt(h, model, model, CPU, tokens, luts, collect=True, tilt=tilt)[1]
     if stage.startswith("doc_"):
         stride = h.eval_seq_len if stage == "doc_plain" else h.eval_stride
-        return tg.eval_doc_windows(h, scorer or model.token_nll, CPU, tokens, luts, stride, collect=True)[1]
+        return tg.eval_doc_windows(h, scorer or model.token_nll, CPU, tokens, luts, stride, collect=True, tilt=tilt)[1]
     if stage == "ttt":
         tg.prepare_ttt(model, h)
-        return tg.eval_ttt(h, model, scorer or model.token_nll, model, CPU, tokens, luts, collect=True)[1]
+        return tg.eval_ttt(h, model, scorer or model.token_nll, model, CPU, tokens, luts, collect=True, tilt=tilt)[1]
     stride = h.eval_seq_len if stage == "plain" else h.eval_stride
-    return tg.eval_windows(h, scorer or model.token_nll, CPU, tokens, luts, stride, collect=True)[1]
+    return tg.eval_windows(h, scorer or model.token_nll, CPU, tokens, luts, stride, collect=True, tilt=tilt)[1]
 
 
 def perturb_after(tokens: torch.Tensor, p: int, vocab: int, seed: int) -> torch.Tensor:
@@ -56,12 +60,16 @@ def perturb_after(tokens: torch.Tensor, p: int, vocab: int, seed: int) -> torch.
 
 
 def check_causality(h, make_model, tokens, luts, stage: str, p: int, seed: int = 0, scorer=None) -> dict:
-    """Compare a stage's NLL before/after perturbing tokens after p. Causal: mismatches == 0."""
+    """Compare a stage's NLL (and hints) before/after perturbing tokens after p. Causal: mismatches ==
+    hint_mismatches == 0."""
+    moved = perturb_after(tokens, p, h.vocab_size, seed)
     a = stage_nll(h, make_model, tokens, luts, stage, scorer)
-    b = stage_nll(h, make_model, perturb_after(tokens, p, h.vocab_size, seed), luts, stage, scorer)
+    b = stage_nll(h, make_model, moved, luts, stage, scorer)
     bad = (a[:p] != b[:p]).nonzero().flatten()
-    return dict(stage=stage, p=p, checked=p, mismatches=int(bad.numel()),
+    hints = [tg.ngram_tilt(h, t) for t in (tokens, moved)]
+    return dict(stage=stage, tilt=int(h.ngram_tilt), p=p, checked=p, mismatches=int(bad.numel()),
                 first_mismatch=int(bad[0]) if bad.numel() else -1,
+                hint_mismatches=int((hints[0][0][: p + 1] != hints[1][0][: p + 1]).sum()) if hints[0] else 0,
                 changed_after=int((a[p:] != b[p:]).sum()))
 
 
@@ -108,9 +116,10 @@ def main(argv=None) -> int:
     for stage in args.stage:
         for p in points:
             r = check_causality(h, make_model, tokens, luts, stage, p, args.seed)
-            leaks += r["mismatches"] > 0
-            print(" ".join(f"{k}:{v}" for k, v in r.items()) + f" causal:{int(r['mismatches'] == 0)}", flush=True)
-    print(f"causality targets:{n} stages:{'+'.join(args.stage)} points:{len(points)} result:{'LEAK' if leaks else 'ok'}")
+            ok = r["mismatches"] == r["hint_mismatches"] == 0
+            leaks += not ok
+            print(" ".join(f"{k}:{v}" for k, v in r.items()) + f" causal:{int(ok)}", flush=True)
+    print(f"causality targets:{n} stages:{'+'.join(args.stage)} tilt:{int(h.ngram_tilt)} points:{len(points)} result:{'LEAK' if leaks else 'ok'}")
     return 1 if leaks else 0
 
 
