@@ -2351,7 +2351,7 @@ def eval_batch_windows(h: Hyperparameters, world_size: int) -> int:
     return max(h.val_batch_tokens // (world_size * h.eval_seq_len), 1)
 
 
-# --- Token-only causal n-gram tilt (#2130/#2135) ---------------------------------------------------
+# Token-only causal n-gram tilt (#2130/#2135).
 # Target i's context is the NGRAM_ORDER-1 stream tokens ending at token i (its input), over the whole
 # validation stream (no reset at documents). Its hint is the top next token among the earlier targets
 # of the same context, if its share of them is >= NGRAM_THRESHOLD; the top changes only when another
@@ -2445,7 +2445,7 @@ def tilt_nll(nll: Tensor, nlq: Tensor, y: Tensor, hint: Tensor, beta: float) -> 
     return torch.where(hint >= 0, t, nll)
 
 
-def ngram_tilt(h: Hyperparameters, tokens: Tensor, log=None) -> tuple[Tensor, float] | None:
+def tilt_plan(h: Hyperparameters, tokens: Tensor, log=None) -> tuple[Tensor, float] | None:
     """(hint of every target of the stream on its device, beta), or None when NGRAM_TILT=0. Every rank
     computes the same hints from the whole stream; the caller counts the time as evaluation."""
     if not h.ngram_tilt:
@@ -3323,7 +3323,7 @@ def eval_stages(h: Hyperparameters, d: Dist, log: Logger, loaded: tuple, val_tok
     log(f"eval_warmup time:{times['warmup']:.1f}s tokens:synthetic")
     tilt, t1 = None, time.perf_counter()
     if h.ngram_tilt:  # inside the eval clock: the hints are part of the scoring
-        tilt = ngram_tilt(h, val_tokens, log)
+        tilt = tilt_plan(h, val_tokens, log)
         times["ngram"] = time.perf_counter() - t1
     quant, times["quantized"] = timed_eval("quantized", h, d, log,
                                            lambda c: eval_windows(h, scorer, d, val_tokens, luts, h.eval_seq_len, c, tilt))

@@ -71,7 +71,7 @@ def staged_clock(monkeypatch, tick: float, plain: float, sliding: float, ttt: fl
     monkeypatch.setattr(tg, "time", clock)
     windows, ttt_fn, load_fn = tg.eval_windows, tg.eval_ttt, tg.load_artifact
 
-    def eval_windows(h, scorer, d, tokens, luts, stride, collect=False):
+    def eval_windows(h, scorer, d, tokens, luts, stride, collect=False, tilt=None):
         clock.now += plain if stride == h.eval_seq_len else sliding
         return windows(h, scorer, d, tokens, luts, stride, collect)
 

@@ -162,7 +162,7 @@ def test_tilted_stages_are_causal(stage):
     h = tiny(lora_rank=4, lora_chunk_tokens=32, lora_batch_docs=2, phased_prefix_docs=2, phased_num_phases=1)
     tokens = torch.from_numpy(repetitive(500)).long()
     tokens[::120] = tg.BOS_ID  # documents for the document stages
-    assert (tg.ngram_tilt(h, tokens)[0] >= 0).sum() > 100
+    assert (tg.tilt_plan(h, tokens)[0] >= 0).sum() > 100
     for p in (130, 300):
         r = cc.check_causality(h, lambda: model_for(h), tokens, LUTS, stage, p, seed=p)
         assert r["mismatches"] == r["hint_mismatches"] == 0 and r["changed_after"] > 0 and r["tilt"] == 1, r
@@ -186,7 +186,7 @@ def test_tilt_moves_bpb_the_way_hint_accuracy_says():
                "wrong": np.r_[perm, perm[::-1]]}  # the second pass follows each token by another: every hint misses
     for kind, tok in streams.items():
         tokens = torch.from_numpy(tok).long()
-        tilt = tg.ngram_tilt(h, tokens)
+        tilt = tg.tilt_plan(h, tokens)
         plain, nll = tg.eval_windows(h, model.token_nll, CPU, tokens, LUTS, 64, collect=True)
         tilted, nll_t = tg.eval_windows(h, model.token_nll, CPU, tokens, LUTS, 64, collect=True, tilt=tilt)
         n = (tokens.numel() - 1) // 64 * 64  # q = p(hint) from the same windows (stride = window)
@@ -211,6 +211,6 @@ def test_training_never_sees_the_tilt(stage):
     tokens[::120] = tg.BOS_ID
     on = cc.stage_nll(h, lambda: model_for(h), tokens, LUTS, stage)
     off = cc.stage_nll(dataclasses.replace(h, ngram_tilt=False), lambda: model_for(h), tokens, LUTS, stage)
-    hinted = tg.ngram_tilt(h, tokens)[0] >= 0
+    hinted = tg.tilt_plan(h, tokens)[0] >= 0
     assert hinted.sum() > 100 and not torch.equal(on[hinted], off[hinted])
     assert torch.equal(on[~hinted], off[~hinted])

@@ -448,6 +448,8 @@ DATA_GUARDED = {
     ("GPT", "bigram_hash"): "hash_embed exists only with TTT_HASH_EMBED=1",
     ("counted_code_bytes", "readable_code_bytes"): "PINNED is None: the readable source (a shipped file counts its own size)",
     ("Hyperparameters", "check_config"): "PINNED is None: the readable source (a shipped file's config was checked when packed)",
+    ("GPT", "hinted_nll"): "token_nll gets hints only from tilted_nll, which runs only with NGRAM_TILT=1",
+    ("score_nll", "tilted_nll"): "tilt is not None only with NGRAM_TILT=1 (tilt_plan returns None otherwise)",
 }
 
 

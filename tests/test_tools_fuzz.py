@@ -35,6 +35,8 @@ CASES = {
     "bench": [["--compare", "{F}", "NUM_LAYERS=x"], ["--steps", "-1"]],
     "bench_memory": [["--rows", "1", "1"], ["--seq-lens", "7", "0", "--val-tokens", "-1"]],
     "bench_eval": [["--stages", "{F}"], ["--tokens", "-5", "--project"]],
+    "bench_ngram": [["--corpus", "{F}", "--tokenizer", "{F}", "--cache", "", "--tokens", "1000"],
+                    ["--tokens", "-5", "--corpus", "{F}", "--cache", ""]],
     "bench_export": [["--input", "{F}", "--tokenizer", "{F}"], ["--input", "{F}", "--tokenizer", str(SP1024), "--workers", "0"]],
     "causality_check": [["--artifact", "{F}"]],
     "comm_bytes": [["--world", "0"], ["--world", "{F}"], ["--world", "3"]],

@@ -63,12 +63,12 @@ def spy_ttt(monkeypatch, tg, tokens: torch.Tensor, loss_fn):
     score_windows, reduce_grads = tg.score_windows, tg.reduce_grads
     total = tokens.numel() - 1
 
-    def score_spy(scorer, toks, starts, ctx, seq_len, per_batch, luts, sums, nll_out):
+    def score_spy(scorer, toks, starts, ctx, seq_len, per_batch, luts, sums, nll_out, tilt=None):
         marks = torch.zeros(total)
         score_windows(lambda x, y: torch.ones(y.shape), toks, starts, ctx, seq_len, per_batch, luts,
                       torch.zeros_like(sums), marks)
         events.append(("score", torch.repeat_interleave(torch.arange(total), marks.round().long())))
-        score_windows(scorer, toks, starts, ctx, seq_len, per_batch, luts, sums, nll_out)
+        score_windows(scorer, toks, starts, ctx, seq_len, per_batch, luts, sums, nll_out, tilt)
 
     def loss_spy(x, y):
         pending.append(target_positions(tokens, y))

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Peak device memory of every phase of a run, measured on CPU at small batch, projected per GPU.
+"""How much GPU memory does each phase of a run need at the record config? `python3 tools/bench_memory.py`
+
+Peak device memory of every phase of a run, measured on CPU at small batch, projected per GPU.
 
 `tools/bench.py --memory` runs this. Each phase runs train_gpt's own code under the CUDA contract
 (tests/cuda_contract.py: bf16 autocast, the FA3 varlen path) at the configured width, depth and vocab

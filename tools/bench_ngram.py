@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Time of the n-gram tilt's hint precompute (train_gpt.ngram_hints) on a validation-sized stream.
+"""How long does the n-gram tilt's hint precompute take on a validation-sized stream? `python3 tools/bench_ngram.py`
+
+Times train_gpt.ngram_hints on a stream of the validation set's size.
 
 Stream: the Wikipedia sample tokenized with the sp8192 tokenizer, each document as [BOS] + ids as
 the shards hold it (~13.2M tokens), then tokens drawn from its unigram frequencies up to --tokens
@@ -74,7 +76,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    wiki = wiki_tokens(Path(args.corpus), Path(args.tokenizer), Path(args.cache) if args.cache else None)
+    if min(args.tokens, args.order - 1, args.repeat) < 1 or args.check < 0 or not 0 < args.threshold <= 1:
+        ap.error("--tokens, --repeat >= 1, --order >= 2, --check >= 0 and 0 < --threshold <= 1")
+    for what, p in (("corpus", args.corpus), ("tokenizer", args.tokenizer)):
+        if not Path(p).is_file():
+            print(f"error: --{what} {p} is not a file; pass --{what} PATH", file=sys.stderr)
+            return 2
+    try:
+        wiki = wiki_tokens(Path(args.corpus), Path(args.tokenizer), Path(args.cache) if args.cache else None)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # not JSON lines of {"text"}, not a model
+        print(f"error: cannot read the corpus or tokenizer ({type(e).__name__}: {e}); pass a JSONL --corpus and a "
+              f"SentencePiece --tokenizer", file=sys.stderr)
+        return 2
     n = args.tokens + 1
     freq = np.bincount(wiki, minlength=8192).astype(np.float64)
     rng = np.random.default_rng(args.seed)

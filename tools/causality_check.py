@@ -37,7 +37,7 @@ STAGES = ("plain", "sliding", "ttt", "doc_plain", "doc_sliding", "lora_ttt")
 def stage_nll(h: tg.Hyperparameters, make_model, tokens: torch.Tensor, luts, stage: str, scorer=None) -> torch.Tensor:
     """Per-target NLL of one stage on a fresh model; scorer overrides model.token_nll (for controls).
     NGRAM_TILT=1: tilted by the hints of this stream, computed here as the run computes them."""
-    model, tilt = make_model(), tg.ngram_tilt(h, tokens)
+    model, tilt = make_model(), tg.tilt_plan(h, tokens)
     if stage == "lora_ttt":
         return tg.eval_lora_ttt(h, model, model, CPU, tokens, luts, collect=True, tilt=tilt)[1]
     if stage.startswith("doc_"):
@@ -66,7 +66,7 @@ def check_causality(h, make_model, tokens, luts, stage: str, p: int, seed: int =
     a = stage_nll(h, make_model, tokens, luts, stage, scorer)
     b = stage_nll(h, make_model, moved, luts, stage, scorer)
     bad = (a[:p] != b[:p]).nonzero().flatten()
-    hints = [tg.ngram_tilt(h, t) for t in (tokens, moved)]
+    hints = [tg.tilt_plan(h, t) for t in (tokens, moved)]
     return dict(stage=stage, tilt=int(h.ngram_tilt), p=p, checked=p, mismatches=int(bad.numel()),
                 first_mismatch=int(bad[0]) if bad.numel() else -1,
                 hint_mismatches=int((hints[0][0][: p + 1] != hints[1][0][: p + 1]).sum()) if hints[0] else 0,
