@@ -3,7 +3,6 @@ look-ahead caught), exact collision handling, the tilt as an exact renormalisati
 stages' causality, and the bpb moving the way the hints' accuracy says."""
 import dataclasses
 import json
-import math
 import sys
 
 import numpy as np
