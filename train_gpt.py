@@ -158,6 +158,8 @@ class Hyperparameters:
     awq_lite: bool = False  # keep each GPTQ matrix's most salient 64-column group at int8 (open PRs after #1855)
     compressor: str = "brotli"  # brotli (one byte-shuffled stream) | pergroup (streams by role, smallest codec each)
     row_reorder: bool = False  # pergroup: reorder the rows of each code matrix by a greedy L1 chain (stored permutation)
+    fit_artifact: bool = True  # over the size limit: re-quantize the block matrices with a larger SDClip k until it fits
+    fit_margin: int = 0  # bytes kept under the limit by FIT_ARTIFACT (the count is exact; room for later code edits)
     artifact_path: str = ""  # "" -> {log_dir}/{run_id}.ptz
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
     # --- evaluation ---
@@ -335,7 +337,7 @@ VALUE_RANGES = {
     "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
                "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
                "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std "
-               "lora_lr lora_wd phased_lr phased_grad_clip ngram_beta",
+               "lora_lr lora_wd phased_lr phased_grad_clip ngram_beta fit_margin",
     "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
                "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches",
     "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas lora_eps lora_alpha",
@@ -1655,6 +1657,7 @@ CLIP_GROUPS = (("mlp", ".mlp."), ("attn", ".attn."))
 # Gate weights the record stores as int8 rows with max-abs scales (GATED_ATTN_QUANT_GATE, PR #1855).
 QUANT_GATE_PATTERNS = ("attn_gate",)
 AWQ_GROUP = 64  # columns kept at int8 by AWQ-lite
+FIT_MAX_MULT, FIT_STEPS = 4.0, 4  # FIT_ARTIFACT: coarsest clip multiplier; bisection steps below it
 
 
 def quant_spec(name: str, p: Tensor, h: Hyperparameters) -> tuple[int, float] | None:
@@ -1858,13 +1861,14 @@ def dequantize_int(tensors: dict[str, Tensor], name: str, m: dict) -> Tensor:
     return w
 
 
-def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] | None) -> tuple[dict, dict]:
+def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] | None, mult: float = 1.0) -> tuple[dict, dict]:
     """State dict -> (tensors, meta) for the artifact; GPTQ where a Hessian is given, else RTN.
 
     A sparse embedding (EMBED_SPARSITY) is stored as a row-major bitmap of its nonzeros plus their
     fp16 values; a tiered one (EMBED_BITS_TIERS) stores its per-row bit widths beside the codes.
     AWQ-lite marks its int8 column group in the meta; LQER adds factors <name>.lqa/.lqb (+ _s steps)
-    to the LQER_TOP_N tensors with the largest ||W - Q s||_F.
+    to the LQER_TOP_N tensors with the largest ||W - Q s||_F. mult scales the SDClip k of the block
+    matrices (FIT_ARTIFACT); the tied embedding, read at both ends of the model, keeps its k.
     """
     tensors, meta, stats, errs = {}, {}, hessians or {}, {}
     for name, p in model.state_dict().items():
@@ -1881,6 +1885,8 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
             meta[name] = dict(kind="fp16", dtype=dtype)
             continue
         bits, clip = spec
+        if clip and param_group(name, p) == "muon":
+            clip *= mult
         if name == "tok_emb.weight" and h.embed_bits_tiers:
             bits, clip = (t.to(p.device) for t in embed_row_tiers(h, stats))
             tensors[name + ".bits"] = bits.to(torch.int8).cpu()
@@ -2188,10 +2194,13 @@ def artifact_blob(tensors: dict, meta: dict, h: Hyperparameters, looping: bool) 
     """The artifact's bytes. Besides the shape and forward knobs it records every knob of its run (the code
     that decodes it is packed for them) and the tokenizer's sha256 (another tokenizer would score silently)."""
     config = {k: getattr(h, k) for k in SHAPE_KEYS + FORWARD_KEYS if getattr(h, k) != _DEFAULTS[k]}
-    knobs = {k: v for k, v in dataclasses.asdict(h).items() if k not in FREE_KNOBS and v != _DEFAULTS[k]}
-    info = dict(state=meta, config=config, looping=looping, knobs=knobs, tokenizer=tokenizer_sha256(h))
+    info = dict(state=meta, config=config, looping=looping, knobs=run_knobs(h), tokenizer=tokenizer_sha256(h))
     info["checksum"] = payload_checksum(tensors, info)
     return encode_artifact(tensors, info, h)
+
+
+def run_knobs(h: Hyperparameters) -> dict:
+    return {k: v for k, v in dataclasses.asdict(h).items() if k not in FREE_KNOBS and v != _DEFAULTS[k]}
 
 
 def tokenizer_sha256(h: Hyperparameters) -> str:
@@ -3187,9 +3196,9 @@ def timed_eval(stage: str, h: Hyperparameters, d: Dist, log: Logger, fn) -> tupl
 
 def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, train_time: float) -> str:
     """Hessians on training data (inside the training budget), then quantize and write on rank 0.
-    Returns the sha256 of the bytes written, on every rank."""
+    Returns, on every rank, the sha256 of the bytes written and (counted_code_bytes, code_packed)."""
     model = trainer.base
-    hessians, digest = None, [None]
+    hessians, digest = None, [None, None, None]
     if h.gptq_enabled:
         t0 = trainer.sync_time()
         hessians = collect_hessians(model, trainer.calibration_batches(), h)
@@ -3201,13 +3210,39 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
         log(f"gptq_hessian_end:{end:.1f}s cap:{h.max_wallclock_seconds:.1f}s hessians:{len(hessians)} calib_data:train "
             f"hessian_time:{took:.1f}s batches:{h.gptq_calibration_batches}{over}")
     if d.is_main:
-        t0 = time.perf_counter()
-        tensors, meta = quantize_state(model, h, hessians)
+        # The counted code is known before quantizing: the artifact's budget is the limit less it.
+        code, _ = digest[1:] = counted_code_bytes(code_config(h, run_knobs(h)), log)
+        budget, state = SIZE_LIMIT - h.fit_margin - code, model.state_dict()
+
+        def attempt(i: int, mult: float):
+            t0 = time.perf_counter()
+            tensors, meta = quantize_state(model, h, hessians, mult)
+            took, blob = time.perf_counter() - t0, artifact_blob(tensors, meta, h, model.looping_active)
+            if h.fit_artifact:  # relative ||W - Q||_F over the quantized tensors: what each byte saved costs
+                deq, ints = dequantize_state(tensors, meta), [n for n, m in meta.items() if m["kind"] == "int"]
+                err = sum(float((state[n].float().cpu() - deq[n].float()).square().sum()) for n in ints)
+                norm = sum(float(state[n].float().square().sum()) for n in ints)
+                log(f"fit_artifact attempt:{i} clip_mult:{mult:.4f} artifact_bytes:{len(blob)} total:{code + len(blob)} target:{budget + code} "
+                    f"fits:{int(len(blob) <= budget)} quant_err:{math.sqrt(err / max(norm, 1e-30)):.6f}")
+            return tensors, meta, blob, took
+
+        # Bisection on the measured size over the clip multiplier: k times m coarsens the codes monotonically in practice.
+        best = attempt(1, 1.0)
+        if h.fit_artifact and len(best[2]) > budget:
+            lo, hi, i = 1.0, FIT_MAX_MULT, 2
+            best = attempt(i, hi)
+            if len(best[2]) > budget:
+                log(f"fit_artifact FAILED: clip_mult:{hi} still gives total:{code + len(best[2])} > target:{budget + code}")
+            else:
+                for i in range(3, 3 + FIT_STEPS):
+                    mid = math.sqrt(lo * hi)
+                    got = attempt(i, mid)
+                    lo, hi, best = (lo, mid, got) if len(got[2]) <= budget else (mid, hi, best)
+        tensors, meta, blob, took = best
         kinds = [f"int{m['bits']}" if m["kind"] == "int" else m["kind"] for m in meta.values()]
         log("quantized " + " ".join(f"{k}:{kinds.count(k)}" for k in sorted(set(kinds)))
-            + f" method:{'gptq' if hessians else 'rtn'} quant_time:{time.perf_counter() - t0:.1f}s")
+            + f" method:{'gptq' if hessians else 'rtn'} quant_time:{took:.1f}s")
         t0 = time.perf_counter()
-        blob = artifact_blob(tensors, meta, h, model.looping_active)
         size, digest[0] = save_artifact_bytes(h.artifact_file, blob), hashlib.sha256(blob).hexdigest()
         log(f"artifact_write bytes:{size} compressor:{h.compressor} row_reorder:{int(h.row_reorder)} time:{time.perf_counter() - t0:.1f}s")
         for line in quant_report(tensors, meta, h):
@@ -3215,7 +3250,7 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.broadcast_object_list(digest, src=0)
-    return digest[0]
+    return digest[0], tuple(digest[1:])
 
 
 def run_id_taken(h: Hyperparameters) -> str:
@@ -3266,8 +3301,8 @@ def load_validation(h: Hyperparameters, d: Dist, log: Logger) -> tuple[Tensor, t
     return val_tokens, luts
 
 
-def train_stage(h: Hyperparameters, d: Dist, log: Logger, val_tokens: Tensor, luts) -> tuple[EvalResult, str]:
-    """Train -> EMA -> pre-quant eval -> artifact written: the pre-quant result and the artifact's sha256."""
+def train_stage(h: Hyperparameters, d: Dist, log: Logger, val_tokens: Tensor, luts) -> tuple[EvalResult, str, tuple]:
+    """Train -> EMA -> pre-quant eval -> artifact written: the pre-quant result, the artifact's sha256 and the counted code."""
     train_paths, t0 = shard_paths(h.dataset_dir, "train"), time.perf_counter()
     max_ids = all_reduce(shard_max_ids(train_paths, d.rank, d.world_size).to(d.device), dist.ReduceOp.MAX).cpu()
     log(f"train_shards:{len(train_paths)} max_id:{int(max_ids.max())} scan_time:{time.perf_counter() - t0:.1f}s")
@@ -3286,8 +3321,7 @@ def train_stage(h: Hyperparameters, d: Dist, log: Logger, val_tokens: Tensor, lu
     trainer.apply_ema()
     pre, _ = timed_eval("pre_quant", h, d, log,
                         lambda c: eval_windows(h, model.token_nll, d, val_tokens, luts, h.eval_seq_len, c))
-    wrote = make_artifact(h, d, log, trainer, train_time)
-    return pre, wrote
+    return (pre, *make_artifact(h, d, log, trainer, train_time))
 
 
 def load_eval_model(h: Hyperparameters, d: Dist, log: Logger, artifact: str, wrote: str | None) -> tuple:
@@ -3367,15 +3401,15 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     log(f"frontier doc_mask:{int(h.doc_mask)} attention:{'fa3_varlen' if uses_varlen(h, d.device) else 'sdpa'} "
         f"smear_gate:{int(h.smear_gate)} attn_gate:{h.attn_gate} polar_express:{int(h.polar_express)} "
         f"fused_ce:{fused_ce_backend(d.device) if h.fused_ce else 'off'}")
-    pre = wrote = None
+    pre = wrote = counted = None
     artifact = h.eval_artifact or h.artifact_file
     if not h.eval_artifact:
-        pre, wrote = train_stage(h, d, log, val_tokens, luts)
+        pre, wrote, counted = train_stage(h, d, log, val_tokens, luts)
     # Everything from here on is the submission's evaluation and counts against EVAL_LIMIT_SECONDS.
     t0 = time.perf_counter()
     loaded = load_eval_model(h, d, log, artifact, wrote)
     times, info = {"load": time.perf_counter() - t0}, loaded[-1]
-    code, packed = counted_code_bytes(code_config(h, info["knobs"]), log)  # ~1 s, no part of the evaluation
+    code, packed = counted or counted_code_bytes(code_config(h, info["knobs"]), log)  # ~1 s, no part of the evaluation
     model_bytes = info["nbytes"]  # the bytes scored, not a later stat of the path
     total = code + model_bytes
     log(f"artifact counted_code_bytes:{code} bytes_model:{model_bytes} bytes_total:{total} "
@@ -3385,7 +3419,8 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     log(f"eval_budget used:{used:.1f}s limit:{EVAL_LIMIT_SECONDS:.0f}s stages:{'+'.join(times)}"
         + ("" if used <= EVAL_LIMIT_SECONDS else " OVER_BUDGET"))
     if total > SIZE_LIMIT:
-        log(f"OVER_LIMIT by {total - SIZE_LIMIT} bytes: raise MATRIX_CLIP_SIGMAS, lower the bits or shrink the model")
+        log(f"OVER_LIMIT by {total - SIZE_LIMIT} bytes{' at the coarsest FIT_ARTIFACT clip' if h.fit_artifact and not h.eval_artifact else ''}: "
+            f"raise MATRIX_CLIP_SIGMAS, lower the bits or shrink the model")
         return 4
     return 0
 

@@ -156,6 +156,39 @@ def test_size_limit_counts_code_and_model(margin, rc, full_run, synth_data, tmp_
     assert "final_quantized" in log and log.index("final_quantized") < log.index("eval_budget")
 
 
+def fit_lines(log: str) -> list[dict]:
+    return [dict(kv.split(":", 1) for kv in l.split()[1:]) for l in log.splitlines() if l.startswith("fit_artifact attempt:")]
+
+
+@pytest.mark.parametrize("reachable", [True, False], ids=["fits_by_requantizing", "coarsest_still_over"])
+def test_artifact_refits_under_the_limit(reachable, full_run, synth_data, tmp_path, monkeypatch):
+    """The limit 1% below the first attempt's total: the run re-quantizes coarser until it fits and exits 0.
+    Below what even the coarsest clip reaches, it says so and keeps the exit-4 path."""
+    _, _, log, _ = full_run
+    first = int(fit_lines(log)[0]["total"])
+    code = int(re.search(r"counted_code_bytes:(\d+)", log).group(1))
+    limit = first - first // 100 if reachable else code + 1000
+    monkeypatch.setattr(tg, "SIZE_LIMIT", limit)
+    synthetic_tokenizer(monkeypatch)
+    rc = tg.train_and_eval(hparams(synth_data, tmp_path, "fit"), CPU)
+    log = (tmp_path / "fit.txt").read_text()
+    tries = fit_lines(log)
+    assert tries[0]["total"] == str(first) and tries[0]["fits"] == "0"  # same run as full_run, now over
+    assert [int(t["attempt"]) for t in tries] == list(range(1, len(tries) + 1))
+    assert all(int(t["total"]) == code + int(t["artifact_bytes"]) and t["target"] == str(limit) for t in tries)
+    total = int(re.search(r"bytes_total:(\d+)", line(log, "artifact ")).group(1))
+    if not reachable:
+        assert rc == 4 and len(tries) == 2 and tries[1]["clip_mult"] == "4.0000"
+        assert "fit_artifact FAILED" in log and f"OVER_LIMIT by {total - limit} bytes" in log
+        return
+    assert rc == 0 and total <= limit and "OVER_LIMIT" not in log
+    fitting = [t for t in tries if t["fits"] == "1"]
+    chosen = min(fitting, key=lambda t: float(t["clip_mult"]))  # the finest clip that fits is the one written
+    assert len(tries) == 2 + tg.FIT_STEPS and total == int(chosen["total"])
+    assert float(chosen["quant_err"]) > float(tries[0]["quant_err"])  # coarser codes, larger error
+    assert all(int(t["total"]) <= limit for t in fitting) and all(int(t["total"]) > limit for t in tries if t not in fitting)
+
+
 # --- records compliance at the limits -------------------------------------------------------------
 
 
