@@ -3226,11 +3226,11 @@ def make_artifact(h: Hyperparameters, d: Dist, log: Logger, trainer: Trainer, tr
                     f"fits:{int(len(blob) <= budget)} quant_err:{math.sqrt(err / max(norm, 1e-30)):.6f}")
             return tensors, meta, blob, took
 
-        # Bisection on the measured size over the clip multiplier: k times m coarsens the codes monotonically in practice.
+        # Bisection over the clip multiplier on measured sizes only: a non-monotone size costs precision, never a wrong fit.
         best = attempt(1, 1.0)
         if h.fit_artifact and len(best[2]) > budget:
-            lo, hi, i = 1.0, FIT_MAX_MULT, 2
-            best = attempt(i, hi)
+            lo, hi = 1.0, FIT_MAX_MULT
+            best = attempt(2, hi)
             if len(best[2]) > budget:
                 log(f"fit_artifact FAILED: clip_mult:{hi} still gives total:{code + len(best[2])} > target:{budget + code}")
             else:
