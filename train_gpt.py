@@ -1714,7 +1714,7 @@ def qmax(bits: int) -> int:
 def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     """Per-row step k*std(row)/R as fp16 (never 0): k sets the code entropy, hence the size.
     std is the unbiased row std (torch's default, as PRs #1855/#2135 compute it): the population
-    std shrinks every step by sqrt(1 - 1/cols) and moves ~9% of the int codes off the record's."""
+    std shrinks every step by sqrt(1 - 1/cols), which moves int codes off the record's."""
     std = w.float().std(dim=1, correction=1)
     scale = clip_sigmas * std / qmax(bits)
     return scale.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half()
