@@ -144,11 +144,11 @@ class Hyperparameters:
     gptq_enabled: bool = True  # 0: round-to-nearest with the same SDClip scales (ablation)
     gptq_calibration_batches: int = 16  # training micro-batches per rank for the GPTQ Hessians (#1855; 04-09: 64)
     matrix_bits: int = 6  # block matrices and embed/head projections
-    matrix_clip_sigmas: float = 12.85  # SDClip k: step = k*std(row)/R, the artifact-size dial
+    matrix_clip_sigmas: float = 12.85  # SDClip k (step = k*std(row)/R) of matrices without a group k below
     embed_bits: int = 7  # tied embedding (PR #1855; int8 measured ~268 KB larger at full size, over the limit)
     embed_clip_sigmas: float = 14.0  # SDClip k of the embedding (PR #1855; 20.0 with EMBED_BITS=8 before)
-    mlp_clip_sigmas: float = 0.0  # SDClip k of MLP matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 11.5)
-    attn_clip_sigmas: float = 0.0  # SDClip k of attention matrices; 0 -> MATRIX_CLIP_SIGMAS (PR #1855: 13)
+    mlp_clip_sigmas: float = 11.5  # SDClip k of MLP matrices (PR #1855, unchanged in #2135); 0 -> MATRIX_CLIP_SIGMAS
+    attn_clip_sigmas: float = 13.0  # SDClip k of attention matrices (PR #1855, unchanged in #2135); 0 -> MATRIX_CLIP_SIGMAS
     quant_gate: bool = True  # attention-output gate weights as int8 rows (PR #1855), not fp16
     lqer_top_n: int = 0  # LQER: rank-r correction of the n tensors with the largest GPTQ error (PR #1855: 3)
     lqer_rank: int = 4  # LQER: rank r of the error's truncated SVD
@@ -1715,8 +1715,10 @@ def qmax(bits: int) -> int:
 
 
 def sdclip_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
-    """Per-row step k*std(row)/R as fp16 (never 0): k sets the code entropy, hence the size."""
-    std = w.float().std(dim=1, correction=0)
+    """Per-row step k*std(row)/R as fp16 (never 0): k sets the code entropy, hence the size.
+    std is the unbiased row std (torch's default, as PRs #1855/#2135 compute it): the population
+    std shrinks every step by sqrt(1 - 1/cols), which moves int codes off the record's."""
+    std = w.float().std(dim=1, correction=1)
     scale = clip_sigmas * std / qmax(bits)
     return scale.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half()
 
@@ -3420,7 +3422,7 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
         + ("" if used <= EVAL_LIMIT_SECONDS else " OVER_BUDGET"))
     if total > SIZE_LIMIT:
         log(f"OVER_LIMIT by {total - SIZE_LIMIT} bytes{' at the coarsest FIT_ARTIFACT clip' if h.fit_artifact and not h.eval_artifact else ''}: "
-            f"raise MATRIX_CLIP_SIGMAS, lower the bits or shrink the model")
+            f"raise MLP_/ATTN_/MATRIX_CLIP_SIGMAS, lower the bits or shrink the model")
         return 4
     return 0
 

@@ -1,5 +1,7 @@
 """Frontier artifact: per-group clips, int8 gate rows, LQER, AWQ-lite, the pergroup container and its
-codecs, the stripped shipped code; with every switch off the artifact is today's, byte for byte."""
+codecs, the stripped shipped code; with every switch off (and the earlier population row std) the
+artifact is the earlier one, byte for byte."""
+import collections
 import dataclasses
 import hashlib
 import subprocess
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from conftest import REPO
+from conftest import REPO, TINY
 
 # Every switch of the artifact at its earlier value.
 LEGACY = dict(embed_bits=8, embed_clip_sigmas=20.0, mlp_clip_sigmas=0.0, attn_clip_sigmas=0.0, quant_gate=False,
@@ -35,8 +37,20 @@ def legacy_fixture(**over):
     return h, m, {"blocks.0.attn.c_k.weight": (x.T @ x).float()}
 
 
-def test_all_switches_off_reproduce_the_earlier_artifact(tmp_path):
+def population_std_scales(w, bits, clip_sigmas):
+    """The earlier SDClip step, k * population row std / R (the records' is the unbiased std)."""
+    scale = clip_sigmas * w.float().std(dim=1, correction=0) / tg.qmax(bits)
+    return scale.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half()
+
+
+def test_all_switches_off_reproduce_the_earlier_artifact(tmp_path, monkeypatch):
     h, m, hess = legacy_fixture()
+    # The row std is the one change of the quantizer since the hash was taken: with the earlier std
+    # back, every switch off still gives the earlier payload byte for byte; with the records' std the
+    # codes move (so the hash pins the std too).
+    tensors, meta = tg.quantize_state(m, h, hess)
+    assert hashlib.sha256(tg.serialize_tensors(tensors, dict(state=meta))).hexdigest() != LEGACY_PAYLOAD_SHA256
+    monkeypatch.setattr(tg, "sdclip_scales", population_std_scales)
     tensors, meta = tg.quantize_state(m, h, hess)
     assert hashlib.sha256(tg.serialize_tensors(tensors, dict(state=meta))).hexdigest() == LEGACY_PAYLOAD_SHA256
     path = str(tmp_path / "a.ptz")
@@ -115,12 +129,24 @@ def test_missing_optional_codec_is_a_one_line_error(monkeypatch, tmp_path):
 
 
 def test_per_group_clips_and_gate_rows():
-    h = tg.Hyperparameters(mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0)
+    # Default knobs are the record's (PR #1855, unchanged in #2135): every quantized tensor of a real
+    # model, by group; embedding_dim < model_dim adds embed_proj/head_proj, the "other" matrices.
+    h = tg.Hyperparameters(**{**TINY, "embedding_dim": 32})
+    want = {"mlp": (6, 11.5), "attn": (6, 13.0), "embed": (7, 14.0), "other": (6, 12.85), "gate": (8, 0.0)}
+    seen = collections.Counter()
+    for name, p in tg.GPT(h).state_dict().items():
+        spec = tg.quant_spec(name, p, h)
+        if spec is not None:
+            kind = ("gate" if "attn_gate" in name else "embed" if name == "tok_emb.weight" else
+                    "mlp" if ".mlp." in name else "attn" if ".attn." in name else "other")
+            assert spec == want[kind], name
+            seen[kind] += 1
+    assert set(seen) == set(want) and seen["other"] == 2 and seen["mlp"] == 2 * h.num_layers
     w = torch.zeros(512, 512)
-    assert tg.quant_spec("blocks.3.mlp.fc.weight", w, h) == (6, 11.5)
-    assert tg.quant_spec("blocks.3.attn.c_q.weight", w, h) == (6, 13.0)
-    assert tg.quant_spec("embed_proj.weight", w, h) == (6, 12.85)  # other matrices: MATRIX_CLIP_SIGMAS
-    assert tg.quant_spec("blocks.3.mlp.fc.weight", w, tg.Hyperparameters()) == (6, 12.85)
+    zero = tg.Hyperparameters(mlp_clip_sigmas=0.0, attn_clip_sigmas=0.0, matrix_clip_sigmas=9.0)
+    assert tg.quant_spec("blocks.3.mlp.fc.weight", w, zero) == (6, 9.0)  # 0: MATRIX_CLIP_SIGMAS
+    assert tg.quant_spec("blocks.3.attn.c_q.weight", w, zero) == (6, 9.0)
+    h = tg.Hyperparameters()
     gate = torch.randn(8, 12)
     assert tg.quant_spec("blocks.0.attn.attn_gate_w", gate, h) == (8, 0.0)
     off = None if tg.param_group("blocks.0.attn.attn_gate_w", gate) == "scalar" else (6, 13.0)  # the rule without it

@@ -56,7 +56,19 @@ def test_rtn_range_and_error_bound(bits):
     inside = (w / s.float()[:, None]).abs() <= qmax(bits)
     err = (w - tg.dequantize(q, s)).abs()
     assert torch.all(err[inside] <= (s.float()[:, None] / 2).expand_as(w)[inside] + 1e-6)
-    torch.testing.assert_close(s.float(), (3.0 * w.std(dim=1, correction=0) / qmax(bits)).half().float())
+    torch.testing.assert_close(s.float(), (3.0 * w.std(dim=1, unbiased=True) / qmax(bits)).half().float())
+
+
+@pytest.mark.parametrize("cols", [4, 12, 64, 300])
+def test_sdclip_step_uses_the_unbiased_row_std(cols):
+    """The records' step is clip * w.std(dim=1) / qmax, torch's unbiased std (PRs #1855/#2135). Short
+    rows make the population std's factor sqrt(1 - 1/cols) visible through the fp16 rounding."""
+    # row scales keep every step above fp16's tiny, where sdclip_scales clamps
+    w = torch.randn(256, cols, generator=torch.Generator().manual_seed(cols)) * (0.01 + torch.rand(256, 1))
+    for bits, clip in ((6, 11.5), (6, 13.0), (7, 14.0), (6, 12.85)):
+        s = tg.sdclip_scales(w, bits, clip)
+        assert torch.equal(s, (clip * w.std(dim=1, unbiased=True) / qmax(bits)).half())
+        assert not torch.equal(s, (clip * w.std(dim=1, unbiased=False) / qmax(bits)).half())
 
 
 def test_gptq_matches_unblocked_reference():

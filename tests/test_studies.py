@@ -265,7 +265,7 @@ def test_bit_tiers_follow_the_row_ranking(rank, dataset):
     q = tensors["tok_emb.weight.q"].long().abs().max(dim=1).values
     assert torch.all(q <= 2 ** (bits - 1) - 1) and int(q[bits == 4].max()) == 7  # clip 2 sigma: int4 rows saturate
     s = tensors["tok_emb.weight.scale"].float()
-    std = model.tok_emb.weight.detach().std(dim=1, correction=0)
+    std = model.tok_emb.weight.detach().std(dim=1, unbiased=True)  # the records' row std
     torch.testing.assert_close(s, (torch.where(bits == 4, 2.0, h.embed_clip_sigmas) * std / (2 ** (bits - 1) - 1)).half().float())
     assert meta["tok_emb.weight"]["bits"] == 8
     assert "rows_by_bits:8:100,6:200,4:724" in tg.quant_report(tensors, meta, h)[-1]
@@ -323,10 +323,10 @@ def test_analysis_matches_direct_computation(analyzed, dataset):
     state, looping = tg.load_artifact(str(tmp / "an.ptz"), h)
     assert rep["looping"] == looping and rep["params"] == sum(t.numel() for t in state.values())
     for i, b in enumerate(rep["blocks"]):
-        wo, s = state[f"blocks.{i}.attn.proj.weight"].numpy(), state[f"blocks.{i}.attn_scale"].numpy()
-        wd, sm = state[f"blocks.{i}.mlp.proj.weight"].numpy(), state[f"blocks.{i}.mlp_scale"].numpy()
-        assert b["attn_eff"] == pytest.approx(np.linalg.norm(s[:, None] * wo), rel=1e-6)
-        assert b["mlp_eff"] == pytest.approx(np.linalg.norm(sm[:, None] * wd), rel=1e-6)
+        wo, s = state[f"blocks.{i}.attn.proj.weight"].double().numpy(), state[f"blocks.{i}.attn_scale"].double().numpy()
+        wd, sm = state[f"blocks.{i}.mlp.proj.weight"].double().numpy(), state[f"blocks.{i}.mlp_scale"].double().numpy()
+        assert b["attn_eff"] == pytest.approx(np.linalg.norm(s[:, None] * wo), rel=1e-12)
+        assert b["mlp_eff"] == pytest.approx(np.linalg.norm(sm[:, None] * wd), rel=1e-12)
         assert b["q_gain_std"] == pytest.approx(np.std(state[f"blocks.{i}.attn.q_gain"].numpy()), rel=1e-5, abs=1e-7)
         assert b["attn_gate_norm"] == pytest.approx(np.linalg.norm(state[f"blocks.{i}.attn.attn_gate_w"].numpy()), rel=1e-5)
         mix = state[f"blocks.{i}.resid_mix"].numpy()

@@ -39,7 +39,7 @@ def run_log(run_id: str, bpb: str, hp: dict | None = None, over_limit: int = 0) 
                       f"headroom:{-over_limit} code_packed:1 path:a.ptz",
                       f"final_quantized val_loss:3.1 val_bpb:{bpb} eval_time:10ms",
                       "eval_budget used:1.0s limit:600s stages:load+quantized"]
-                     + ([f"OVER_LIMIT by {over_limit} bytes: raise MATRIX_CLIP_SIGMAS"] if over_limit else [])) + "\n"
+                     + ([f"OVER_LIMIT by {over_limit} bytes: raise MLP_/ATTN_/MATRIX_CLIP_SIGMAS"] if over_limit else [])) + "\n"
 
 
 # --- sweep resume and OVER_LIMIT -------------------------------------------------------------------

@@ -75,10 +75,10 @@ def _f(t: torch.Tensor) -> float:
 
 
 def block_profile(model: tg.GPT) -> list[dict]:
-    rows = []
+    rows = []  # norms in float64: a float32 sum over a matrix drifts ~1e-6 with the summation order
     for i, b in enumerate(model.blocks):
-        attn = _f((b.attn_scale.detach()[:, None] * b.attn.proj.weight.detach()).norm())
-        mlp = _f((b.mlp_scale.detach()[:, None] * b.mlp.proj.weight.detach()).norm())
+        attn = _f((b.attn_scale.detach().double()[:, None] * b.attn.proj.weight.detach().double()).norm())
+        mlp = _f((b.mlp_scale.detach().double()[:, None] * b.mlp.proj.weight.detach().double()).norm())
         g = b.attn.q_gain.detach()
         row = dict(block=i, params=sum(p.numel() for p in b.parameters()), attn_eff=attn, mlp_eff=mlp,
                    total_eff=attn + mlp, q_gain_mean=_f(g.mean()), q_gain_std=_f(g.std(correction=0)))
@@ -185,7 +185,7 @@ def embed_row_stats(model: tg.GPT, tensors: dict | None, meta: dict | None, coun
     bits = step = None
     if tensors is not None and m.get("kind") == "int":
         bits = tensors["tok_emb.weight.bits"].double() if "tok_emb.weight.bits" in tensors else torch.full((w.size(0),), float(m["bits"]))
-        step = tensors["tok_emb.weight.scale"].double() / w.std(dim=1, correction=0).clamp_min(1e-30)
+        step = tensors["tok_emb.weight.scale"].double() / w.std(dim=1, correction=1).clamp_min(1e-30)  # sdclip_scales' std
     rows, lo = [], 0
     for hi in [e for e in RANK_EDGES if e < h.vocab_size] + [h.vocab_size]:
         idx = torch.from_numpy(order[lo:hi].copy())
