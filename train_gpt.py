@@ -563,16 +563,10 @@ class GradSync:
     def finish(self) -> None:
         while self.next < len(self.big):
             self._launch(*self.big[self.next])
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.small]
-        flat = torch.cat([g.flatten() for g in grads]) if grads else None  # ~32K elements
-        if flat is not None:
-            dist.all_reduce(flat)
+        if self.small:  # ~32K elements in one packed all-reduce
+            reduce_grads(self.small, self.world, average=False)
         for w in self.works:
             w.wait()
-        if flat is not None:
-            torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
-            for p, g in zip(self.small, grads):
-                p.grad = g
         torch._foreach_div_([p.grad for p in self.mine], float(self.world))
         self.armed, self.works, self.ready, self.next = False, [], set(), 0
 
@@ -989,8 +983,12 @@ def varlen_buckets(rate: float, dispersion: float, B: int, T: int, sigmas: float
     binomial's; the range covers mean +- sigmas sd (6: a miss in ~1e9 batches, normal tails)."""
     n = B * (T - 1)
     mean, sd = n * rate, math.sqrt(max(dispersion, 1.0) * n * rate * (1 - rate))
-    lo, hi = B + max(math.floor(mean - sigmas * sd), 0), B + min(math.ceil(mean + sigmas * sd), n)
-    return range(lo // CU_BUCKET + 1, hi // CU_BUCKET + 2)  # len(cu) = segments + 1, padded up
+    return seg_buckets(B + max(math.floor(mean - sigmas * sd), 0), B + min(math.ceil(mean + sigmas * sd), n))
+
+
+def seg_buckets(lo: int, hi: int) -> range:
+    """The cu_seqlens buckets of batches holding lo..hi segments: len(cu) = segments + 1, padded up."""
+    return range(int(lo) // CU_BUCKET + 1, int(hi) // CU_BUCKET + 2)
 
 
 def varlen_warmup_ids(x: Tensor, gen: torch.Generator, buckets) -> list[Tensor]:
@@ -2646,12 +2644,18 @@ def eval_varlen_buckets(h: Hyperparameters, d: Dist, bos: np.ndarray) -> dict[in
     T, B, out = h.eval_seq_len, eval_batch_windows(h, d.world_size), {}
     strides = [T] + [h.eval_stride] * (h.sliding_window_enabled or h.ttt_enabled)
     segs = np.concatenate([window_segments(bos, T, s, B) for s in strides] + [[B]] * h.doc_eval_enabled)
-    out[B] = range(int(segs.min()) // CU_BUCKET + 1, int(segs.max()) // CU_BUCKET + 2)
-    if (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0):
-        for n in {n for _, n, _ in ttt_step_shares(h, d) if n > 0}:  # chunk rows: consecutive, T apart
-            segs = window_segments(bos, T, T, n)
-            out.setdefault(n, range(int(segs.min()) // CU_BUCKET + 1, int(segs.max()) // CU_BUCKET + 2))
+    out[B] = seg_buckets(segs.min(), segs.max())
+    for n in ttt_loss_rows(h, d):  # chunk rows: consecutive, T apart
+        segs = window_segments(bos, T, T, n)
+        out.setdefault(n, seg_buckets(segs.min(), segs.max()))
     return out
+
+
+def ttt_loss_rows(h: Hyperparameters, d: Dist) -> list[int]:
+    """The row counts this rank's TTT loss sees (SGD steps of TTT and of the phased global SGD); none without them."""
+    if not ((h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0)):
+        return []
+    return sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0})
 
 
 def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_tokens: Tensor, log=None) -> float:
@@ -2662,8 +2666,7 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(h.seed)
     B = eval_batch_windows(h, d.world_size)
-    ttt = (h.ttt_enabled and h.ttt_epochs > 0) or (h.lora_ttt_enabled and h.phased_num_phases > 0)
-    ns = sorted({n for _, n, _ in ttt_step_shares(h, d) if n > 0}) if ttt else []
+    ns = ttt_loss_rows(h, d)
     x, y = torch.randint(0, h.vocab_size, (2, max([B] + ns), h.eval_seq_len), generator=gen).to(d.device)  # TTT rows may outnumber B
     ks = eval_varlen_buckets(h, d, (val_tokens == BOS_ID).cpu().numpy()) if uses_varlen(h, d.device) else {}
     for n, r in sorted(ks.items()):
@@ -2677,7 +2680,7 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
             scorer(xb, y[:B])
             if h.ngram_tilt:  # the graph that also returns -log p(hint)
                 scorer(xb, y[:B], hints=y[:B])
-    if ttt:
+    if ns:
         for n in ns:
             for xb in shapes(n):
                 with autocast_ctx(d.device):
@@ -3392,8 +3395,8 @@ def train_and_eval(h: Hyperparameters, d: Dist, log: Logger | None = None) -> in
     """Train -> EMA -> pre-quant eval -> artifact -> reload from disk -> quantized, sliding, TTT evals. Exit status."""
     log = log or Logger(d, os.path.join(h.log_dir, f"{h.run_id}.txt"))
     log_header(h, d, log)
-    if fa3_refusal(h, d.device):
-        raise ConfigError(fa3_refusal(h, d.device))
+    if why := fa3_refusal(h, d.device):
+        raise ConfigError(why)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if d.device.type == "cuda":

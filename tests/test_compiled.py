@@ -14,6 +14,7 @@ import torch
 import cuda_contract
 import train_gpt as tg
 from conftest import TINY
+from test_frontier import perturbed_model
 
 CPU = tg.Dist(0, 1, 0, torch.device("cpu"))
 BOS = tg.BOS_ID
@@ -60,16 +61,6 @@ def compiled_contract(monkeypatch):
     with ic.patch(fx_graph_cache=False, compile_threads=1, **{"cpp.simdlen": 0}), fc.patch(enable_autograd_cache=False):
         yield counter
     torch._dynamo.reset()
-
-
-def perturbed_model(h, seed=0) -> tg.GPT:
-    """Off the zero/identity init so that every gate, smear and lane carries signal."""
-    torch.manual_seed(seed)
-    model = tg.GPT(h)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def batch(n_bos: int, gen, vocab: int, shape=(2, 64)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import torch
 
 import train_gpt as tg
 from conftest import FINEWEB, REPO, SP1024, TINY
+from test_eval import random_model
 
 sys.path.insert(0, str(REPO / "tools"))
 import bench_ngram  # noqa: E402
@@ -143,16 +144,6 @@ def tiny(**over):
                                  "ttt_batch_seqs": 2, "ngram_tilt": True, "ngram_order": 4, "ngram_threshold": 0.5, **over})
 
 
-def model_for(h, seed=0):
-    torch.manual_seed(seed)
-    m = tg.GPT(h)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("proj.weight") or name == "tok_emb.weight":
-                p.normal_(0, 0.05)
-    return m
-
-
 LUTS = (torch.arange(1024) % 5 + 1, torch.arange(1024) % 3 == 0, torch.zeros(1024, dtype=torch.bool))
 
 
@@ -163,7 +154,7 @@ def test_tilted_stages_are_causal(stage):
     tokens[::120] = tg.BOS_ID  # documents for the document stages
     assert (tg.tilt_plan(h, tokens)[0] >= 0).sum() > 100
     for p in (130, 300):
-        r = cc.check_causality(h, lambda: model_for(h), tokens, LUTS, stage, p, seed=p)
+        r = cc.check_causality(h, lambda: random_model(h), tokens, LUTS, stage, p, seed=p)
         assert r["mismatches"] == r["hint_mismatches"] == 0 and r["changed_after"] > 0 and r["tilt"] == 1, r
 
 
@@ -171,15 +162,15 @@ def test_causality_check_catches_a_look_ahead_hint(monkeypatch):
     h = tiny()
     monkeypatch.setattr(tg, "ngram_hints", lambda t, o, th: reference(t, o, th, lookahead=True))
     fresh = torch.randint(0, 1024, (501,), generator=torch.Generator().manual_seed(0))  # new contexts: each hint is its own target
-    r = cc.check_causality(h, lambda: model_for(h), fresh, LUTS, "sliding", 250)
+    r = cc.check_causality(h, lambda: random_model(h), fresh, LUTS, "sliding", 250)
     assert r["hint_mismatches"] > 0  # target 250's hint read its own target
     monkeypatch.undo()
-    assert cc.check_causality(h, lambda: model_for(h), fresh, LUTS, "sliding", 250)["hint_mismatches"] == 0
+    assert cc.check_causality(h, lambda: random_model(h), fresh, LUTS, "sliding", 250)["hint_mismatches"] == 0
 
 
 def test_tilt_moves_bpb_the_way_hint_accuracy_says():
     h = tiny(ngram_order=2)  # context: the target's input token
-    model = model_for(h)
+    model = random_model(h)
     perm = np.random.default_rng(3).permutation(np.arange(2, 1024))
     streams = {"right": repetitive(1500),  # repeated phrases: most hints come true
                "wrong": np.r_[perm, perm[::-1]]}  # the second pass follows each token by another: every hint misses
@@ -208,8 +199,8 @@ def test_training_never_sees_the_tilt(stage):
     h = tiny(lora_rank=4, lora_chunk_tokens=32, lora_batch_docs=2, phased_prefix_docs=2, phased_num_phases=1)
     tokens = torch.from_numpy(repetitive(500)).long()
     tokens[::120] = tg.BOS_ID
-    on = cc.stage_nll(h, lambda: model_for(h), tokens, LUTS, stage)
-    off = cc.stage_nll(dataclasses.replace(h, ngram_tilt=False), lambda: model_for(h), tokens, LUTS, stage)
+    on = cc.stage_nll(h, lambda: random_model(h), tokens, LUTS, stage)
+    off = cc.stage_nll(dataclasses.replace(h, ngram_tilt=False), lambda: random_model(h), tokens, LUTS, stage)
     hinted = tg.tilt_plan(h, tokens)[0] >= 0
     assert hinted.sum() > 100 and not torch.equal(on[hinted], off[hinted])
     assert torch.equal(on[~hinted], off[~hinted])
