@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -874,7 +875,7 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return x
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     x1, x2 = x_rot.chunk(2, dim=-1)
-    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)  # [1,T,1,rd/2]
+    c, s = ((t[None] if t.dim() == 2 else t)[:, :, None, :].to(x.dtype) for t in (cos, sin))  # [1 or B,T,1,rd/2]
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c, x_pass], dim=-1)
 
 
@@ -1405,15 +1406,16 @@ class GPT(nn.Module):
         """The attention layout of a batch: None (plain causal) when DOC_MASK=0."""
         return doc_layout(ids) if self.h.doc_mask else None
 
-    def hidden(self, ids: Tensor, docs: DocLayout | None = None, lora=None) -> Tensor:
+    def hidden(self, ids: Tensor, docs: DocLayout | None = None, lora=None, rope: Tensor | None = None) -> Tensor:
         """The head input [B,T,embedding_dim]: final normed state after out_rot and head_proj.
 
         docs: a precomputed layout of ids (FA3 varlen from outside a compiled graph); None derives it.
         lora: per-document adapters (DocLoRA), one set per virtual layer slot.
+        rope: [B,T] RoPE position of each token (packed windows); None: 0..T-1 in every row.
         """
         T = ids.size(1)
         docs = self.doc_layout(ids) if docs is None else docs
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = (self.rope_cos[:T], self.rope_sin[:T]) if rope is None else (self.rope_cos[rope], self.rope_sin[rope])
         x = self.tok_emb(ids)
         if self.hash_embed is not None:
             x = x + self.hash_embed(bigram_hash(ids, self.hash_embed.num_embeddings))
@@ -2790,68 +2792,217 @@ def phase_bounds(h: Hyperparameters, n_docs: int) -> list[int]:
     return [b for b in (n * (k + 1) // p for k in range(p)) if 0 < b < n_docs]
 
 
+# Packed LoRA steps. Each step scores the next chunk of every row in flight with the window of <= T
+# tokens ending at the chunk's nominal end. The windows are packed first-fit into lanes of T positions:
+# a window that starts at a BOS may follow another in a lane (the BOS starts its attention segment and
+# stops SmearGate), one that starts inside its document opens a lane; RoPE positions restart at 0 in
+# every window, so a window computes exactly what it computes alone. The adapters run as one grouped
+# matmul over the packed tokens, and the head only on the scored positions. All bookkeeping comes from
+# the document lengths on the host.
+
+def lora_windows(starts: np.ndarray, ends: np.ndarray, C: int, T: int) -> tuple[np.ndarray, ...]:
+    """(document, window start, first target, end) of every chunk of the LoRA stage."""
+    doc, first, end = doc_chunks(starts, ends, C)
+    return doc, np.maximum(starts[doc], first + C - T), first, end
+
+
+def lora_queues(starts: np.ndarray, ends: np.ndarray, h: Hyperparameters, world: int) -> list[list[np.ndarray]]:
+    """[rank][phase block] -> the documents that rank takes, in order. Blocks end at phase_bounds (stream
+    order: no document's phase depends on a length). With LORA_WARM_START_A a row's A carries into its
+    next document, so placement must not depend on lengths: round-robin in stream order. Without it a
+    score depends only on the base and the document, so each block is dealt longest first to the rank
+    with the least window work so far (LPT): the waits at the bounds and at the end shrink."""
+    n = len(starts)
+    doc, ws, _, end = lora_windows(starts, ends, h.lora_chunk_tokens, h.eval_seq_len)
+    work = np.bincount(doc, end - ws, minlength=n)
+    out: list[list[np.ndarray]] = [[] for _ in range(world)]
+    edges = [0, *phase_bounds(h, n), n]
+    for lo, hi in zip(edges, edges[1:]):
+        docs = np.arange(lo, hi)
+        if h.lora_warm_start_a:
+            own = [docs[docs % world == r] for r in range(world)]
+        else:
+            heap, own = [(0.0, r) for r in range(world)], [[] for _ in range(world)]
+            for k in docs[np.argsort(-work[lo:hi], kind="stable")]:
+                w, r = heapq.heappop(heap)
+                own[r].append(k)
+                heapq.heappush(heap, (w + work[k], r))
+        for r in range(world):
+            out[r].append(np.asarray(own[r], dtype=np.int64))
+    return out
+
+
+def lora_rows(starts: np.ndarray, ends: np.ndarray, docs: np.ndarray, R: int, C: int, T: int):
+    """One rank's steps through one block: free rows (lowest first) take the next documents, then every
+    row in flight scores its next chunk. Yields (fresh rows, [(row, doc, window start, first, end, more)]),
+    more: the document has later chunks."""
+    row_doc, pos, qi = [-1] * R, [0] * R, 0
+    while True:
+        fresh = []
+        for r in range(R):
+            if row_doc[r] < 0 and qi < len(docs):
+                row_doc[r], pos[r] = int(docs[qi]), int(starts[docs[qi]])
+                fresh.append(r)
+                qi += 1
+        wins = []
+        for r, k in enumerate(row_doc):
+            if k >= 0:
+                end = min(pos[r] + C, int(ends[k]))
+                wins.append((r, k, max(int(starts[k]), pos[r] + C - T), pos[r], end, end < ends[k]))
+                pos[r] = end
+                row_doc[r] = k if end < ends[k] else -1
+        if not wins:
+            return
+        yield fresh, wins
+
+
+def lane_bucket(n: int, cap: int) -> int:
+    """Lanes of a step rounded up to 1, 2, 3, ... (each <= 25% above the last; at most cap): few shapes."""
+    b = 1
+    while b < n:
+        b = max(b + 1, b * 5 // 4)
+    return min(b, max(cap, n))
+
+
+def pack_lanes(lengths: list[int], at_bos: list[bool], T: int) -> tuple[list[tuple[int, int]], int]:
+    """(lane, offset) of each window and the lane count: first-fit decreasing into lanes of T; a window
+    not starting at a BOS opens its own lane at offset 0."""
+    place: list = [None] * len(lengths)
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (at_bos[i], -lengths[i])):
+        j = next((j for j, f in enumerate(free) if f >= lengths[i]), len(free)) if at_bos[i] else len(free)
+        if j == len(free):
+            free.append(T)
+        place[i] = (j, T - free[j])
+        free[j] -= lengths[i]
+    return place, len(free)
+
+
+class LoraStep(NamedTuple):
+    """Host index arrays of one packed step (W: windows, padded to R rows; L lanes of T positions)."""
+    tok: np.ndarray  # [L, T] stream position of each input token, -1 = padding
+    rope: np.ndarray  # [L, T] RoPE position: restarts at 0 in every window
+    seq: np.ndarray  # [R] row of each adapter group, groups in packed order (padding: empty groups)
+    offs: np.ndarray  # [R] int32 end of each group in the flattened lanes
+    cu: np.ndarray  # int32 attention segment starts (lanes and windows), then L*T repeated: R + L + 1
+    rows: np.ndarray  # [R] row of each window
+    pos: np.ndarray  # [R, C] flattened lane position of each scored target (0 where masked)
+    tgt: np.ndarray  # [R, C] stream index of each scored target (0 where masked)
+    mask: np.ndarray  # [R, C] scored
+    more: np.ndarray  # [R] bool: the window's document has later chunks (its row trains)
+
+
+def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraStep:
+    place, n = pack_lanes([w[4] - w[2] for w in wins], at_bos, T)
+    L = lane_bucket(n, R)
+    tok, rope = np.full((L, T), -1, np.int64), np.tile(np.arange(T), (L, 1))
+    pos, tgt, mask = np.zeros((R, C), np.int64), np.zeros((R, C), np.int64), np.zeros((R, C), bool)
+    rows, more = np.zeros(R, np.int64), np.zeros(R, bool)
+    flat = []
+    for i, ((r, _, ws, first, end, mo), (lane, off)) in enumerate(zip(wins, place)):
+        tok[lane, off : off + end - ws] = np.arange(ws, end)
+        rope[lane, off:] = np.arange(T - off)  # later windows of the lane overwrite their part
+        n_sc = end - first
+        pos[i, :n_sc] = lane * T + off + first - ws + np.arange(n_sc)
+        tgt[i, :n_sc], mask[i, :n_sc], rows[i], more[i] = np.arange(first, end), True, r, mo
+        flat.append((lane * T + off, r))
+    flat.sort()
+    starts = [f for f, _ in flat]
+    seq = np.array([r for _, r in flat] + [0] * (R - len(flat)), np.int64)
+    offs = np.array(starts[1:] + [L * T] * (R - len(flat) + 1), np.int32)
+    cu = np.union1d(starts, np.arange(L) * T)
+    cu = np.concatenate([cu, np.full(R + L + 1 - cu.size, L * T)]).astype(np.int32)
+    return LoraStep(tok, rope, seq, offs, cu, rows, pos, tgt, mask, more)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """x [N, k] @ w[g] [k, n] for the rows of group g: rows offs[g-1]:offs[g] (torch._grouped_mm)."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
 class DocLoRA:
     """Per-document adapters, one row per document in flight: y += (x A^T) B^T * alpha/r per virtual
-    layer slot and target, A [rows, r, in], B [rows, out, r]. A starts from one seeded draw
+    layer slot and target, A [rows, r, in], B [rows, out, r]. Every row's A and B live in one flat
+    [rows, P] tensor, so AdamW is a few whole-tensor ops. A starts from one seeded draw
     uniform(+-1/sqrt(in)), B at 0, so a fresh row's adapters are exactly the identity."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rows: int, device: torch.device):
-        self.h, self.scale = h, h.lora_alpha / h.lora_rank
+        self.h, self.scale, r = h, h.lora_alpha / h.lora_rank, h.lora_rank
         d, kv = h.model_dim, h.num_kv_heads * (h.model_dim // h.num_heads)
         dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d), "head": (d, h.vocab_size)}
         sched = model.schedules[model.looping_active]
         n_slots = len(sched.encoder) + len(sched.decoder)
-        sites = [(v, t) for v in range(n_slots) for t in h.lora_target_list if t != "head"]
-        sites += [(-1, "head")] if "head" in h.lora_target_list else []
-        gen = torch.Generator().manual_seed(h.seed)
-        self.init = {}
-        for site in sites:
-            n_in, _ = dims[site[1]]
-            self.init[site] = ((torch.rand(h.lora_rank, n_in, generator=gen) * 2 - 1) / math.sqrt(n_in)).to(device)
-        self.a = {s: a.expand(rows, -1, -1).clone().requires_grad_() for s, a in self.init.items()}
-        self.b = {s: torch.zeros(rows, dims[s[1]][1], h.lora_rank, device=device, requires_grad=True) for s in sites}
-        self.params = [*self.a.values(), *self.b.values()]
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
+        self.sites = [(v, t) for v in range(n_slots) for t in h.lora_target_list if t != "head"]
+        self.sites += [(-1, "head")] if "head" in h.lora_target_list else []
+        self.shapes = [s for v, t in self.sites for s in ((r, dims[t][0]), (dims[t][1], r))]
+        gen, init = torch.Generator().manual_seed(h.seed), []
+        for (a_shape, b_shape) in zip(self.shapes[::2], self.shapes[1::2]):
+            init += [((torch.rand(*a_shape, generator=gen) * 2 - 1) / math.sqrt(a_shape[1])).flatten(), torch.zeros(math.prod(b_shape))]
+        self.init = torch.cat(init).to(device)
+        self.is_a = torch.cat([torch.full((math.prod(s),), i % 2 == 0) for i, s in enumerate(self.shapes)]).to(device)
+        self.p = self.init.expand(rows, -1).clone().requires_grad_()
+        self.m, self.v = torch.zeros_like(self.p), torch.zeros_like(self.p)
         self.steps = torch.zeros(rows, device=device)
 
-    def slot(self, v: int):
-        def apply(target: str, x: Tensor, y: Tensor) -> Tensor:
-            site = (v, target)
-            if site not in self.a:
-                return y
-            a, b = self.a[site].to(x.dtype), self.b[site].to(x.dtype)
-            return y + torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2)) * self.scale
-        return apply
+    def tensors(self) -> dict:
+        """site -> (A, B): views of the flat rows (autograd sums their gradients into one tensor)."""
+        ts = [t.view(-1, *s) for t, s in zip(self.p.split([math.prod(s) for s in self.shapes], 1), self.shapes)]
+        return {site: (ts[2 * i], ts[2 * i + 1]) for i, site in enumerate(self.sites)}
 
     @torch.no_grad()
     def reset_rows(self, rows: Tensor, keep_a: bool) -> None:
         """A new document enters these rows: B = 0 and optimizer state 0; A back to the draw unless kept."""
-        for s in self.a:
-            self.b[s][rows] = 0
-            if not keep_a:
-                self.a[s][rows] = self.init[s]
-        for t in (*self.m, *self.v):
+        self.p[rows] = torch.where(self.is_a, self.p[rows], 0.0) if keep_a else self.init
+        for t in (self.m, self.v):
             t[rows] = 0
         self.steps[rows] = 0
 
     @torch.no_grad()
     def step(self, rows: Tensor) -> None:
-        """AdamW on the given rows only, each with its own step count (rows are independent)."""
-        h, mask = self.h, torch.zeros_like(self.steps, dtype=torch.bool)
-        mask[rows] = True
-        self.steps += mask
-        t = self.steps.clamp(min=1)
-        bc1, bc2 = 1 - h.lora_beta1 ** t, 1 - h.lora_beta2 ** t
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            sh = (-1,) + (1,) * (p.dim() - 1)
-            k = mask.view(sh)
-            m.copy_(torch.where(k, h.lora_beta1 * m + (1 - h.lora_beta1) * g, m))
-            v.copy_(torch.where(k, h.lora_beta2 * v + (1 - h.lora_beta2) * g * g, v))
-            upd = p * (1 - h.lora_lr * h.lora_wd) - (h.lora_lr / bc1).view(sh) * m / ((v / bc2.view(sh)).sqrt() + h.lora_eps)
-            p.copy_(torch.where(k, upd, p))
-            p.grad = None
+        """AdamW on the rows where rows [R] is True, each with its own step count (rows are independent)."""
+        self.steps += rows
+        adamw_rows(self.h, self.p, self.p.grad, self.m, self.v, self.steps, rows)
+        self.p.grad = None
+
+
+def adamw_rows(h: Hyperparameters, p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: Tensor, rows: Tensor) -> None:
+    t, k = steps.clamp(min=1)[:, None], rows[:, None]
+    bc1, bc2 = 1 - h.lora_beta1 ** t, 1 - h.lora_beta2 ** t
+    m.copy_(torch.where(k, h.lora_beta1 * m + (1 - h.lora_beta1) * g, m))
+    v.copy_(torch.where(k, h.lora_beta2 * v + (1 - h.lora_beta2) * g * g, v))
+    p.copy_(torch.where(k, p * (1 - h.lora_lr * h.lora_wd) - (h.lora_lr / bc1) * m / ((v / bc2).sqrt() + h.lora_eps), p))
+
+
+class PackedLoRA(NamedTuple):
+    """DocLoRA.tensors() bound to one packed step: groups of tokens (seq, offs) and the scored rows."""
+    ab: dict
+    seq: Tensor
+    offs: Tensor
+    rows: Tensor
+    scale: float
+
+    def slot(self, v: int):
+        def apply(target: str, x: Tensor, y: Tensor) -> Tensor:
+            if (v, target) not in self.ab:
+                return y
+            a, b = self.ab[(v, target)]
+            if v < 0:  # the head, on [windows, C] scored positions: one row's adapter per window
+                a, b = a[self.rows].to(y.dtype), b[self.rows].to(y.dtype)
+                return y + torch.bmm(torch.bmm(x.to(y.dtype), a.transpose(1, 2)), b.transpose(1, 2)) * self.scale
+            xa = grouped_mm(x.reshape(-1, x.size(-1)).to(y.dtype), a[self.seq].to(y.dtype).transpose(1, 2).contiguous(), self.offs)
+            return y + (grouped_mm(xa, b[self.seq].to(y.dtype).transpose(1, 2).contiguous(), self.offs) * self.scale).view_as(y)
+        return apply
+
+
+def lora_nll(model: GPT, lora: DocLoRA, ids: Tensor, docs, rope: Tensor, seq: Tensor, offs: Tensor, rows: Tensor,
+             pos: Tensor, y: Tensor, hints=None):
+    """Per-target NLL [R, C] of one packed step (with hints also -log p(hint), as token_nll)."""
+    packed = PackedLoRA(lora.tensors(), seq, offs, rows, lora.scale)
+    x = model.hidden(ids, docs, packed, rope)
+    z = model.head_logits(x.flatten(0, 1)[pos], packed.slot(-1))
+    if hints is not None:
+        return hinted_nll(z, y, hints)
+    return F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
 def spans(idx: Tensor, mask: Tensor) -> tuple[int, int]:
@@ -2881,76 +3032,78 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
                   collect: bool = False, log=None, trace=None, tilt=None) -> tuple[EvalResult, Tensor | None]:
     """Per-document LoRA TTT with phased global SGD; mutates the model.
 
-    Documents go to ranks round-robin in stream order; each rank keeps LORA_BATCH_DOCS documents in
-    flight and refills a row as soon as its document ends. Each step scores the next chunk of every
-    row with the window of <= EVAL_SEQ_LEN tokens ending at the chunk's nominal end, then takes one AdamW step
-    per row on the mean NLL of exactly the targets it just scored (not after a document's last
-    chunk). A document's targets therefore depend on its own earlier tokens, on the base weights and
-    (LORA_WARM_START_A) on the A of earlier documents of its row: everything already scored.
-    Phases: documents at or past the next bound wait until every rank has scored all documents
-    before it; then all ranks run global_sgd on those documents and restart the adapters.
+    Each rank takes its documents of each phase block (lora_queues) into LORA_BATCH_DOCS rows and
+    refills a row as soon as its document ends. Each step scores the next chunk of every row (packed,
+    see lora_step), then takes one AdamW step per row on the mean NLL of exactly the targets it just
+    scored (not after a document's last chunk). A document's targets therefore depend on its own
+    earlier tokens, on the base weights and (LORA_WARM_START_A) on the A of earlier documents of its
+    row: everything already scored. At each phase bound every rank has scored every document before
+    it; all ranks then run global_sgd on those documents and restart the adapters.
     trace (tests): ("score"|"train"|"sgd", first target, end) of every row and SGD sequence.
     """
-    T, C, total, dev = h.eval_seq_len, h.lora_chunk_tokens, tokens.numel() - 1, tokens.device
+    T, C, R, total, dev = h.eval_seq_len, h.lora_chunk_tokens, h.lora_batch_docs, tokens.numel() - 1, tokens.device
     starts, ends = doc_spans(tokens)
+    at_bos = tokens[:-1].cpu().numpy()[starts] == BOS_ID
     bounds = phase_bounds(h, len(starts))
-    mine = list(range(d.rank, len(starts), d.world_size))
     luts = tuple(t.to(dev) for t in luts)
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
     nll_out = torch.zeros(total, device=dev) if collect else None
     model.requires_grad_(False)
-    R = h.lora_batch_docs
-    lora = DocLoRA(h, model, R, dev)
-    row_doc, row_pos = [-1] * R, [0] * R  # document in each row and its next target
-    qi, phase, t0, n_steps = 0, 0, time.perf_counter(), 0
-    while True:
-        gate = bounds[phase] if phase < len(bounds) else len(starts)
-        fresh = []
-        for r in range(R):
-            if row_doc[r] < 0 and qi < len(mine) and mine[qi] < gate:
-                row_doc[r], row_pos[r] = mine[qi], int(starts[mine[qi]])
-                fresh.append(r)
-                qi += 1
-        if fresh:
-            lora.reset_rows(torch.tensor(fresh, device=dev), keep_a=h.lora_warm_start_a)
-        active = [r for r in range(R) if row_doc[r] >= 0]
-        if not active:
-            if phase == len(bounds):
-                break
-            n_tgt = int(starts[bounds[phase]])
+    fwd, varlen = lora_forward(h, d), uses_varlen(h, dev)
+    work, t0, n_steps = np.zeros(3), time.perf_counter(), 0
+    for phase, docs in enumerate(lora_queues(starts, ends, h, d.world_size)[d.rank]):
+        if phase:  # every rank has scored every document before this bound
+            n_tgt = int(starts[bounds[phase - 1]])
             chunks = global_sgd(h, model, loss_fn, d, tokens, n_tgt, trace)
             if log is not None:
-                log(f"lora_ttt_phase {phase + 1}/{len(bounds)} docs:{bounds[phase]} targets:{n_tgt} "
+                log(f"lora_ttt_phase {phase}/{len(bounds)} docs:{bounds[phase - 1]} targets:{n_tgt} "
                     f"sgd_chunks:{chunks} time:{time.perf_counter() - t0:.1f}s")
-            phase += 1
-            lora = DocLoRA(h, model, R, dev)
-            continue
-        first = torch.tensor([row_pos[r] if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
-        end = torch.tensor([min(row_pos[r] + C, int(ends[row_doc[r]])) if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
-        ws = torch.tensor([max(int(starts[row_doc[r]]), row_pos[r] + C - T) if row_doc[r] >= 0 else 0 for r in range(R)], device=dev)
-        x, y, scored, idx = window_batch(tokens, ws, first, end, T)
-        more = [r for r in active if int(end[r]) < int(ends[row_doc[r]])]
-        with autocast_ctx(dev), torch.set_grad_enabled(bool(more)):
-            nll, score = score_nll(lambda x, y, hints=None: model.token_nll(x, y, lora=lora, hints=hints), x, y, idx, tilt)
-        accumulate(score, x, y, scored, idx, luts, sums, nll_out)  # the adapters train on the untilted nll
-        if trace is not None:  # read off the masks that are summed and trained on
-            trace.extend(("score", *spans(idx[r], scored[r])) for r in range(R) if scored[r].any())
-        if more:  # one step per row on the mean NLL of the targets scored above
-            m = scored[more].float()
-            (nll[more] * m).sum(1).div(m.sum(1)).sum().backward()
-            lora.step(torch.tensor(more, device=dev))
-            if trace is not None:
-                trace.extend(("train", *spans(idx[r], m[i] > 0)) for i, r in enumerate(more))
-        for r in active:
-            row_pos[r] = int(end[r])
-            if row_pos[r] >= ends[row_doc[r]]:
-                row_doc[r] = -1
-        n_steps += 1
-        if log is not None and n_steps % 500 == 0:
-            r_ = bpb_from_sums(*sums.tolist())
-            log(f"lora_ttt_progress rank0_docs:{qi}/{len(mine)} steps:{n_steps} val_bpb:{r_.val_bpb:.6f} "
-                f"time:{time.perf_counter() - t0:.1f}s")
+        lora = DocLoRA(h, model, R, dev)
+        for fresh, wins in lora_rows(starts, ends, docs, R, C, T):
+            if fresh:
+                lora.reset_rows(torch.tensor(fresh, device=dev), keep_a=h.lora_warm_start_a)
+            s = lora_step(wins, [w[2] == starts[w[1]] and at_bos[w[1]] for w in wins], R, C, T)
+            g = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in s._asdict().items()}
+            ids = torch.where(g["tok"] >= 0, tokens[g["tok"].clamp(min=0)], 0)
+            x, y, idx, scored = tokens[g["tgt"]], tokens[g["tgt"] + 1], g["tgt"], g["mask"]
+            docs_ = DocLayout(None, g["cu"]) if varlen else None
+            with autocast_ctx(dev):
+                nll, score = score_nll(lambda x, y, hints=None: fwd(model, lora, ids, docs_, g["rope"], g["seq"], g["offs"],
+                                                                    g["rows"], g["pos"], y, hints), x, y, idx, tilt)
+            accumulate(score, x, y, scored, idx, luts, sums, nll_out)  # the adapters train on the untilted nll
+            if trace is not None:  # read off the masks that are summed and trained on
+                trace.extend(("score", *spans(idx[i], scored[i])) for i in range(len(wins)))
+            if s.more.any():  # one step per row on the mean NLL of the targets scored above
+                m = (scored & g["more"][:, None]).float()
+                (nll * m).sum(1).div(m.sum(1).clamp(min=1)).sum().backward()
+                lora.step(torch.zeros(R, dtype=torch.bool, device=dev).index_fill_(0, g["rows"][g["more"]], True))
+                if trace is not None:
+                    trace.extend(("train", *spans(idx[i], scored[i])) for i in np.flatnonzero(s.more))
+            work += (s.tok.size, sum(min(w[4] - starts[w[1]], T) for w in wins), sum(w[4] - w[3] for w in wins))
+            n_steps += 1
+            if log is not None and n_steps % 500 == 0:
+                r_ = bpb_from_sums(*sums.tolist())
+                log(f"lora_ttt_progress rank0_docs_block{phase}:{len(docs)} steps:{n_steps} val_bpb:{r_.val_bpb:.6f} "
+                    f"time:{time.perf_counter() - t0:.1f}s")
+    w = all_reduce(torch.tensor(work, dtype=torch.float64, device=dev)).tolist()
+    if log is not None:
+        log(f"lora_ttt_work positions_per_target:{w[0] / max(w[2], 1):.3f} ideal:{w[1] / max(w[2], 1):.3f} "
+            f"targets:{int(w[2])} rank0_steps:{n_steps}")
     return finish_eval(sums, nll_out)
+
+
+def lora_forward(h: Hyperparameters, d: Dist):
+    """lora_nll, compiled on CUDA with the lane count dynamic (one graph for every packed size)."""
+    if not (h.compile and cuda_path(d.device)):
+        return lora_nll
+    set_compile_limits()
+    f = torch.compile(lora_nll, fullgraph=True)
+
+    def run(model, lora, ids, docs, rope, *rest):
+        for t in (ids, rope):
+            torch._dynamo.mark_dynamic(t, 0)
+        return f(model, lora, ids, docs, rope, *rest)
+    return run
 
 
 # ------------------------------------------------------------------------------------------------

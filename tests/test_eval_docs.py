@@ -108,23 +108,29 @@ def test_lora_at_lr_zero_without_phases_equals_doc_sliding():
     luts, tokens = fake_luts(1024), doc_stream(400, seed=4, mean=60)
     r, nll = run_lora(h, tokens, luts)
     rs, ref = tg.eval_doc_windows(h, random_model(h).token_nll, CPU, tokens, luts, 16, collect=True)
-    assert torch.equal(nll, ref) and r == rs
+    # packed windows reach the same function through other matmul shapes: equal up to fp32 rounding
+    assert torch.allclose(nll, ref, rtol=0, atol=2e-6) and r.val_bpb == pytest.approx(rs.val_bpb, rel=1e-7)
+    assert (r.tokens, r.bytes) == (rs.tokens, rs.bytes)
     r2, nll2 = run_lora(dataclasses.replace(h, lora_lr=0.05), tokens, luts)
     assert not torch.equal(nll2, ref)  # the adapters do move once they learn
 
 
 def test_fresh_adapters_are_the_identity_and_targets_knob():
     h = tiny(**LORA, lora_targets="k,o,mlp,head")
-    model, x = random_model(h), doc_stream(3 * 64)[:-1].view(3, 64)
+    model, tokens = random_model(h), doc_stream(3 * 64 + 1)
     lora = tg.DocLoRA(h, model, 3, torch.device("cpu"))
-    assert {t for _, t in lora.a} == {"k", "o", "mlp", "head"}
+    assert {t for _, t in lora.sites} == {"k", "o", "mlp", "head"}
     n_slots = len(model.schedules[False].encoder) + len(model.schedules[False].decoder)
-    assert len(lora.a) == 3 * n_slots + 1  # one set per virtual layer slot, one head
+    assert len(lora.sites) == 3 * n_slots + 1  # one set per virtual layer slot, one head
+    wins = [(r, 0, 64 * r, 64 * r, 64 * r + 64, True) for r in range(3)]  # one full window a row
+    s = tg.lora_step(wins, [False] * 3, 3, 64, 64)
+    g = {k: torch.from_numpy(v) for k, v in s._asdict().items()}
+    ids, y = tokens[g["tok"]], tokens[g["tgt"] + 1]
+    nll = lambda: tg.lora_nll(model, lora, ids, None, g["rope"], g["seq"], g["offs"], g["rows"], g["pos"], y)  # noqa: E731
     with torch.no_grad():
-        assert torch.equal(model.logits(x, lora=lora), model.logits(x))
-        for b in lora.b.values():
-            b.normal_()
-        assert not torch.allclose(model.logits(x, lora=lora), model.logits(x))
+        assert torch.equal(nll(), model.token_nll(ids, y))
+        lora.p.copy_(torch.where(lora.is_a, lora.p, torch.randn_like(lora.p)))  # B != 0
+        assert not torch.allclose(nll(), model.token_nll(ids, y))
     with pytest.raises(tg.ConfigError, match="LORA_TARGETS"):
         tiny(lora_targets="q,gate").validate()
     with pytest.raises(tg.ConfigError, match="LORA_CHUNK_TOKENS"):  # a chunk longer than its window
