@@ -166,9 +166,9 @@ class Hyperparameters:
     # --- evaluation ---
     eval_seq_len: int = 2048  # tokens per eval window (also sets the val truncation)
     val_batch_tokens: int = 524_288  # global tokens per eval batch (524288/8/2048 = 32 windows per rank)
-    sliding_window_enabled: bool = True  # stage final_sliding: overlapping windows, stride EVAL_STRIDE
+    sliding_window_enabled: bool = False  # stage final_sliding: overlapping windows, stride EVAL_STRIDE
     eval_stride: int = 64  # sliding/TTT: later windows score only their last EVAL_STRIDE targets
-    ttt_enabled: bool = True  # stage final_ttt: legal score-first test-time training (the score)
+    ttt_enabled: bool = False  # stage final_ttt: score-first full-model SGD TTT (04-09; the score before LoRA TTT)
     ttt_chunk_tokens: int = 32_768  # TTT: score a chunk, then train on it; multiple of EVAL_SEQ_LEN
     ttt_epochs: int = 3  # TTT: passes over each scored chunk
     ttt_lr: float = 0.005  # TTT: SGD LR, cosine over chunks
@@ -181,7 +181,7 @@ class Hyperparameters:
     eval_nll_dir: str = ""  # dir: each stage writes <stage>.npy (float32 NLL per target) + bytes.npy
     # --- document-masked eval and per-document LoRA TTT (record #1855; off: not yet measured in budget) ---
     doc_eval_enabled: bool = False  # stages final_doc_quantized/final_doc_sliding: windows never cross a BOS
-    lora_ttt_enabled: bool = False  # stage final_lora_ttt: per-document LoRA TTT + phased global SGD
+    lora_ttt_enabled: bool = True  # stage final_lora_ttt: per-document LoRA TTT + phased global SGD (the score)
     lora_rank: int = 80  # LoRA rank r (#1855; 04-10 used 96)
     lora_alpha: float = 144.0  # LoRA output scale alpha/r (#1855)
     lora_targets: str = "q,k,v,o,mlp,head"  # comma list of q,k,v,o,mlp,head; open PRs drop q,v
@@ -961,6 +961,8 @@ def uses_varlen(h: Hyperparameters, device: torch.device) -> bool:
 def fa3_refusal(h: Hyperparameters, device: torch.device) -> str:
     """Why a CUDA run must not start: without FA3 the document mask runs SDPA's math kernel on a
     [B,1,T,T] mask (no flash/efficient kernel takes it), out of memory at the record batch."""
+    if h.lora_ttt_enabled and cuda_path(device) and h.lora_rank % 8:
+        return f"LORA_RANK={h.lora_rank}: the LoRA stage's grouped matmuls on CUDA need 16-byte rows; use a multiple of 8"
     if not (h.doc_mask and cuda_path(device)) or _fa3_varlen is not None or h.sdpa_fallback:
         return ""
     cu = (torch.version.cuda or "12.8").replace(".", "")
@@ -2688,6 +2690,12 @@ def eval_warmup(h: Hyperparameters, model: GPT, scorer, loss_fn, d: Dist, val_to
                 with autocast_ctx(d.device):
                     loss_fn(xb, y[:n]).backward()
         model.zero_grad(set_to_none=True)
+    if h.lora_ttt_enabled:
+        grad = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)  # as the stage runs it: a graph guards on it
+        lora_warmup(h, model, d, h.ngram_tilt)
+        for p, g in zip(model.parameters(), grad):
+            p.requires_grad_(g)
     if d.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -2899,9 +2907,10 @@ def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraSte
     pos, tgt, mask = np.zeros((R, C), np.int64), np.zeros((R, C), np.int64), np.zeros((R, C), bool)
     rows, more = np.zeros(R, np.int64), np.zeros(R, bool)
     flat = []
-    for i, ((r, _, ws, first, end, mo), (lane, off)) in enumerate(zip(wins, place)):
+    for i in sorted(range(len(wins)), key=place.__getitem__):  # by lane and offset: padding continues its window
+        (r, _, ws, first, end, mo), (lane, off) = wins[i], place[i]
         tok[lane, off : off + end - ws] = np.arange(ws, end)
-        rope[lane, off:] = np.arange(T - off)  # later windows of the lane overwrite their part
+        rope[lane, off:] = np.arange(T - off)
         n_sc = end - first
         pos[i, :n_sc] = lane * T + off + first - ws + np.arange(n_sc)
         tgt[i, :n_sc], mask[i, :n_sc], rows[i], more[i] = np.arange(first, end), True, r, mo
@@ -2961,7 +2970,10 @@ class DocLoRA:
     def step(self, rows: Tensor) -> None:
         """AdamW on the rows where rows [R] is True, each with its own step count (rows are independent)."""
         self.steps += rows
-        adamw_rows(self.h, self.p, self.p.grad, self.m, self.v, self.steps, rows)
+        f = adamw_rows
+        if self.h.compile and cuda_path(self.p.device):  # one fused kernel over the flat rows
+            f = _LORA_GRAPHS["adamw"] = _LORA_GRAPHS.get("adamw") or torch.compile(adamw_rows, fullgraph=True)
+        f(self.h, self.p, self.p.grad, self.m, self.v, self.steps, rows)
         self.p.grad = None
 
 
@@ -3092,18 +3104,44 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
     return finish_eval(sums, nll_out)
 
 
+_LORA_GRAPHS: dict = {}
+
+
 def lora_forward(h: Hyperparameters, d: Dist):
-    """lora_nll, compiled on CUDA with the lane count dynamic (one graph for every packed size)."""
+    """lora_nll, compiled on CUDA with the lane count dynamic: one graph for one lane and one for all
+    larger packs (a size-1 dim is always specialized), compiled in eval_warmup."""
     if not (h.compile and cuda_path(d.device)):
         return lora_nll
-    set_compile_limits()
-    f = torch.compile(lora_nll, fullgraph=True)
+    if "nll" not in _LORA_GRAPHS:
+        set_compile_limits()
+        _LORA_GRAPHS["nll"] = torch.compile(lora_nll, fullgraph=True)
+    f = _LORA_GRAPHS["nll"]
 
     def run(model, lora, ids, docs, rope, *rest):
-        for t in (ids, rope):
-            torch._dynamo.mark_dynamic(t, 0)
+        if ids.size(0) > 1:
+            for t in (ids, rope, *([docs.cu_seqlens] if docs is not None else [])):
+                torch._dynamo.mark_dynamic(t, 0)
         return f(model, lora, ids, docs, rope, *rest)
     return run
+
+
+def lora_warmup(h: Hyperparameters, model: GPT, d: Dist, tilt: bool) -> None:
+    """Compile the LoRA step (forward, backward, AdamW) for one lane and for packs, on random tokens;
+    the model and every later adapter are untouched."""
+    T, C, R, dev = h.eval_seq_len, h.lora_chunk_tokens, h.lora_batch_docs, d.device
+    gen = torch.Generator().manual_seed(h.seed)
+    fwd, lora = lora_forward(h, d), DocLoRA(h, model, R, dev)
+    for n in (1, min(2, R)):
+        wins = [(r, r, r * T, r * T + T - C, r * T + T, True) for r in range(n)]
+        s = lora_step(wins, [False] * n, R, C, T)
+        g = {k: torch.from_numpy(v).to(dev) for k, v in s._asdict().items()}
+        ids = torch.randint(0, h.vocab_size, s.tok.shape, generator=gen).to(dev)
+        y = torch.randint(0, h.vocab_size, s.tgt.shape, generator=gen).to(dev)
+        docs = DocLayout(None, g["cu"]) if uses_varlen(h, dev) else None
+        with autocast_ctx(dev):
+            out = fwd(model, lora, ids, docs, g["rope"], g["seq"], g["offs"], g["rows"], g["pos"], y, y if tilt else None)
+        (out[0] if tilt else out).sum().backward()
+        lora.step(g["more"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ stand-ins as tg._fa3_func / tg._fa3_varlen, so uses_varlen is true and every doc
 takes the cu_seqlens path. The stand-ins refuse what FA3's interface refuses (hopper/flash_api.cpp:
 q, k, v of one dtype among fp16/bf16/fp8_e4m3, contiguous last dim, int32 contiguous cu_seqlens,
 (total, H, D) varlen layout with H a multiple of the KV heads, head dim <= 256 and a multiple of 8,
-max_seqlen covering every segment) and compute the attention in fp32 PyTorch. They are custom ops, as
+max_seqlen covering every segment) and compute the attention in fp32 PyTorch; and a grouped_mm
+stand-in (the LoRA stage's adapters) that refuses what CUDA's torch._grouped_mm refuses. They are custom ops, as
 FA3's are, so a compiled graph treats them as opaque kernels; the checks also run on fake tensors,
 so a contract breach fails at trace time too.
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 FA3_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
-CALLS = {"func": 0, "varlen": 0}  # kernel launches, eager or from a compiled graph (counted in the op: a
+CALLS = {"func": 0, "varlen": 0, "grouped_mm": 0}  # kernel launches, eager or from a compiled graph (counted in the op: a
 # counter read while tracing would become a guard, and every call would recompile)
 
 
@@ -172,11 +173,32 @@ def rms_norm_fp32(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def grouped_mm(x, w, offs):
+    """torch._grouped_mm as CUDA runs it (aten/src/ATen/native/GroupedMMUtils.h, cuda/GroupedBlas.cpp):
+    bf16 operands, a 2-d x [N, K] and a 3-d w [G, K, n], int32 offs [G] ending each group, each
+    matrix's last dim contiguous and its row stride a multiple of 16 bytes. The CPU kernel accepts
+    fp32 and any layout, so without this stand-in a wrong dtype only fails on the GPU."""
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        raise ContractError(f"grouped_mm on CUDA takes bf16 operands (got {x.dtype} @ {w.dtype})")
+    if x.dim() != 2 or w.dim() != 3 or offs.dim() != 1 or offs.dtype != torch.int32 or offs.numel() != w.size(0):
+        raise ContractError(f"grouped_mm stand-in: 2-d @ 3-d with int32 offs per group (got {tuple(x.shape)} @ {tuple(w.shape)}, offs {offs.dtype} {tuple(offs.shape)})")
+    for name, t in (("mat_a", x), ("mat_b", w)):
+        if t.stride(-1) != 1 or t.stride(-2) % 8:
+            raise ContractError(f"grouped_mm stand-in: {name} needs a contiguous last dim and 16-byte aligned rows (strides {t.stride()})")
+    if x.size(1) != w.size(1):
+        raise ContractError(f"grouped_mm stand-in: contraction dims differ ({x.size(1)} vs {w.size(1)})")
+    if not torch.compiler.is_compiling():  # values exist only in eager runs (the compiled graph's are checked there)
+        if (offs.diff() < 0).any() or int(offs[-1]) > x.size(0):
+            raise ContractError("grouped_mm stand-in: offs must rise and end within the rows")
+        CALLS["grouped_mm"] += 1
+    return torch._grouped_mm(x, w, offs=offs)
+
+
 def install(tg, rms_fp32: bool = False, tuple_return: bool = False, monkeypatch=None) -> None:
     """Switch module tg (train_gpt) to its CUDA paths on CPU; with monkeypatch, undone after the test."""
     values = {"CUDA_CONTRACT": True,
               "_fa3_func": functools.partial(fa3_func, tuple_return=tuple_return),
-              "_fa3_varlen": functools.partial(fa3_varlen, tuple_return=tuple_return)}
+              "_fa3_varlen": functools.partial(fa3_varlen, tuple_return=tuple_return), "grouped_mm": grouped_mm}
     if rms_fp32:
         values["rms_norm"] = rms_norm_fp32
     for name, value in values.items():

@@ -162,7 +162,8 @@ def test_compiled_eval_scorer_compiles_only_in_warmup(compiled_contract):
 def test_pipeline_compiles_only_in_warmups(tmp_path, monkeypatch, val_batch_tokens):
     """train_and_eval under the contract with COMPILE=1 (Dynamo with its guards, graphs run eagerly):
     the training warmup compiles at most one graph per (loop mode, reachable cu_seqlens bucket), and no
-    graph is compiled in the timed training loop or in a timed eval stage (a guard miss would)."""
+    graph is compiled in the timed training loop or in a timed eval stage (a guard miss would), the
+    LoRA stage's included."""
     from conftest import SP1024, short_docs_dataset
 
     data = short_docs_dataset(tmp_path / "data", 60, 20, 600, shard_tokens=300_000)
@@ -176,7 +177,8 @@ def test_pipeline_compiles_only_in_warmups(tmp_path, monkeypatch, val_batch_toke
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     h = small(data_path=str(data), tokenizer_path=str(SP1024), log_dir=str(tmp_path), run_id="c", warmup_steps=1,
               iterations=6, val_loss_every=3, enable_looping_at=0.5, ttt_enabled=True, ttt_epochs=1,
-              val_batch_tokens=val_batch_tokens)
+              val_batch_tokens=val_batch_tokens, lora_ttt_enabled=val_batch_tokens == 512, lora_rank=8,
+              lora_chunk_tokens=16, lora_batch_docs=4, phased_prefix_docs=3, phased_num_phases=1)
     torch._dynamo.reset()
     try:
         assert tg.train_and_eval(h, CPU, lambda msg, **kw: events.append(msg)) == 0
@@ -186,6 +188,7 @@ def test_pipeline_compiles_only_in_warmups(tmp_path, monkeypatch, val_batch_toke
     at = lambda prefix: next(i for i, e in enumerate(events) if e is not None and e.startswith(prefix))  # noqa: E731
     between = lambda a, b: events[at(a):at(b)].count(None)  # noqa: E731
     assert any("looping:on" in m for m in logs) and any(m.startswith("final_ttt") for m in logs)
+    assert h.lora_ttt_enabled == any(m.startswith("final_lora_ttt") for m in logs)  # packed LoRA steps, a phase too
     assert 2 <= between("model_params", "warmup_steps") <= 2 * 2  # loop modes x buckets of a [2, 64] batch
     assert between("train_clock", "train_steps") == 0
     assert between("artifact counted", "eval_warmup") >= 1

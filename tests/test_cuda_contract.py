@@ -98,6 +98,24 @@ def test_every_scorer_runs_under_autocast(monkeypatch):
 
 
 @pytest.mark.parametrize("rms_fp32", [False, True])
+def test_packed_lora_stage_meets_fa3_and_grouped_mm_contracts(monkeypatch, rms_fp32):
+    """The LoRA stage's packed steps on the GPU paths: cu_seqlens from the host plan into FA3, bf16
+    operands into grouped_mm (under fp32 rms_norm too), and the same scores as fp32 to bf16 accuracy."""
+    h = tg.Hyperparameters(**{**TINY, "doc_mask": True, "lora_ttt_enabled": True, "lora_rank": 8, "lora_chunk_tokens": 16,
+                              "lora_batch_docs": 3, "phased_prefix_docs": 2, "phased_num_phases": 1, "ttt_chunk_tokens": 128,
+                              "lora_warm_start_a": False, "compile": False})
+    tokens, luts = val_stream(8, seed=2), tg.build_byte_luts(str(SP1024), 1024)
+    torch.manual_seed(0)
+    ref = tg.eval_lora_ttt(h, *(2 * [tg.GPT(h)]), CPU, tokens, luts)[0]
+    cc.install(tg, rms_fp32=rms_fp32, monkeypatch=monkeypatch)
+    before = dict(cc.CALLS)
+    torch.manual_seed(0)
+    r = tg.eval_lora_ttt(h, *(2 * [tg.GPT(h)]), CPU, tokens, luts)[0]
+    assert cc.CALLS["varlen"] > before["varlen"] and cc.CALLS["grouped_mm"] > before["grouped_mm"]
+    assert r.val_bpb == pytest.approx(ref.val_bpb, rel=2e-2) and (r.tokens, r.bytes) == (ref.tokens, ref.bytes)
+
+
+@pytest.mark.parametrize("rms_fp32", [False, True])
 def test_training_step_meets_fa3_with_one_dtype(monkeypatch, rms_fp32):
     """Under torch >= 2.12's autocast policy rms_norm returns fp32, so q and k leave the QK norm fp32
     while v is bf16: the attention casts them at the kernel boundary (before, FA3 raised at step 1)."""
@@ -142,7 +160,7 @@ def test_pipeline_runs_under_the_cuda_contract(contract_data, tmp_path):
     graphs are the next test's."""
     env = tiny_env(iterations=6, warmup_steps=1, val_loss_every=3, enable_looping_at=0.5, data_path=str(contract_data),
                    tokenizer_path=str(SP1024), run_id="cc", sliding_window_enabled=1, ttt_enabled=1,
-                   doc_eval_enabled=1, lora_ttt_enabled=1, lora_rank=4, lora_chunk_tokens=64, lora_batch_docs=2,
+                   doc_eval_enabled=1, lora_ttt_enabled=1, lora_rank=8, lora_chunk_tokens=64, lora_batch_docs=2,
                    lora_warm_start_a=0, phased_prefix_docs=1, phased_num_phases=1, val_batch_tokens=8 * 64,
                    ttt_chunk_tokens=1024, compile=0)
     res = run_contract(env, tmp_path)
@@ -157,12 +175,14 @@ def test_pipeline_runs_under_the_cuda_contract(contract_data, tmp_path):
 def test_compiled_pipeline_under_fp32_rms_norm_and_tuple_returns(contract_data, tmp_path):
     """Second contract, compiled: rms_norm in fp32 under autocast (torch >= 2.12) and FA3's older
     (out, lse) return; graphs traced whole (fullgraph, AOTAutograd) for both loop modes, the eval
-    warmup and the scorer (Inductor itself is the compile test's)."""
+    warmup, the scorer and the LoRA step (Inductor itself is the compile test's)."""
     env = tiny_env(iterations=2, enable_looping_at=0.5, data_path=str(contract_data), tokenizer_path=str(SP1024),
-                   run_id="cc2", val_batch_tokens=8 * 64, compile=1)
+                   run_id="cc2", val_batch_tokens=8 * 64, compile=1, lora_ttt_enabled=1, lora_chunk_tokens=32,
+                   lora_batch_docs=4, phased_prefix_docs=2, phased_num_phases=1, ttt_chunk_tokens=1024)
     res = run_contract(env, tmp_path, "--rms-norm-fp32", "--tuple-return", "--compile-backend", "aot_eager")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     out = res.stdout
     assert "attention:fa3_varlen" in out and "looping:on" in out and "final_quantized val_loss:" in out
+    assert "final_lora_ttt val_loss:" in out and "lora_ttt_work positions_per_target:" in out  # the compiled LoRA step
     warm = next(l for l in out.splitlines() if l.startswith("eval_warmup "))
     assert float(warm.split("time:")[1].split("s")[0]) > 0  # the compile warmup ran

@@ -216,3 +216,107 @@ def test_position_spy_every_trained_target_was_scored_first():
     assert n_lora == n_chunks - len(starts)  # every chunk but each document's last trains once
     C = h.ttt_chunk_tokens  # each phase trains every whole chunk before its bound, and nothing else
     assert phase_ends == [b // C * C for b in bounds if b >= C] and n_sgd > 0
+
+
+# --- Packed steps: the same function as one padded row per document, less work ---------------------
+
+
+def lengths_stream(lengths, seed: int = 0) -> torch.Tensor:
+    """Random tokens with documents of exactly these lengths (each starts with a BOS)."""
+    t = stream(int(sum(lengths)), seed=seed)
+    t[t == tg.BOS_ID] = 2
+    t[np.cumsum([0, *lengths[:-1]])] = tg.BOS_ID
+    return t
+
+
+@pytest.mark.parametrize("warm,tilt", [(True, False), (False, False), (True, True)])
+def test_packed_stage_equals_the_unpacked_reference(warm, tilt):
+    """Phases, LR > 0, documents longer than a window (windows inside a document) and shorter ones:
+    val_bpb to 1e-6 and every NLL to fp32 rounding. Without warm-start A the documents are dealt
+    longest first (another order, other rows): the same scores, since no score depends on placement."""
+    import lora_reference as ref
+    h = tiny(**{**LORA, "lora_warm_start_a": warm, "lora_batch_docs": 4})
+    lengths = [150, 7, 40, 90, 3, 70, 20, 130, 12, 60, 33, 5]
+    luts, tokens = fake_luts(1024), lengths_stream(lengths, seed=9)
+    tl = None
+    if tilt:  # a small alphabet, so that contexts repeat and hints fire
+        tokens = torch.where(tokens == tg.BOS_ID, tokens, tokens % 6 + 2)
+        tl = (torch.from_numpy(tg.ngram_hints(tokens.numpy(), 2, 0.3)).long(), 2.0)
+        assert (tl[0] >= 0).sum() > 100
+    m = random_model(h)
+    r, nll = tg.eval_lora_ttt(h, m, m, CPU, tokens, luts, collect=True, tilt=tl)
+    m = random_model(h)
+    rr, nll_ref = ref.eval_lora_ttt(h, m, m, CPU, tokens, luts, collect=True, tilt=tl)
+    assert (r.tokens, r.bytes) == (rr.tokens, rr.bytes) == (len(tokens) - 1, tg.target_bytes(tokens[:-1], tokens[1:], luts).sum().item())
+    assert r.val_bpb == pytest.approx(rr.val_bpb, rel=1e-6, abs=0)
+    assert torch.allclose(nll, nll_ref, rtol=0, atol=1e-5), (nll - nll_ref).abs().max()
+
+
+def test_lora_step_layout_packs_each_window_whole_with_its_row():
+    rng = np.random.default_rng(0)
+    T, C, R = 64, 16, 12
+    for _ in range(30):
+        n = int(rng.integers(1, R + 1))
+        wins, pos = [], 0
+        for r in sorted(rng.choice(R, n, replace=False).tolist()):
+            w = int(rng.integers(1, T + 1))
+            first = pos + max(w - C, 0) + int(rng.integers(0, 2))
+            wins.append((r, r, pos, min(first, pos + w - 1), pos + w, bool(rng.integers(0, 2))))
+            pos += w + 5
+        at_bos = [bool(rng.integers(0, 2)) for _ in wins]
+        s = tg.lora_step(wins, at_bos, R, C, T)
+        L = s.tok.shape[0]
+        lanes = len({int(np.flatnonzero(s.tok.flatten() == w[2])[0]) // T for w in wins})
+        assert lanes <= L == tg.lane_bucket(L, R) and L < max(2, 1.25 * lanes + 1)
+        flat_tok, flat_rope = s.tok.flatten(), s.rope.flatten()
+        group = np.searchsorted(s.offs, np.arange(L * T), side="right")  # adapter group of each position
+        cu = set(s.cu.tolist())
+        for i, ((r, _, ws, first, end, more), b) in enumerate(zip(wins, at_bos)):
+            at = np.flatnonzero(flat_tok == ws)
+            assert at.size == 1
+            p = int(at[0])
+            assert (flat_tok[p : p + end - ws] == np.arange(ws, end)).all()  # whole and in order
+            assert (flat_rope[p : p + end - ws] == np.arange(end - ws)).all()  # RoPE restarts at 0
+            assert b or p % T == 0  # a window inside its document opens a lane
+            assert (s.seq[group[p : p + end - ws]] == r).all() and p in cu  # its row's adapters, own segment
+            k = s.mask[i].sum()
+            assert k == end - first and (s.tgt[i, :k] == np.arange(first, end)).all() and s.rows[i] == r
+            assert (flat_tok[s.pos[i, :k]] == np.arange(first, end)).all() and s.more[i] == more
+        assert (s.tok >= 0).sum() == sum(w[4] - w[2] for w in wins)  # nothing scored twice, nothing dropped
+        assert s.cu.size == R + L + 1 and (np.diff(s.cu) >= 0).all() and s.cu[-1] == L * T
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_lora_queues_keep_phase_blocks_and_balance_without_warm_start(warm):
+    h = tiny(**{**LORA, "lora_warm_start_a": warm, "phased_prefix_docs": 40, "phased_num_phases": 2})
+    lengths = np.random.default_rng(1).geometric(1 / 80, 300)
+    starts = np.cumsum([0, *lengths[:-1]])
+    ends = starts + lengths
+    qs = tg.lora_queues(starts, ends, h, 4)
+    edges = [0, 20, 40, 300]
+    doc, ws, _, end = tg.lora_windows(starts, ends, h.lora_chunk_tokens, h.eval_seq_len)
+    work = np.bincount(doc, end - ws)
+    for b in range(3):
+        got = np.concatenate([qs[r][b] for r in range(4)])
+        assert sorted(got.tolist()) == list(range(edges[b], edges[b + 1]))  # every document once, in its block
+        if warm:  # placement independent of lengths: round-robin in stream order
+            assert all((qs[r][b] % 4 == r).all() and (np.diff(qs[r][b]) > 0).all() for r in range(4))
+        else:  # LPT: no rank above the mean by more than one document's work
+            loads = [work[qs[r][b]].sum() for r in range(4)]
+            assert max(loads) <= work[edges[b] : edges[b + 1]].sum() / 4 + work[edges[b] : edges[b + 1]].max()
+            assert all((np.diff(work[qs[r][b]]) <= 0).all() for r in range(4))  # longest first
+
+
+def test_lora_work_log_counts_positions_against_the_ideal():
+    h = tiny(**{**LORA, "phased_num_phases": 0, "lora_batch_docs": 4})
+    lengths = [150, 7, 40, 90, 3, 70, 20, 130, 12, 60, 33, 5]
+    tokens, lines = lengths_stream(lengths, seed=3), []
+    tg.eval_lora_ttt(h, random_model(h), random_model(h), CPU, tokens, fake_luts(1024), log=lines.append)
+    line = next(x for x in lines if x.startswith("lora_ttt_work"))
+    kv = dict(f.split(":") for f in line.split()[1:])
+    T, C = h.eval_seq_len, h.lora_chunk_tokens
+    starts = np.cumsum([0, *lengths[:-1]])
+    doc, _, end = tg.doc_chunks(starts, starts + np.array(lengths), C)  # targets: the last doc ends at the stream end
+    ideal = np.minimum(end - starts[doc], T).sum() / sum(lengths)
+    assert int(kv["targets"]) == sum(lengths) and float(kv["ideal"]) == pytest.approx(ideal, abs=1e-3)
+    assert float(kv["ideal"]) <= float(kv["positions_per_target"])
