@@ -3095,8 +3095,7 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
             n_steps += 1
             if log is not None and n_steps % 500 == 0:
                 r_ = bpb_from_sums(*sums.tolist())
-                log(f"lora_ttt_progress rank0_docs_block{phase}:{len(docs)} steps:{n_steps} val_bpb:{r_.val_bpb:.6f} "
-                    f"time:{time.perf_counter() - t0:.1f}s")
+                log(f"lora_ttt_progress block:{phase} rank0_steps:{n_steps} val_bpb:{r_.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
     w = all_reduce(torch.tensor(work, dtype=torch.float64, device=dev)).tolist()
     if log is not None:
         log(f"lora_ttt_work positions_per_target:{w[0] / max(w[2], 1):.3f} ideal:{w[1] / max(w[2], 1):.3f} "

@@ -320,14 +320,14 @@ def measure_eval(h: tg.Hyperparameters, seed: int) -> dict[str, int]:
         lora_model = tg.GPT(h)  # lora_stage: a fresh copy while the TTT-trained model stays referenced
         lora_model.load_state_dict(model.state_dict())
         tg.set_looping(lora_model, h.looping_enabled)
-        lora_model.token_nll = labelled(m, "lora", lora_model.token_nll)
         lora_loss = labelled(m, "lora_sgd", tg.eval_callables(h, lora_model, d)[1])
-        real = tg.DocLoRA
+        real, real_nll = tg.DocLoRA, tg.lora_nll
         tg.DocLoRA = labelled(m, "lora_init", real)  # a phase's new adapters are built while the old live
-        try:
+        tg.lora_nll = labelled(m, "lora", real_nll)  # a packed step's forward (its backward and AdamW follow)
+        try:  # documents of T tokens: the second step of every row packs a full window
             tg.eval_lora_ttt(h, lora_model, lora_loss, d, toks[: 2 * h.lora_batch_docs * T + 1], luts)
         finally:
-            tg.DocLoRA, torch.optim.SGD.step = real, real_sgd
+            tg.DocLoRA, tg.lora_nll, torch.optim.SGD.step = real, real_nll, real_sgd
         peaks = {k: v for k, v in m.peaks.items() if k != "setup"}
     with LiveBytes() as m:  # adapter state per row: the phased SGD runs with the last phase's adapters alive
         tg.DocLoRA(h, model, h.lora_batch_docs, d.device)
