@@ -346,7 +346,7 @@ def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
         assert names <= tops, names - tops  # a misspelt name would silently ship
         assert all(getattr(defaults, k) == v for k, v in knobs.items())  # the defaults pass the pins
     always = groups[0][1]
-    on = dict(lora_ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
+    on = dict(ttt_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
               embed_bits_tiers="128:8,rest:6", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.5,
               ngram_tilt=True)
     assert {k for knobs, _ in groups for k in knobs} == set(on)
@@ -407,12 +407,12 @@ def k(h: Hyperparameters, x):
 def test_dead_ifs_are_the_blocks_the_config_never_enters():
     import ast
 
-    gone = pc.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters())
+    gone = pc.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters(lora_ttt_enabled=False, ttt_enabled=True))
     assert sorted(ast.unparse(s.body[0]) for s in gone) == ["x += 1", "x += 3", "x += 8"]
-    assert pc.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters(lora_ttt_enabled=True)) == []
+    assert pc.dead_ifs(ast.parse(FOLD_CASES), tg.Hyperparameters(lora_ttt_enabled=True, ttt_enabled=True)) == []
     src = (REPO / "train_gpt.py").read_bytes()
-    on = tg.Hyperparameters(lora_ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True)
-    for h in (tg.Hyperparameters(), tg.Hyperparameters.from_env({"PRESET": "smoke"}), on):
+    on = tg.Hyperparameters(ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True)
+    for h in (tg.Hyperparameters(lora_ttt_enabled=False), tg.Hyperparameters.from_env({"PRESET": "smoke"}), on):
         gone = pc.dead_ifs(ast.parse(src), h)
         assert gone or h is on
         for s in gone:  # Python's own eval of each test: false whatever its other names hold
@@ -449,6 +449,7 @@ DATA_GUARDED = {
     ("counted_code_bytes", "readable_code_bytes"): "PINNED is None: the readable source (a shipped file counts its own size)",
     ("Hyperparameters", "check_config"): "PINNED is None: the readable source (a shipped file's config was checked when packed)",
     ("GPT", "hinted_nll"): "token_nll gets hints only from tilted_nll, which runs only with NGRAM_TILT=1",
+    ("lora_nll", "hinted_nll"): "hints come only from tilted_nll and from lora_warmup when NGRAM_TILT=1",
     ("score_nll", "tilted_nll"): "tilt is not None only with NGRAM_TILT=1 (tilt_plan returns None otherwise)",
 }
 

@@ -131,9 +131,7 @@ def strip_source(src: bytes) -> bytes:
 # checked when it was packed).
 PRUNE = (
     ({}, "readable_code_bytes check_config VALUE_RANGES"),
-    ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
-    ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
-     "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
+    ({"ttt_enabled": False}, "prepare_ttt ttt_chunk_bounds eval_ttt"),
     ({"compressor": "brotli"}, "CODECS codec_fns smallest_stream l1_chain tensor_role encode_pergroup _unstream decode_pergroup"),
     ({"lqer_top_n": 0}, "lqer_factors quantize_asym dequantize_asym"),
     ({"awq_lite": False}, "awq_group awq_scales"),
