@@ -102,6 +102,7 @@ class Hyperparameters:
     num_loops: int = 2  # 0 disables recurrence
     enable_looping_at: float = 0.35  # fraction of the training clock at which recurrence switches on
     parallel_residual_start: int = 8  # first physical layer of the two-lane decoder; <0 or >=num_layers: off
+    asym_softcap: bool = False  # trained caps softcap_pos (z>=0) / softcap_neg (z<0), init LOGIT_SOFTCAP (#1923 form)
     # --- studies: embedding & head ---
     resid_mix_enabled: bool = True  # 0 drops the x0 pathway (resid_mix) from every block
     num_extra_embeds: int = 0  # k extra RMS-normed token tables, mixed into every block input by resid_mix
@@ -155,13 +156,14 @@ class Hyperparameters:
     lqer_a_bits: int = 2  # LQER: bits of factor A (one scale per tensor)
     lqer_b_bits: int = 4  # LQER: bits of factor B (one scale per LQER_GROUP values)
     lqer_group: int = 64  # LQER: group size of B's scales
-    awq_lite: bool = False  # keep each GPTQ matrix's most salient 64-column group at int8 (open PRs after #1855)
+    awq_lite: bool = False  # keep the most salient 64-column group of all GPTQ matrices at int8 (#1908, in #1945-#2014)
     compressor: str = "brotli"  # brotli (one byte-shuffled stream) | pergroup (streams by role, smallest codec each)
     row_reorder: bool = False  # pergroup: reorder the rows of each code matrix by a greedy L1 chain (stored permutation)
     fit_artifact: bool = True  # over the size limit: re-quantize the block matrices with a larger SDClip k until it fits
     fit_margin: int = 0  # bytes kept under the limit by FIT_ARTIFACT (the count is exact; room for later code edits)
     artifact_path: str = ""  # "" -> {log_dir}/{run_id}.ptz
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
+    awq_top_k: int = 1  # AWQ_LITE: the k most salient 64-column groups over all GPTQ matrices (#1908: 1)
     # --- evaluation ---
     eval_seq_len: int = 2048  # tokens per eval window (also sets the val truncation)
     val_batch_tokens: int = 524_288  # global tokens per eval batch (524288/8/2048 = 32 windows per rank)
@@ -339,7 +341,7 @@ VALUE_RANGES = {
                "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std "
                "lora_lr lora_wd phased_lr phased_grad_clip ngram_beta fit_margin",
     "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
-               "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches",
+               "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches awq_top_k",
     "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas lora_eps lora_alpha",
     "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum lora_beta1 lora_beta2 "
              "phased_momentum",
@@ -1177,6 +1179,11 @@ def fused_ce_backend(device: torch.device) -> str:
     return "triton" if _triton_ce(device) is not None else f"torch ({_TRITON_CE['why']})"
 
 
+def asym_cap(z: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """pos*tanh(z/pos) where z >= 0, neg*tanh(z/neg) below (#1923; z >= 0 as #2135): one cap per sign."""
+    return torch.where(z >= 0, pos * torch.tanh(z / pos), neg * torch.tanh(z / neg))
+
+
 HEAD_KINDS = ("tied", "factorized", "mos", "simplex")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # per-document TTT adapter sites (#1855)
 
@@ -1357,6 +1364,9 @@ class GPT(nn.Module):
         if h.smear_gate:
             self.smear_gate = nn.Linear(h.gate_window, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if h.asym_softcap:  # trained: the training loss and global SGD run the unfused head through them
+            self.softcap_pos = nn.Parameter(torch.full((1,), h.logit_softcap))
+            self.softcap_neg = nn.Parameter(torch.full((1,), h.logit_softcap))
         self.looping_active = False
         self.hash_embed: nn.Embedding | None = None  # TTT_HASH_EMBED attaches it at eval; never in the artifact
         self._init_weights()
@@ -1467,6 +1477,8 @@ class GPT(nn.Module):
         """
         c, kind = self.h.logit_softcap, self.h.head_kind
         cap = lambda z: c * torch.tanh(z.float() / c)  # noqa: E731
+        if self.h.asym_softcap:
+            cap = lambda z: asym_cap(z.float(), self.softcap_pos, self.softcap_neg)  # noqa: E731
         if kind == "tied":
             z = F.linear(x, self.tok_emb.weight)
             return cap(z if lora is None else lora("head", x, z))
@@ -1490,8 +1502,8 @@ class GPT(nn.Module):
         return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def forward(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None) -> Tensor:
-        """Mean training loss; docs as in hidden()."""
-        if self.h.fused_ce and self.h.head_kind == "tied":
+        """Mean training loss; docs as in hidden(). ASYM_SOFTCAP: the unfused head (the fused op's cap is a constant)."""
+        if self.h.fused_ce and self.h.head_kind == "tied" and not self.h.asym_softcap:
             x = F.linear(self.hidden(ids, docs), self.tok_emb.weight)
             return softcap_cross_entropy(x.flatten(0, 1), targets.flatten(), self.h.logit_softcap)
         z = self.logits(ids, docs)
@@ -1513,9 +1525,12 @@ CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weig
 
 
 def param_group(name: str, p: Tensor) -> str:
-    """'embed' | 'scalar' | 'muon' for a named parameter (token tables and the untied head_out: embed)."""
+    """'embed' | 'cap' | 'scalar' | 'muon' for a named parameter (token tables and the untied head_out: embed;
+    the ASYM_SOFTCAP caps: AdamW without weight decay, which would pull them toward 0)."""
     if name.startswith(("tok_emb.", "extra_embeds.", "head_out.")):
         return "embed"
+    if name.startswith("softcap_"):
+        return "cap"
     if p.ndim < 2 or any(pat in name for pat in CONTROL_PATTERNS):
         return "scalar"
     return "muon"
@@ -1607,7 +1622,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.optim.Optimizer]:
-    groups: dict[str, list[Tensor]] = {"embed": [], "scalar": [], "muon": []}
+    groups: dict[str, list[Tensor]] = {"embed": [], "scalar": [], "muon": [], "cap": []}
     for name, p in model.named_parameters():
         groups[param_group(name, p)].append(p)
     owned = sum(len(v) for v in groups.values())
@@ -1615,7 +1630,8 @@ def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.opti
     adam_kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=cuda_path(d.device))
     adam = torch.optim.AdamW(
         [dict(params=groups["embed"], lr=h.tied_embed_lr, weight_decay=h.embed_wd),
-         dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd)], **adam_kw)
+         dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd)]
+        + [dict(params=groups["cap"], lr=h.scalar_lr, weight_decay=0.0)] * bool(groups["cap"]), **adam_kw)
     muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
                 weight_decay=h.muon_wd, rank=d.rank, world_size=d.world_size, polar=h.polar_express)
     for opt in (adam, muon):
@@ -1740,20 +1756,31 @@ def awq_scales(scales: Tensor, bits: int) -> Tensor:
     return (scales.float() * qmax(bits) / qmax(8)).clamp(torch.finfo(torch.float16).tiny).half()
 
 
-def awq_group(w: Tensor, hess: Tensor) -> int:
-    """First column of the most salient AWQ_GROUP-column group: largest sum of H_jj * ||W[:, j]||^2,
-    the expected squared output each input column carries over the calibration data."""
-    sal = hess.diagonal().float().to(w.device) * w.float().square().sum(0)
-    return int(torch.argmax(F.pad(sal, (0, -sal.numel() % AWQ_GROUP)).reshape(-1, AWQ_GROUP).sum(1))) * AWQ_GROUP
+def awq_groups(state: dict[str, Tensor], stats: dict[str, Tensor], h: Hyperparameters) -> dict[str, list[int]]:
+    """AWQ-lite (#1908): {matrix: first columns} of the AWQ_TOP_K most salient AWQ_GROUP-column groups
+    over every GPTQ matrix of > 65,536 elements below 8 bits, ranked together. Column saliency = input
+    RMS (over every row the matrix saw in calibration) x mean |W[:, j]|; a group scores its columns' sum."""
+    found = []
+    for name, p in state.items():
+        spec = quant_spec(name, p, h)
+        if name in stats and spec and spec[1] and spec[0] < 8 and p.numel() > 65_536 and not (h.embed_bits_tiers and name == "tok_emb.weight"):
+            rms = (stats[name].diagonal().float() / stats[name + ".rows"].float()).sqrt()
+            sal = rms.to(p.device) * p.float().abs().mean(0)
+            score = F.pad(sal, (0, -sal.numel() % AWQ_GROUP)).reshape(-1, AWQ_GROUP).sum(1)
+            found += [(v, name, i * AWQ_GROUP) for i, v in enumerate(score.tolist())]
+    out: dict[str, list[int]] = {}
+    for _, name, a in sorted(found, key=lambda t: -t[0])[: h.awq_top_k]:  # stable: ties keep state order
+        out.setdefault(name, []).append(a)
+    return {k: sorted(v) for k, v in out.items()}
 
 
-def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, keep: int | None = None) -> tuple[Tensor, Tensor]:
+def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, keep: list[int] | None = None) -> tuple[Tensor, Tensor]:
     """GPTQ (act-order, 1% damping, Cholesky of H^-1, 128-column blocks) with fixed SDClip scales.
 
     Each column is rounded, and its error, weighted by the inverse Hessian, is pushed onto the
     columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised. bits and
-    clip_sigmas may be per-row tensors (embedding bit tiers). keep: first column of an AWQ-lite
-    group rounded on the int8 grid (awq_scales) inside the same pass.
+    clip_sigmas may be per-row tensors (embedding bit tiers). keep: first columns of AWQ-lite
+    groups rounded on the int8 grid (awq_scales) inside the same pass.
     """
     r = qmax_rows(bits, w.device)[:, 0]
     scales = sdclip_scales(w, bits, clip_sigmas)
@@ -1767,7 +1794,7 @@ def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, 
     W = w.float()[:, perm].clone()
     W[:, dead[perm]] = 0.0
     Q = torch.zeros_like(W)
-    hi = [keep <= c < keep + AWQ_GROUP for c in perm.tolist()] if keep is not None else None
+    hi = [any(a <= c < a + AWQ_GROUP for a in keep) for c in perm.tolist()] if keep else None
     if hi:
         s8, r8 = awq_scales(scales, bits).float(), float(qmax(8))
     for i1 in range(0, W.size(1), block):
@@ -1798,6 +1825,8 @@ def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tenso
     def add(name: str, x: Tensor):
         x = x.detach().flatten(0, -2).float()
         hess[name] = hess.get(name, 0) + x.T @ x
+        if h.awq_lite:  # rows seen (looped layers see every pass): AWQ-lite's input RMS is diag(H) / rows
+            hess[name + ".rows"] = hess.get(name + ".rows", 0) + torch.tensor(float(x.size(0)), device=x.device)
 
     hooks = [mod.register_forward_pre_hook(lambda m, a, n=f"{name}.weight": add(n, a[0]))
              for name, mod in model.named_modules()
@@ -1853,8 +1882,7 @@ def dequantize_int(tensors: dict[str, Tensor], name: str, m: dict) -> Tensor:
     """Codes x row steps; AWQ-lite columns on their int8 steps; plus the LQER term A B if stored."""
     q, s = tensors[name + ".q"], tensors[name + ".scale"]
     w = dequantize(q, s)
-    if "awq" in m:
-        a = m["awq"]
+    for a in m.get("awq", ()):
         w[:, a : a + AWQ_GROUP] = dequantize(q[:, a : a + AWQ_GROUP], awq_scales(s, m["bits"]))
     if name + ".lqa" in tensors:
         w += dequantize_asym(tensors[name + ".lqa"], tensors[name + ".lqa_s"]) @ dequantize_asym(tensors[name + ".lqb"], tensors[name + ".lqb_s"])
@@ -1866,11 +1894,12 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
 
     A sparse embedding (EMBED_SPARSITY) is stored as a row-major bitmap of its nonzeros plus their
     fp16 values; a tiered one (EMBED_BITS_TIERS) stores its per-row bit widths beside the codes.
-    AWQ-lite marks its int8 column group in the meta; LQER adds factors <name>.lqa/.lqb (+ _s steps)
+    AWQ-lite marks its int8 column groups in the meta; LQER adds factors <name>.lqa/.lqb (+ _s steps)
     to the LQER_TOP_N tensors with the largest ||W - Q s||_F. mult scales the SDClip k of the block
     matrices (FIT_ARTIFACT); the tied embedding, read at both ends of the model, keeps its k.
     """
     tensors, meta, stats, errs = {}, {}, hessians or {}, {}
+    awq = awq_groups(model.state_dict(), stats, h) if h.awq_lite and stats else {}
     for name, p in model.state_dict().items():
         p, dtype = p.detach(), str(p.dtype).removeprefix("torch.")
         if name == "tok_emb.weight" and h.embed_sparsity > 0:
@@ -1895,7 +1924,7 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
             s = (p.float().abs().amax(1) / qmax(bits)).clamp(torch.finfo(torch.float16).tiny).half()
             q = quantize_rtn(p, s, bits)
         elif name in stats:
-            keep = awq_group(p, stats[name]) if h.awq_lite and isinstance(bits, int) and bits < 8 else None
+            keep = awq.get(name)
             q, s = gptq_quantize(p, stats[name], bits, clip, keep=keep)
         else:
             s = sdclip_scales(p, bits, clip)
@@ -1940,9 +1969,8 @@ def quant_report(tensors: dict[str, Tensor], meta: dict, h: Hyperparameters) -> 
     lqer = [n[: -len(".lqa")] for n in tensors if n.endswith(".lqa")]
     if lqer:
         lines.append(f"lqer rank:{h.lqer_rank} a_bits:{h.lqer_a_bits} b_bits:{h.lqer_b_bits} tensors:{','.join(lqer)}")
-    awq = sum("awq" in m for m in meta.values())
-    if awq:
-        lines.append(f"awq_lite matrices:{awq} group:{AWQ_GROUP}")
+    if any("awq" in m for m in meta.values()):
+        lines.append("awq_lite groups:" + ",".join(f"{n}:{a}" for n, m in meta.items() for a in m.get("awq", ())) + f" size:{AWQ_GROUP}")
     if "tok_emb.weight.bits" in tensors:
         b = tensors["tok_emb.weight.bits"].long()
         lines.append(f"embed_tiers spec:{h.embed_bits_tiers} rank:{h.embed_tier_rank} rows_by_bits:"
