@@ -141,6 +141,8 @@ class Hyperparameters:
     warmup_steps: int = 20  # compile warmup steps per loop mode; state is restored afterwards
     train_log_every: int = 100  # steps between train-loss log lines
     val_loss_every: int = 4000  # 0: only the final eval
+    train_seq_schedule: str = ""  # LEN@FRAC,...: length by fraction of the training clock, e.g. 1024@0.1,2048@0.7,3072@1 (#2014)
+    seq_change_warmup_steps: int = 32  # TRAIN_SEQ_SCHEDULE: LR x min(1, (step-s+1)/n) after a switch at step s (#2014)
     # --- quantization & artifact ---
     gptq_enabled: bool = True  # 0: round-to-nearest with the same SDClip scales (ablation)
     gptq_calibration_batches: int = 16  # training micro-batches per rank for the GPTQ Hessians (#1855; 04-09: 64)
@@ -328,15 +330,38 @@ def check_config(h: Hyperparameters) -> None:
          and max(h.lqer_a_bits, h.lqer_b_bits) <= 8, "LQER_TOP_N must be >= 0, LQER_RANK/LQER_GROUP > 0, LQER_*_BITS in [2, 8]")
     need(h.compressor in ("brotli", "pergroup"), f"COMPRESSOR={h.compressor!r} must be brotli or pergroup")
     need(h.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={h.embed_tier_rank!r} must be freq or damage")
+    check_seq_schedule(h)
     if h.embed_bits_tiers:  # rows are ranked in the GPTQ calibration pass
         need(h.gptq_enabled and not h.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
         parse_tiers(h.embed_bits_tiers, h.vocab_size, h.embed_clip_sigmas)
 
 
+def check_seq_schedule(h: Hyperparameters) -> None:
+    """TRAIN_SEQ_SCHEDULE: LEN@FRAC stages, fractions rising to 1, each length a divisor of a rank's
+    micro-step tokens, the longest TRAIN_SEQ_LEN."""
+    if not h.train_seq_schedule:
+        return
+    fix = "use LEN@FRAC,... with fractions rising to 1, e.g. 1024@0.1,2048@0.7,3072@1"
+    try:
+        stages = parse_seq_schedule(h)
+    except ValueError:
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r} is malformed; {fix}") from None
+    ends = [f for _, f in stages]
+    if not (0 < ends[0] and all(a < b for a, b in zip(ends, ends[1:])) and ends[-1] == 1):
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: fractions must rise in (0, 1] and end at 1; {fix}")
+    for n, _ in stages:
+        if n <= 0 or h.train_batch_tokens % (8 * n):
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE length {n} must divide the tokens of a rank's micro-step, "
+                              f"TRAIN_BATCH_TOKENS/8={h.train_batch_tokens // 8}; pick a divisor")
+    if max(n for n, _ in stages) != h.train_seq_len:
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE's longest length {max(n for n, _ in stages)} must equal TRAIN_SEQ_LEN="
+                          f"{h.train_seq_len} (the loader's windows, the rotary tables); set TRAIN_SEQ_LEN to it")
+
+
 # Allowed values, interval -> fields: checked at parse time, not found as a NaN at the end.
 VALUE_RANGES = {
     "[0,4294967295]": "seed",  # numpy seeds are unsigned 32-bit
-    "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
+    "[0,inf)": "iterations warmup_steps val_loss_every seq_change_warmup_steps muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
                "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
                "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std "
                "lora_lr lora_wd phased_lr phased_grad_clip ngram_beta fit_margin",
@@ -720,9 +745,20 @@ class TrainLoader:
         start = (w - int(self.cum[s])) * (self.seq_len + 1)
         return self.shards[s][start : start + self.seq_len + 1]
 
-    def next_batch(self, n_global: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
-        """Next micro-step: n_global sequences across all ranks, this rank's share as (x, y)."""
+    def next_batch(self, n_global: int, rank: int, world: int, seq_len: int = 0) -> tuple[Tensor, Tensor]:
+        """Next micro-step: n_global sequences across all ranks, this rank's share as (x, y).
+
+        seq_len below the loader's T (TRAIN_SEQ_SCHEDULE): each window gives its leading T // seq_len rows of
+        seq_len tokens, the rest of it is skipped; a rank reads whole windows, so the stream stays world-size
+        independent (every (rank, micro-step) reads as many)."""
         per_rank = n_global // world
+        if seq_len and seq_len != self.seq_len:
+            k = self.seq_len // seq_len
+            n = -(-per_rank // k)  # windows per rank
+            base = self.next_window + rank * n
+            t = torch.from_numpy(np.stack([self._window(base + i) for i in range(n)]).astype(np.int64))
+            self.next_window += n * world
+            return (t[:, : k * seq_len].reshape(-1, seq_len)[:per_rank], t[:, 1 : k * seq_len + 1].reshape(-1, seq_len)[:per_rank])
         base = self.next_window + rank * per_rank
         buf = np.stack([self._window(base + i) for i in range(per_rank)]).astype(np.int64)
         self.next_window += n_global
@@ -2990,6 +3026,31 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
 # stops once every rank agrees the budget is spent.
 
 
+def parse_seq_schedule(h: Hyperparameters) -> list[tuple[int, float]]:
+    """TRAIN_SEQ_SCHEDULE '1024@0.1,2048@0.7,3072@1' -> [(length, last fraction of the clock)]; "" -> one stage."""
+    if not h.train_seq_schedule:
+        return [(h.train_seq_len, 1.0)]
+    return [(int(a), float(b)) for a, b in (p.strip().split("@") for p in h.train_seq_schedule.split(","))]
+
+
+def seq_len_at(stages: list[tuple[int, float]], frac: float) -> int:
+    """The length of the first stage whose end is >= frac (the last one past it)."""
+    return next((n for n, end in stages if frac <= end), stages[-1][0])
+
+
+def train_shapes(h: Hyperparameters) -> list[tuple[bool, int]]:
+    """(loop mode, length) pairs the training loop can run, compiled before the clock: a stage runs
+    plain if it is the first or starts before ENABLE_LOOPING_AT, looped if it ends at or after it."""
+    out, lo = set(), 0.0
+    for n, hi in parse_seq_schedule(h):
+        if not h.looping_enabled or lo == 0 or lo < h.enable_looping_at:
+            out.add((False, n))
+        if h.looping_enabled and hi >= h.enable_looping_at:
+            out.add((True, n))
+        lo = hi
+    return sorted(out)
+
+
 def set_looping(model: GPT, on: bool) -> None:
     model.looping_active = on
 
@@ -3008,6 +3069,8 @@ class Trainer:
         self.params = list(model.parameters())
         self.ema = [t.detach().float().clone() for t in model.state_dict().values()]
         self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # sequences per rank per micro-step
+        self.stages = parse_seq_schedule(h)
+        self.seq_len, self.switch_step = seq_len_at(self.stages, 0.0), None  # TRAIN_SEQ_SCHEDULE: current length, last switch
         self.varlen = uses_varlen(h, d.device)  # cu_seqlens then come with each batch from the loader thread
         self.sync = None
         if d.world_size > 1:
@@ -3015,29 +3078,35 @@ class Trainer:
             own = dict(zip(map(id, muon), muon_owners([p.numel() for p in muon], d.world_size)))
             self.sync = GradSync(self.params, [own.get(id(p), -1) for p in self.params], d.rank, d.world_size)
 
-    def _read_batch(self) -> list[Tensor]:
-        d = self.d
-        x, y = self.loader.next_batch(self.seqs_per_micro * d.world_size, d.rank, d.world_size)
+    def _read_batch(self, n: int) -> tuple[list[Tensor], int]:
+        """A micro-step of length-n rows and the stream position it was read from."""
+        d, at = self.d, self.loader.next_window
+        x, y = self.loader.next_batch(self.h.train_batch_tokens // n // 8 * d.world_size, d.rank, d.world_size, n)
         b = [x, y, host_cu_seqlens(x)] if self.varlen else [x, y]
-        return [t.pin_memory() for t in b] if d.device.type == "cuda" else b  # pinned: the copies below are async
+        return ([t.pin_memory() for t in b] if d.device.type == "cuda" else b), at  # pinned: the copies below are async
 
     def next_micro(self) -> tuple[Tensor, Tensor, DocLayout | None]:
         """This rank's share of the next micro-step of the global stream on the device, with its FA3 varlen
         layout when that path runs (None: the model derives its layout)."""
         while len(self.pending) < 2:  # one worker thread keeps the stream order
-            self.pending.append(self.prefetch.submit(self._read_batch))
+            self.pending.append(self.prefetch.submit(self._read_batch, self.seq_len))
         # x, y are views of [B, T+1] windows: copied dense, as the CUDA copy makes them (graphs guard strides)
-        b = [t.to(self.d.device, non_blocking=True, copy=True) for t in self.pending.popleft().result()]
+        b = [t.to(self.d.device, non_blocking=True, copy=True) for t in self.pending.popleft().result()[0]]
         return b[0], b[1], DocLayout(None, b[2]) if self.varlen else None
 
     def next_micro_batch(self) -> tuple[Tensor, Tensor]:
         return self.next_micro()[:2]
 
-    def rewind_loader(self) -> None:
+    def rewind_loader(self, at: int = 0) -> None:
         for f in self.pending:
             f.result()
         self.pending.clear()
-        self.loader.next_window = 0
+        self.loader.next_window = at
+
+    def set_seq_len(self, n: int) -> None:
+        """Switch the training length; batches prefetched at the old one go back to the stream."""
+        self.rewind_loader(self.pending[0].result()[1] if self.pending else self.loader.next_window)
+        self.seq_len = n
 
     def train_step(self, step: int, lr_mult: float) -> Tensor:
         h, d = self.h, self.d
@@ -3087,18 +3156,20 @@ class Trainer:
         opt_states = [copy.deepcopy(o.state_dict()) for o in self.opts]
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(h.seed)
-        ks = []
-        if uses_varlen(h, self.d.device):  # loader rows are independent windows: the binomial model holds
-            rate, disp = bos_stats(self.loader.shards[0][: 1 << 25], h.train_seq_len)
-            ks = varlen_buckets(rate, disp, self.seqs_per_micro, h.train_seq_len)
-            self.log(f"varlen_warmup shape:{self.seqs_per_micro}x{h.train_seq_len} buckets:{ks.start}-{ks.stop - 1} "
-                     f"source:train bos_rate:{rate:.6f} dispersion:{disp:.2f}")
-        for mode in ([False, True] if h.looping_enabled else [False]):
+        buckets: dict[int, range] = {}
+        for mode, n in train_shapes(h):  # every (loop mode, TRAIN_SEQ_SCHEDULE length) the loop can reach
             set_looping(self.base, mode)
+            if n != self.seq_len:
+                self.set_seq_len(n)
+            if uses_varlen(h, self.d.device) and n not in buckets:  # loader rows are independent windows: the binomial model holds
+                rate, disp = bos_stats(self.loader.shards[0][: 1 << 25], n)
+                ks = buckets[n] = varlen_buckets(rate, disp, h.train_batch_tokens // n // 8, n)
+                self.log(f"varlen_warmup shape:{h.train_batch_tokens // n // 8}x{n} buckets:{ks.start}-{ks.stop - 1} "
+                         f"source:train bos_rate:{rate:.6f} dispersion:{disp:.2f}")
             for s in range(h.warmup_steps):
                 self.train_step(s, 1.0)
             x, y = self.next_micro_batch()
-            for xb in varlen_warmup_ids(x, gen, ks):
+            for xb in varlen_warmup_ids(x, gen, buckets.get(n, [])):
                 with autocast_ctx(self.d.device):
                     self.compiled(xb, y, self.base.doc_layout(xb)).backward()
             for o in self.opts:
@@ -3108,7 +3179,9 @@ class Trainer:
             o.load_state_dict(s)
         set_looping(self.base, False)
         self.rewind_loader()
-        self.log(f"warmup_steps:{h.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s (state restored)")
+        self.seq_len = seq_len_at(self.stages, 0.0)
+        self.log(f"warmup_steps:{h.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s (state restored)"
+                 + (f" shapes:{','.join(f'{n}:{int(m)}' for m, n in train_shapes(h))}" if h.train_seq_schedule else ""))
 
     def sync_time(self) -> float:
         if self.d.device.type == "cuda":
@@ -3156,7 +3229,10 @@ class Trainer:
                 r = val_fn(self.base)
                 log(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} train_time:{(t0 - t_start - paused) * 1000:.0f}ms")
                 paused += self.sync_time() - t0
-            loss = self.train_step(step, lr_multiplier(frac, h.warmdown_frac, h.min_lr))
+            mult = lr_multiplier(frac, h.warmdown_frac, h.min_lr)
+            if self.switch_step is not None and h.seq_change_warmup_steps:  # LR re-warmup after a length switch (#2014)
+                mult *= min(1.0, (step - self.switch_step + 1) / h.seq_change_warmup_steps)
+            loss = self.train_step(step, mult)
             self.update_ema()
             step += 1
             # No host sync in the step: the flags of step s are read after step s+1 is queued, so the stop,
@@ -3172,6 +3248,10 @@ class Trainer:
             if h.looping_enabled and frac >= h.enable_looping_at and not self.base.looping_active:
                 set_looping(self.base, True)
                 log(f"looping:on step:{step} frac:{frac:.3f} schedule:{self.base.schedules[True].encoder}+{self.base.schedules[True].decoder}")
+            if seq_len_at(self.stages, frac) != self.seq_len:
+                self.set_seq_len(seq_len_at(self.stages, frac))
+                self.switch_step = step
+                log(f"seq_len_switch step:{step} seq_len:{self.seq_len} frac:{frac:.3f}")
             if step % h.train_log_every == 0 or step == 1 or stop or step == h.iterations:
                 avg = t / step
                 eta = (budget - t) if budget > 0 else avg * (h.iterations - step)

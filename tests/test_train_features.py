@@ -4,6 +4,7 @@ against an independent reference."""
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +173,80 @@ def test_awq_lite_group_is_int8_inside_gptq_and_round_trips(tmp_path):
     tg.write_artifact(path, tensors, meta, h, looping=True)
     state, _ = tg.load_artifact(path, h)
     assert torch.equal(state[name].float(), deq.to(state[name].dtype).float())
+
+
+# --- progressive training length ------------------------------------------------------------------
+
+SCHED = "16@0.25,32@0.5,64@1"  # TINY: TRAIN_SEQ_LEN 64, 128 tokens per rank and micro-step
+
+
+def test_seq_schedule_maps_the_clock_fraction_to_a_length():
+    h = tiny(train_seq_schedule="1024@0.100,2048@0.700,3072@1.000", train_seq_len=3072, train_batch_tokens=786_432)
+    stages = tg.parse_seq_schedule(h)
+    assert stages == [(1024, 0.1), (2048, 0.7), (3072, 1.0)]
+    for frac, want in ((0.0, 1024), (0.05, 1024), (0.1, 1024), (0.1001, 2048), (0.7, 2048), (0.7001, 3072), (1.0, 3072), (1.2, 3072)):
+        assert tg.seq_len_at(stages, frac) == want, frac
+    assert tg.parse_seq_schedule(tiny()) == [(64, 1.0)]  # off: TRAIN_SEQ_LEN throughout
+    # #2014's compile warmup: 1024 plain, 2048 plain and looped, 3072 looped (looping at 0.35)
+    assert tg.train_shapes(dataclasses.replace(h, enable_looping_at=0.35)) == [(False, 1024), (False, 2048), (True, 2048), (True, 3072)]
+    assert tg.train_shapes(tiny()) == [(False, 64), (True, 64)] and tg.train_shapes(tiny(num_loops=0)) == [(False, 64)]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("16@0.5,64", "malformed"), ("16@0.5;64@1", "malformed"), ("32@0.6,64@0.5", "rise"), ("16@0.5,64@0.9", "end at 1"),
+    ("48@0.5,64@1", "must divide"), ("16@0.5,32@1", "must equal TRAIN_SEQ_LEN=64"), ("0@0.5,64@1", "must divide")])
+def test_seq_schedule_errors_are_one_line(spec, words):
+    env = {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in TINY.items()}
+    with pytest.raises(tg.ConfigError, match=words) as e:
+        tg.Hyperparameters.from_env({**env, "TRAIN_SEQ_SCHEDULE": spec})
+    assert "\n" not in str(e.value) and "TRAIN_SEQ_SCHEDULE" in str(e.value)
+
+
+def test_loader_rows_at_a_shorter_length_are_window_slices(dataset):
+    paths = tg.shard_paths(str(dataset), "train")
+    ref, one = tg.TrainLoader(paths, 64, seed=3), tg.TrainLoader(paths, 64, seed=3)
+    windows = [ref._window(i) for i in range(8)]
+    x, y = one.next_batch(12, 0, 1, 24)  # 2 rows of 24 per 64-token window: 6 windows, the last 16 tokens skipped
+    want = torch.from_numpy(np.stack([w[a : a + 25] for w in windows[:6] for a in (0, 24)]).astype(np.int64))
+    assert torch.equal(x, want[:, :-1]) and torch.equal(y, want[:, 1:]) and one.next_window == 6
+    two = [tg.TrainLoader(paths, 64, seed=3) for _ in range(2)]
+    parts = [two[r].next_batch(12, r, 2, 24)[0] for r in range(2)]  # 2 ranks: same rows, same stream position
+    assert torch.equal(torch.cat(parts), x) and two[0].next_window == 6
+
+
+def test_seq_schedule_run_switches_lengths_and_rewarms_the_lr(dataset):
+    """A tiny run on the step clock (12 steps): the model sees the scheduled shapes, every step the same
+    tokens, the switch is logged, the LR restarts its warmup after each switch, the stream goes on."""
+    h = tiny(iterations=12, train_seq_schedule=SCHED, seq_change_warmup_steps=2, enable_looping_at=0.5, warmup_steps=1)
+    torch.manual_seed(h.seed)
+    logs, shapes, lrs = [], [], []
+    tr = tg.Trainer(h, CPU, logs.append, tg.GPT(h), tg.shard_paths(str(dataset), "train"))
+    tr.warmup()
+    assert logs[-1].endswith("shapes:16:0,32:0,32:1,64:1") and tr.seq_len == 16 and tr.loader.next_window == 0
+    model, step = tr.compiled, tr.train_step
+    tr.compiled = lambda x, y, docs: shapes.append(tuple(x.shape)) or model(x, y, docs)
+    tr.train_step = lambda s, m: lrs.append(m) or step(s, m)
+    tr.run(lambda m: None)
+    # frac after step s = s/12: 16 while <= 0.25 (steps 0-3), 32 to 0.5 (4-6), then 64
+    assert [l for l in logs if l.startswith("seq_len_switch")] == ["seq_len_switch step:4 seq_len:32 frac:0.333",
+                                                                    "seq_len_switch step:7 seq_len:64 frac:0.583"]
+    want = [(8, 16)] * 4 * 8 + [(4, 32)] * 3 * 8 + [(2, 64)] * 5 * 8  # 8 micro-steps per step on one process
+    assert shapes == want
+    base = [tg.lr_multiplier(s / 12, h.warmdown_frac, h.min_lr) for s in range(12)]
+    ramp = [1, 1, 1, 1, 0.5, 1, 1, 0.5, 1, 1, 1, 1]
+    assert lrs == pytest.approx([b * r for b, r in zip(base, ramp)], abs=0)
+    # each micro-step reads 2 windows (8 rows of 16 / 4 per window, 4 of 32 / 2, 2 of 64 / 1): nothing skipped
+    # or read twice at a switch; the next prefetched micro-step starts where the run stopped
+    assert [f.result()[1] for f in tr.pending] == [12 * 8 * 2] and tr.loader.next_window == 12 * 8 * 2 + 2
+
+
+def test_seq_schedule_warmup_leaves_trajectory_unchanged(dataset):
+    results = []
+    for warmup in (0, 1):
+        h = tiny(iterations=8, warmup_steps=warmup, enable_looping_at=0.5, train_seq_schedule=SCHED)
+        torch.manual_seed(h.seed)
+        tr = tg.Trainer(h, CPU, lambda m: None, tg.GPT(h), tg.shard_paths(str(dataset), "train"))
+        tr.warmup()
+        tr.run(lambda m: None)
+        results.append([p.detach().clone() for p in tr.base.parameters()] + tr.ema)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

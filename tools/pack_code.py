@@ -130,7 +130,7 @@ def strip_source(src: bytes) -> bytes:
 # file counts itself (the wrapper counts its own length) and check_config (the shipped config was
 # checked when it was packed).
 PRUNE = (
-    ({}, "readable_code_bytes check_config VALUE_RANGES"),
+    ({}, "readable_code_bytes check_config check_seq_schedule VALUE_RANGES"),
     ({"lora_ttt_enabled": False}, "phase_bounds DocLoRA spans global_sgd eval_lora_ttt"),
     ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
      "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
