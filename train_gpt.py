@@ -403,7 +403,8 @@ RECORD_ENV = {
     "WARMDOWN_ITERS": "WARMDOWN_FRAC (a fraction of the training clock)", "VAL_BATCH_SIZE": "VAL_BATCH_TOKENS",
     "TIE_EMBEDDINGS": "HEAD_KIND (tied unless set)", "EMBED_LR": "TIED_EMBED_LR", "HEAD_LR": "TIED_EMBED_LR",
     "PARALLEL_START_LAYER": "PARALLEL_RESIDUAL_START", "EVAL_ONLY_PATH": "EVAL_ARTIFACT", "EVAL_ONLY_QUANTIZED_PATH": "EVAL_ARTIFACT",
-    "ARTIFACT_DIR": "ARTIFACT_PATH", "FORCE_STOP_STEP": "ITERATIONS",
+    "ARTIFACT_DIR": "ARTIFACT_PATH", "FORCE_STOP_STEP": "ITERATIONS", "ASYM_LOGIT_RESCALE": "ASYM_SOFTCAP (caps trained here)",
+    "AWQ_LITE_GROUP_TOP_K": "AWQ_TOP_K", "COMPILE_SHAPE_WARMUP": "WARMUP_STEPS (the warmup compiles every schedule shape)",
     **dict.fromkeys("PARALLEL_FINAL_LANE ROPE_YARN CASEOPS_ENABLED VAL_DOC_FRACTION".split(), ""),
 }
 RECORD_ENV_PREFIXES = {"TTT_LORA_": "LORA_TTT_ENABLED=1 and the LORA_* knobs", "GLOBAL_TTT_": "the PHASED_* knobs",
@@ -2230,7 +2231,7 @@ def decompress_artifact(blob: bytes) -> bytes:
 SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "mlp_mult",
               "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start",
               "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts",
-              "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale")
+              "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale", "asym_softcap")
 # Knobs that change the forward pass but no shape: another value would score silently, so they are stored too.
 FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale", "doc_mask")
 _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}

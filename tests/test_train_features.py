@@ -79,7 +79,7 @@ def test_asym_softcap_caps_train_in_the_training_step_and_in_global_sgd():
     assert model.softcap_pos.item() != before[0] and model.softcap_neg.item() != before[1]
 
 
-def test_asym_softcap_caps_are_fp16_passthrough_and_survive_the_artifact():
+def test_asym_softcap_caps_are_fp16_passthrough_and_survive_the_artifact(tmp_path):
     h = tiny(asym_softcap=True)
     model = perturbed_model(h)
     with torch.no_grad():
@@ -92,6 +92,11 @@ def test_asym_softcap_caps_are_fp16_passthrough_and_survive_the_artifact():
     loaded.load_state_dict(tg.dequantize_state(t2, m2), strict=True)
     assert loaded.softcap_pos.item() == torch.tensor(31.37).half().item()
     assert loaded.softcap_neg.item() == torch.tensor(27.21).half().item()
+    path = str(tmp_path / "a.ptz")
+    tg.write_artifact(path, tensors, meta, h, looping=False)
+    assert tg.load_artifact(path, h)[0]["softcap_pos"].item() == loaded.softcap_pos.item()
+    with pytest.raises(tg.ConfigError, match="made with ASYM_SOFTCAP=1 but this run has ASYM_SOFTCAP=0"):
+        tg.load_artifact(path, dataclasses.replace(h, asym_softcap=False))
 
 
 # --- AWQ-lite: one global group ---------------------------------------------------------------------
@@ -250,3 +255,10 @@ def test_seq_schedule_warmup_leaves_trajectory_unchanged(dataset):
         tr.run(lambda m: None)
         results.append([p.detach().clone() for p in tr.base.parameters()] + tr.ema)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("name, ours", [("ASYM_LOGIT_RESCALE", "ASYM_SOFTCAP"), ("AWQ_LITE_GROUP_TOP_K", "AWQ_TOP_K"),
+                                        ("COMPILE_SHAPE_WARMUP", "WARMUP_STEPS")])
+def test_record_names_of_these_features_point_to_ours(name, ours):
+    with pytest.raises(tg.ConfigError, match=f"^{name} is a setting of other record scripts.*use {ours}"):
+        tg.Hyperparameters.from_env({name: "1"})
