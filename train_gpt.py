@@ -103,6 +103,7 @@ class Hyperparameters:
     num_loops: int = 2  # 0 disables recurrence
     enable_looping_at: float = 0.35  # fraction of the training clock at which recurrence switches on
     parallel_residual_start: int = 8  # first physical layer of the two-lane decoder; <0 or >=num_layers: off
+    asym_softcap: bool = False  # trained caps softcap_pos (z>=0) / softcap_neg (z<0), init LOGIT_SOFTCAP (#1923 form)
     # --- studies: embedding & head ---
     resid_mix_enabled: bool = True  # 0 drops the x0 pathway (resid_mix) from every block
     num_extra_embeds: int = 0  # k extra RMS-normed token tables, mixed into every block input by resid_mix
@@ -141,6 +142,8 @@ class Hyperparameters:
     warmup_steps: int = 20  # compile warmup steps per loop mode; state is restored afterwards
     train_log_every: int = 100  # steps between train-loss log lines
     val_loss_every: int = 4000  # 0: only the final eval
+    train_seq_schedule: str = ""  # LEN@FRAC,...: length by fraction of the training clock, e.g. 1024@0.1,2048@0.7,3072@1 (#2014)
+    seq_change_warmup_steps: int = 32  # TRAIN_SEQ_SCHEDULE: LR x min(1, (step-s+1)/n) after a switch at step s (#2014)
     # --- quantization & artifact ---
     gptq_enabled: bool = True  # 0: round-to-nearest with the same SDClip scales (ablation)
     gptq_calibration_batches: int = 16  # training micro-batches per rank for the GPTQ Hessians (#1855; 04-09: 64)
@@ -156,13 +159,14 @@ class Hyperparameters:
     lqer_a_bits: int = 2  # LQER: bits of factor A (one scale per tensor)
     lqer_b_bits: int = 4  # LQER: bits of factor B (one scale per LQER_GROUP values)
     lqer_group: int = 64  # LQER: group size of B's scales
-    awq_lite: bool = False  # keep each GPTQ matrix's most salient 64-column group at int8 (open PRs after #1855)
+    awq_lite: bool = False  # keep the most salient 64-column group of all GPTQ matrices at int8 (#1908, in #1945-#2014)
     compressor: str = "brotli"  # brotli (one byte-shuffled stream) | pergroup (streams by role, smallest codec each)
     row_reorder: bool = False  # pergroup: reorder the rows of each code matrix by a greedy L1 chain (stored permutation)
     fit_artifact: bool = True  # over the size limit: re-quantize the block matrices with a larger SDClip k until it fits
     fit_margin: int = 0  # bytes kept under the limit by FIT_ARTIFACT (the count is exact; room for later code edits)
     artifact_path: str = ""  # "" -> {log_dir}/{run_id}.ptz
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
+    awq_top_k: int = 1  # AWQ_LITE: the k most salient 64-column groups over all GPTQ matrices (#1908: 1)
     # --- evaluation ---
     eval_seq_len: int = 2048  # tokens per eval window (also sets the val truncation)
     val_batch_tokens: int = 524_288  # global tokens per eval batch (524288/8/2048 = 32 windows per rank)
@@ -327,20 +331,43 @@ def check_config(h: Hyperparameters) -> None:
          and max(h.lqer_a_bits, h.lqer_b_bits) <= 8, "LQER_TOP_N must be >= 0, LQER_RANK/LQER_GROUP > 0, LQER_*_BITS in [2, 8]")
     need(h.compressor in ("brotli", "pergroup"), f"COMPRESSOR={h.compressor!r} must be brotli or pergroup")
     need(h.embed_tier_rank in ("freq", "damage"), f"EMBED_TIER_RANK={h.embed_tier_rank!r} must be freq or damage")
+    check_seq_schedule(h)
     if h.embed_bits_tiers:  # rows are ranked in the GPTQ calibration pass
         need(h.gptq_enabled and not h.embed_sparsity, "EMBED_BITS_TIERS needs GPTQ_ENABLED=1 and EMBED_SPARSITY=0")
         parse_tiers(h.embed_bits_tiers, h.vocab_size, h.embed_clip_sigmas)
 
 
+def check_seq_schedule(h: Hyperparameters) -> None:
+    """TRAIN_SEQ_SCHEDULE: LEN@FRAC stages, fractions rising to 1, each length a divisor of a rank's
+    micro-step tokens, the longest TRAIN_SEQ_LEN."""
+    if not h.train_seq_schedule:
+        return
+    fix = "use LEN@FRAC,... with fractions rising to 1, e.g. 1024@0.1,2048@0.7,3072@1"
+    try:
+        stages = parse_seq_schedule(h)
+    except ValueError:
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r} is malformed; {fix}") from None
+    ends = [f for _, f in stages]
+    if not (0 < ends[0] and all(a < b for a, b in zip(ends, ends[1:])) and ends[-1] == 1):
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: fractions must rise in (0, 1] and end at 1; {fix}")
+    for n, _ in stages:
+        if n <= 0 or h.train_batch_tokens % (8 * n):
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE length {n} must divide the tokens of a rank's micro-step, "
+                              f"TRAIN_BATCH_TOKENS/8={h.train_batch_tokens // 8}; pick a divisor")
+    if max(n for n, _ in stages) != h.train_seq_len:
+        raise ConfigError(f"TRAIN_SEQ_SCHEDULE's longest length {max(n for n, _ in stages)} must equal TRAIN_SEQ_LEN="
+                          f"{h.train_seq_len} (the loader's windows, the rotary tables); set TRAIN_SEQ_LEN to it")
+
+
 # Allowed values, interval -> fields: checked at parse time, not found as a NaN at the end.
 VALUE_RANGES = {
     "[0,4294967295]": "seed",  # numpy seeds are unsigned 32-bit
-    "[0,inf)": "iterations warmup_steps val_loss_every muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
+    "[0,inf)": "iterations warmup_steps val_loss_every seq_change_warmup_steps muon_momentum_warmup_steps muon_backend_steps xsa_last_n "
                "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
                "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std "
                "lora_lr lora_wd phased_lr phased_grad_clip ngram_beta fit_margin",
     "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
-               "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches",
+               "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches awq_top_k",
     "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas lora_eps lora_alpha",
     "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum lora_beta1 lora_beta2 "
              "phased_momentum",
@@ -377,7 +404,8 @@ RECORD_ENV = {
     "WARMDOWN_ITERS": "WARMDOWN_FRAC (a fraction of the training clock)", "VAL_BATCH_SIZE": "VAL_BATCH_TOKENS",
     "TIE_EMBEDDINGS": "HEAD_KIND (tied unless set)", "EMBED_LR": "TIED_EMBED_LR", "HEAD_LR": "TIED_EMBED_LR",
     "PARALLEL_START_LAYER": "PARALLEL_RESIDUAL_START", "EVAL_ONLY_PATH": "EVAL_ARTIFACT", "EVAL_ONLY_QUANTIZED_PATH": "EVAL_ARTIFACT",
-    "ARTIFACT_DIR": "ARTIFACT_PATH", "FORCE_STOP_STEP": "ITERATIONS",
+    "ARTIFACT_DIR": "ARTIFACT_PATH", "FORCE_STOP_STEP": "ITERATIONS", "ASYM_LOGIT_RESCALE": "ASYM_SOFTCAP (caps trained here)",
+    "AWQ_LITE_GROUP_TOP_K": "AWQ_TOP_K", "COMPILE_SHAPE_WARMUP": "WARMUP_STEPS (the warmup compiles every schedule shape)",
     **dict.fromkeys("PARALLEL_FINAL_LANE ROPE_YARN CASEOPS_ENABLED VAL_DOC_FRACTION".split(), ""),
 }
 RECORD_ENV_PREFIXES = {"TTT_LORA_": "LORA_TTT_ENABLED=1 and the LORA_* knobs", "GLOBAL_TTT_": "the PHASED_* knobs",
@@ -719,9 +747,20 @@ class TrainLoader:
         start = (w - int(self.cum[s])) * (self.seq_len + 1)
         return self.shards[s][start : start + self.seq_len + 1]
 
-    def next_batch(self, n_global: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
-        """Next micro-step: n_global sequences across all ranks, this rank's share as (x, y)."""
+    def next_batch(self, n_global: int, rank: int, world: int, seq_len: int = 0) -> tuple[Tensor, Tensor]:
+        """Next micro-step: n_global sequences across all ranks, this rank's share as (x, y).
+
+        seq_len below the loader's T (TRAIN_SEQ_SCHEDULE): each window gives its leading T // seq_len rows of
+        seq_len tokens, the rest of it is skipped; a rank reads whole windows, so the stream stays world-size
+        independent (every (rank, micro-step) reads as many)."""
         per_rank = n_global // world
+        if seq_len and seq_len != self.seq_len:
+            k = self.seq_len // seq_len
+            n = -(-per_rank // k)  # windows per rank
+            base = self.next_window + rank * n
+            t = torch.from_numpy(np.stack([self._window(base + i) for i in range(n)]).astype(np.int64))
+            self.next_window += n * world
+            return (t[:, : k * seq_len].reshape(-1, seq_len)[:per_rank], t[:, 1 : k * seq_len + 1].reshape(-1, seq_len)[:per_rank])
         base = self.next_window + rank * per_rank
         buf = np.stack([self._window(base + i) for i in range(per_rank)]).astype(np.int64)
         self.next_window += n_global
@@ -1180,6 +1219,11 @@ def fused_ce_backend(device: torch.device) -> str:
     return "triton" if _triton_ce(device) is not None else f"torch ({_TRITON_CE['why']})"
 
 
+def asym_cap(z: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """pos*tanh(z/pos) where z >= 0, neg*tanh(z/neg) below (#1923; z >= 0 as #2135): one cap per sign."""
+    return torch.where(z >= 0, pos * torch.tanh(z / pos), neg * torch.tanh(z / neg))
+
+
 HEAD_KINDS = ("tied", "factorized", "mos", "simplex")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # per-document TTT adapter sites (#1855)
 
@@ -1360,6 +1404,9 @@ class GPT(nn.Module):
         if h.smear_gate:
             self.smear_gate = nn.Linear(h.gate_window, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if h.asym_softcap:  # trained: the training loss and global SGD run the unfused head through them
+            self.softcap_pos = nn.Parameter(torch.full((1,), h.logit_softcap))
+            self.softcap_neg = nn.Parameter(torch.full((1,), h.logit_softcap))
         self.looping_active = False
         self.hash_embed: nn.Embedding | None = None  # TTT_HASH_EMBED attaches it at eval; never in the artifact
         self._init_weights()
@@ -1471,6 +1518,8 @@ class GPT(nn.Module):
         """
         c, kind = self.h.logit_softcap, self.h.head_kind
         cap = lambda z: c * torch.tanh(z.float() / c)  # noqa: E731
+        if self.h.asym_softcap:
+            cap = lambda z: asym_cap(z.float(), self.softcap_pos, self.softcap_neg)  # noqa: E731
         if kind == "tied":
             z = F.linear(x, self.tok_emb.weight)
             return cap(z if lora is None else lora("head", x, z))
@@ -1494,8 +1543,8 @@ class GPT(nn.Module):
         return F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def forward(self, ids: Tensor, targets: Tensor, docs: DocLayout | None = None) -> Tensor:
-        """Mean training loss; docs as in hidden()."""
-        if self.h.fused_ce and self.h.head_kind == "tied":
+        """Mean training loss; docs as in hidden(). ASYM_SOFTCAP: the unfused head (the fused op's cap is a constant)."""
+        if self.h.fused_ce and self.h.head_kind == "tied" and not self.h.asym_softcap:
             x = F.linear(self.hidden(ids, docs), self.tok_emb.weight)
             return softcap_cross_entropy(x.flatten(0, 1), targets.flatten(), self.h.logit_softcap)
         z = self.logits(ids, docs)
@@ -1517,9 +1566,12 @@ CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weig
 
 
 def param_group(name: str, p: Tensor) -> str:
-    """'embed' | 'scalar' | 'muon' for a named parameter (token tables and the untied head_out: embed)."""
+    """'embed' | 'cap' | 'scalar' | 'muon' for a named parameter (token tables and the untied head_out: embed;
+    the ASYM_SOFTCAP caps: AdamW without weight decay, which would pull them toward 0)."""
     if name.startswith(("tok_emb.", "extra_embeds.", "head_out.")):
         return "embed"
+    if name.startswith("softcap_"):
+        return "cap"
     if p.ndim < 2 or any(pat in name for pat in CONTROL_PATTERNS):
         return "scalar"
     return "muon"
@@ -1611,7 +1663,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.optim.Optimizer]:
-    groups: dict[str, list[Tensor]] = {"embed": [], "scalar": [], "muon": []}
+    groups: dict[str, list[Tensor]] = {"embed": [], "scalar": [], "muon": [], "cap": []}
     for name, p in model.named_parameters():
         groups[param_group(name, p)].append(p)
     owned = sum(len(v) for v in groups.values())
@@ -1619,7 +1671,8 @@ def build_optimizers(h: Hyperparameters, model: GPT, d: Dist) -> list[torch.opti
     adam_kw = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=cuda_path(d.device))
     adam = torch.optim.AdamW(
         [dict(params=groups["embed"], lr=h.tied_embed_lr, weight_decay=h.embed_wd),
-         dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd)], **adam_kw)
+         dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd)]
+        + [dict(params=groups["cap"], lr=h.scalar_lr, weight_decay=0.0)] * bool(groups["cap"]), **adam_kw)
     muon = Muon(groups["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
                 weight_decay=h.muon_wd, rank=d.rank, world_size=d.world_size, polar=h.polar_express)
     for opt in (adam, muon):
@@ -1744,20 +1797,31 @@ def awq_scales(scales: Tensor, bits: int) -> Tensor:
     return (scales.float() * qmax(bits) / qmax(8)).clamp(torch.finfo(torch.float16).tiny).half()
 
 
-def awq_group(w: Tensor, hess: Tensor) -> int:
-    """First column of the most salient AWQ_GROUP-column group: largest sum of H_jj * ||W[:, j]||^2,
-    the expected squared output each input column carries over the calibration data."""
-    sal = hess.diagonal().float().to(w.device) * w.float().square().sum(0)
-    return int(torch.argmax(F.pad(sal, (0, -sal.numel() % AWQ_GROUP)).reshape(-1, AWQ_GROUP).sum(1))) * AWQ_GROUP
+def awq_groups(state: dict[str, Tensor], stats: dict[str, Tensor], h: Hyperparameters) -> dict[str, list[int]]:
+    """AWQ-lite (#1908): {matrix: first columns} of the AWQ_TOP_K most salient AWQ_GROUP-column groups
+    over every GPTQ matrix of > 65,536 elements below 8 bits, ranked together. Column saliency = input
+    RMS (over every row the matrix saw in calibration) x mean |W[:, j]|; a group scores its columns' sum."""
+    found = []
+    for name, p in state.items():
+        spec = quant_spec(name, p, h)
+        if name in stats and spec and spec[1] and spec[0] < 8 and p.numel() > 65_536 and not (h.embed_bits_tiers and name == "tok_emb.weight"):
+            rms = (stats[name].diagonal().float() / stats[name + ".rows"].float()).sqrt()
+            sal = rms.to(p.device) * p.float().abs().mean(0)
+            score = F.pad(sal, (0, -sal.numel() % AWQ_GROUP)).reshape(-1, AWQ_GROUP).sum(1)
+            found += [(v, name, i * AWQ_GROUP) for i, v in enumerate(score.tolist())]
+    out: dict[str, list[int]] = {}
+    for _, name, a in sorted(found, key=lambda t: -t[0])[: h.awq_top_k]:  # stable: ties keep state order
+        out.setdefault(name, []).append(a)
+    return {k: sorted(v) for k, v in out.items()}
 
 
-def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, keep: int | None = None) -> tuple[Tensor, Tensor]:
+def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, keep: list[int] | None = None) -> tuple[Tensor, Tensor]:
     """GPTQ (act-order, 1% damping, Cholesky of H^-1, 128-column blocks) with fixed SDClip scales.
 
     Each column is rounded, and its error, weighted by the inverse Hessian, is pushed onto the
     columns not yet quantized so that ||WX - QX|| (not ||W - Q||) is minimised. bits and
-    clip_sigmas may be per-row tensors (embedding bit tiers). keep: first column of an AWQ-lite
-    group rounded on the int8 grid (awq_scales) inside the same pass.
+    clip_sigmas may be per-row tensors (embedding bit tiers). keep: first columns of AWQ-lite
+    groups rounded on the int8 grid (awq_scales) inside the same pass.
     """
     r = qmax_rows(bits, w.device)[:, 0]
     scales = sdclip_scales(w, bits, clip_sigmas)
@@ -1771,7 +1835,7 @@ def gptq_quantize(w: Tensor, hess: Tensor, bits, clip_sigmas, block: int = 128, 
     W = w.float()[:, perm].clone()
     W[:, dead[perm]] = 0.0
     Q = torch.zeros_like(W)
-    hi = [keep <= c < keep + AWQ_GROUP for c in perm.tolist()] if keep is not None else None
+    hi = [any(a <= c < a + AWQ_GROUP for a in keep) for c in perm.tolist()] if keep else None
     if hi:
         s8, r8 = awq_scales(scales, bits).float(), float(qmax(8))
     for i1 in range(0, W.size(1), block):
@@ -1802,6 +1866,8 @@ def collect_hessians(model: GPT, batches, h: Hyperparameters) -> dict[str, Tenso
     def add(name: str, x: Tensor):
         x = x.detach().flatten(0, -2).float()
         hess[name] = hess.get(name, 0) + x.T @ x
+        if h.awq_lite:  # rows seen (looped layers see every pass): AWQ-lite's input RMS is diag(H) / rows
+            hess[name + ".rows"] = hess.get(name + ".rows", 0) + torch.tensor(float(x.size(0)), device=x.device)
 
     hooks = [mod.register_forward_pre_hook(lambda m, a, n=f"{name}.weight": add(n, a[0]))
              for name, mod in model.named_modules()
@@ -1857,8 +1923,7 @@ def dequantize_int(tensors: dict[str, Tensor], name: str, m: dict) -> Tensor:
     """Codes x row steps; AWQ-lite columns on their int8 steps; plus the LQER term A B if stored."""
     q, s = tensors[name + ".q"], tensors[name + ".scale"]
     w = dequantize(q, s)
-    if "awq" in m:
-        a = m["awq"]
+    for a in m.get("awq", ()):
         w[:, a : a + AWQ_GROUP] = dequantize(q[:, a : a + AWQ_GROUP], awq_scales(s, m["bits"]))
     if name + ".lqa" in tensors:
         w += dequantize_asym(tensors[name + ".lqa"], tensors[name + ".lqa_s"]) @ dequantize_asym(tensors[name + ".lqb"], tensors[name + ".lqb_s"])
@@ -1870,11 +1935,12 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
 
     A sparse embedding (EMBED_SPARSITY) is stored as a row-major bitmap of its nonzeros plus their
     fp16 values; a tiered one (EMBED_BITS_TIERS) stores its per-row bit widths beside the codes.
-    AWQ-lite marks its int8 column group in the meta; LQER adds factors <name>.lqa/.lqb (+ _s steps)
+    AWQ-lite marks its int8 column groups in the meta; LQER adds factors <name>.lqa/.lqb (+ _s steps)
     to the LQER_TOP_N tensors with the largest ||W - Q s||_F. mult scales the SDClip k of the block
     matrices (FIT_ARTIFACT); the tied embedding, read at both ends of the model, keeps its k.
     """
     tensors, meta, stats, errs = {}, {}, hessians or {}, {}
+    awq = awq_groups(model.state_dict(), stats, h) if h.awq_lite and stats else {}
     for name, p in model.state_dict().items():
         p, dtype = p.detach(), str(p.dtype).removeprefix("torch.")
         if name == "tok_emb.weight" and h.embed_sparsity > 0:
@@ -1899,7 +1965,7 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
             s = (p.float().abs().amax(1) / qmax(bits)).clamp(torch.finfo(torch.float16).tiny).half()
             q = quantize_rtn(p, s, bits)
         elif name in stats:
-            keep = awq_group(p, stats[name]) if h.awq_lite and isinstance(bits, int) and bits < 8 else None
+            keep = awq.get(name)
             q, s = gptq_quantize(p, stats[name], bits, clip, keep=keep)
         else:
             s = sdclip_scales(p, bits, clip)
@@ -1944,9 +2010,8 @@ def quant_report(tensors: dict[str, Tensor], meta: dict, h: Hyperparameters) -> 
     lqer = [n[: -len(".lqa")] for n in tensors if n.endswith(".lqa")]
     if lqer:
         lines.append(f"lqer rank:{h.lqer_rank} a_bits:{h.lqer_a_bits} b_bits:{h.lqer_b_bits} tensors:{','.join(lqer)}")
-    awq = sum("awq" in m for m in meta.values())
-    if awq:
-        lines.append(f"awq_lite matrices:{awq} group:{AWQ_GROUP}")
+    if any("awq" in m for m in meta.values()):
+        lines.append("awq_lite groups:" + ",".join(f"{n}:{a}" for n, m in meta.items() for a in m.get("awq", ())) + f" size:{AWQ_GROUP}")
     if "tok_emb.weight.bits" in tensors:
         b = tensors["tok_emb.weight.bits"].long()
         lines.append(f"embed_tiers spec:{h.embed_bits_tiers} rank:{h.embed_tier_rank} rows_by_bits:"
@@ -2170,7 +2235,7 @@ def decompress_artifact(blob: bytes) -> bytes:
 SHAPE_KEYS = ("vocab_size", "num_layers", "model_dim", "embedding_dim", "num_heads", "num_kv_heads", "mlp_mult",
               "skip_gates_enabled", "loop_start", "loop_end", "num_loops", "parallel_residual_start",
               "resid_mix_enabled", "num_extra_embeds", "embed_rotation_rank", "head_kind", "head_rank", "head_experts",
-              "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale")
+              "smear_gate", "attn_gate", "gate_window", "sparse_attn_gate_scale", "asym_softcap")
 # Knobs that change the forward pass but no shape: another value would score silently, so they are stored too.
 FORWARD_KEYS = ("rope_dims", "rope_base", "xsa_last_n", "logit_softcap", "ln_scale", "doc_mask")
 _DEFAULTS = {f.name: f.default for f in fields(Hyperparameters)}
@@ -3152,6 +3217,31 @@ def lora_warmup(h: Hyperparameters, model: GPT, d: Dist, tilt: bool) -> None:
 # stops once every rank agrees the budget is spent.
 
 
+def parse_seq_schedule(h: Hyperparameters) -> list[tuple[int, float]]:
+    """TRAIN_SEQ_SCHEDULE '1024@0.1,2048@0.7,3072@1' -> [(length, last fraction of the clock)]; "" -> one stage."""
+    if not h.train_seq_schedule:
+        return [(h.train_seq_len, 1.0)]
+    return [(int(a), float(b)) for a, b in (p.strip().split("@") for p in h.train_seq_schedule.split(","))]
+
+
+def seq_len_at(stages: list[tuple[int, float]], frac: float) -> int:
+    """The length of the first stage whose end is >= frac (the last one past it)."""
+    return next((n for n, end in stages if frac <= end), stages[-1][0])
+
+
+def train_shapes(h: Hyperparameters) -> list[tuple[bool, int]]:
+    """(loop mode, length) pairs the training loop can run, compiled before the clock: a stage runs
+    plain if it is the first or starts before ENABLE_LOOPING_AT, looped if it ends at or after it."""
+    out, lo = set(), 0.0
+    for n, hi in parse_seq_schedule(h):
+        if not h.looping_enabled or lo == 0 or lo < h.enable_looping_at:
+            out.add((False, n))
+        if h.looping_enabled and hi >= h.enable_looping_at:
+            out.add((True, n))
+        lo = hi
+    return sorted(out)
+
+
 def set_looping(model: GPT, on: bool) -> None:
     model.looping_active = on
 
@@ -3170,6 +3260,8 @@ class Trainer:
         self.params = list(model.parameters())
         self.ema = [t.detach().float().clone() for t in model.state_dict().values()]
         self.seqs_per_micro = h.train_batch_tokens // h.train_seq_len // 8  # sequences per rank per micro-step
+        self.stages = parse_seq_schedule(h)
+        self.seq_len, self.switch_step = seq_len_at(self.stages, 0.0), None  # TRAIN_SEQ_SCHEDULE: current length, last switch
         self.varlen = uses_varlen(h, d.device)  # cu_seqlens then come with each batch from the loader thread
         self.sync = None
         if d.world_size > 1:
@@ -3177,29 +3269,35 @@ class Trainer:
             own = dict(zip(map(id, muon), muon_owners([p.numel() for p in muon], d.world_size)))
             self.sync = GradSync(self.params, [own.get(id(p), -1) for p in self.params], d.rank, d.world_size)
 
-    def _read_batch(self) -> list[Tensor]:
-        d = self.d
-        x, y = self.loader.next_batch(self.seqs_per_micro * d.world_size, d.rank, d.world_size)
+    def _read_batch(self, n: int) -> tuple[list[Tensor], int]:
+        """A micro-step of length-n rows and the stream position it was read from."""
+        d, at = self.d, self.loader.next_window
+        x, y = self.loader.next_batch(self.h.train_batch_tokens // n // 8 * d.world_size, d.rank, d.world_size, n)
         b = [x, y, host_cu_seqlens(x)] if self.varlen else [x, y]
-        return [t.pin_memory() for t in b] if d.device.type == "cuda" else b  # pinned: the copies below are async
+        return ([t.pin_memory() for t in b] if d.device.type == "cuda" else b), at  # pinned: the copies below are async
 
     def next_micro(self) -> tuple[Tensor, Tensor, DocLayout | None]:
         """This rank's share of the next micro-step of the global stream on the device, with its FA3 varlen
         layout when that path runs (None: the model derives its layout)."""
         while len(self.pending) < 2:  # one worker thread keeps the stream order
-            self.pending.append(self.prefetch.submit(self._read_batch))
+            self.pending.append(self.prefetch.submit(self._read_batch, self.seq_len))
         # x, y are views of [B, T+1] windows: copied dense, as the CUDA copy makes them (graphs guard strides)
-        b = [t.to(self.d.device, non_blocking=True, copy=True) for t in self.pending.popleft().result()]
+        b = [t.to(self.d.device, non_blocking=True, copy=True) for t in self.pending.popleft().result()[0]]
         return b[0], b[1], DocLayout(None, b[2]) if self.varlen else None
 
     def next_micro_batch(self) -> tuple[Tensor, Tensor]:
         return self.next_micro()[:2]
 
-    def rewind_loader(self) -> None:
+    def rewind_loader(self, at: int = 0) -> None:
         for f in self.pending:
             f.result()
         self.pending.clear()
-        self.loader.next_window = 0
+        self.loader.next_window = at
+
+    def set_seq_len(self, n: int) -> None:
+        """Switch the training length; batches prefetched at the old one go back to the stream."""
+        self.rewind_loader(self.pending[0].result()[1] if self.pending else self.loader.next_window)
+        self.seq_len = n
 
     def train_step(self, step: int, lr_mult: float) -> Tensor:
         h, d = self.h, self.d
@@ -3249,18 +3347,20 @@ class Trainer:
         opt_states = [copy.deepcopy(o.state_dict()) for o in self.opts]
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(h.seed)
-        ks = []
-        if uses_varlen(h, self.d.device):  # loader rows are independent windows: the binomial model holds
-            rate, disp = bos_stats(self.loader.shards[0][: 1 << 25], h.train_seq_len)
-            ks = varlen_buckets(rate, disp, self.seqs_per_micro, h.train_seq_len)
-            self.log(f"varlen_warmup shape:{self.seqs_per_micro}x{h.train_seq_len} buckets:{ks.start}-{ks.stop - 1} "
-                     f"source:train bos_rate:{rate:.6f} dispersion:{disp:.2f}")
-        for mode in ([False, True] if h.looping_enabled else [False]):
+        buckets: dict[int, range] = {}
+        for mode, n in train_shapes(h):  # every (loop mode, TRAIN_SEQ_SCHEDULE length) the loop can reach
             set_looping(self.base, mode)
+            if n != self.seq_len:
+                self.set_seq_len(n)
+            if uses_varlen(h, self.d.device) and n not in buckets:  # loader rows are independent windows: the binomial model holds
+                rate, disp = bos_stats(self.loader.shards[0][: 1 << 25], n)
+                ks = buckets[n] = varlen_buckets(rate, disp, h.train_batch_tokens // n // 8, n)
+                self.log(f"varlen_warmup shape:{h.train_batch_tokens // n // 8}x{n} buckets:{ks.start}-{ks.stop - 1} "
+                         f"source:train bos_rate:{rate:.6f} dispersion:{disp:.2f}")
             for s in range(h.warmup_steps):
                 self.train_step(s, 1.0)
             x, y = self.next_micro_batch()
-            for xb in varlen_warmup_ids(x, gen, ks):
+            for xb in varlen_warmup_ids(x, gen, buckets.get(n, [])):
                 with autocast_ctx(self.d.device):
                     self.compiled(xb, y, self.base.doc_layout(xb)).backward()
             for o in self.opts:
@@ -3270,7 +3370,9 @@ class Trainer:
             o.load_state_dict(s)
         set_looping(self.base, False)
         self.rewind_loader()
-        self.log(f"warmup_steps:{h.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s (state restored)")
+        self.seq_len = seq_len_at(self.stages, 0.0)
+        self.log(f"warmup_steps:{h.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s (state restored)"
+                 + (f" shapes:{','.join(f'{n}:{int(m)}' for m, n in train_shapes(h))}" if h.train_seq_schedule else ""))
 
     def sync_time(self) -> float:
         if self.d.device.type == "cuda":
@@ -3318,7 +3420,10 @@ class Trainer:
                 r = val_fn(self.base)
                 log(f"step:{step}/{h.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} train_time:{(t0 - t_start - paused) * 1000:.0f}ms")
                 paused += self.sync_time() - t0
-            loss = self.train_step(step, lr_multiplier(frac, h.warmdown_frac, h.min_lr))
+            mult = lr_multiplier(frac, h.warmdown_frac, h.min_lr)
+            if self.switch_step is not None and h.seq_change_warmup_steps:  # LR re-warmup after a length switch (#2014)
+                mult *= min(1.0, (step - self.switch_step + 1) / h.seq_change_warmup_steps)
+            loss = self.train_step(step, mult)
             self.update_ema()
             step += 1
             # No host sync in the step: the flags of step s are read after step s+1 is queued, so the stop,
@@ -3334,6 +3439,10 @@ class Trainer:
             if h.looping_enabled and frac >= h.enable_looping_at and not self.base.looping_active:
                 set_looping(self.base, True)
                 log(f"looping:on step:{step} frac:{frac:.3f} schedule:{self.base.schedules[True].encoder}+{self.base.schedules[True].decoder}")
+            if seq_len_at(self.stages, frac) != self.seq_len:
+                self.set_seq_len(seq_len_at(self.stages, frac))
+                self.switch_step = step
+                log(f"seq_len_switch step:{step} seq_len:{self.seq_len} frac:{frac:.3f}")
             if step % h.train_log_every == 0 or step == 1 or stop or step == h.iterations:
                 avg = t / step
                 eta = (budget - t) if budget > 0 else avg * (h.iterations - step)

@@ -185,19 +185,16 @@ def test_asymmetric_factor_codes(bits, group):
     assert torch.all(err[inside] <= s.float()[:, None].expand_as(g)[inside] / 2 + 1e-6)
 
 
-def test_awq_group_is_the_most_salient_and_kept_at_int8():
+def test_awq_group_is_kept_at_int8():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 256, generator=g)
     hess = torch.diag(torch.rand(256, generator=g))
-    hess[130, 130] = 50.0  # column 130 carries the most output: group 128..191
-    sal = [float((hess.diagonal()[a : a + 64] * w[:, a : a + 64].square().sum(0)).sum()) for a in range(0, 256, 64)]
-    assert tg.awq_group(w, hess) == 64 * max(range(4), key=sal.__getitem__) == 128
-    q, s = tg.gptq_quantize(w, hess, 4, 4.0, keep=128)  # diagonal H: GPTQ = RTN per column
+    q, s = tg.gptq_quantize(w, hess, 4, 4.0, keep=[128])  # diagonal H: GPTQ = RTN per column
     s8 = tg.awq_scales(s, 4)
     assert torch.equal(q[:, 128:192], tg.quantize_rtn(w[:, 128:192], s8, 8))
     assert torch.equal(q[:, :128], tg.quantize_rtn(w[:, :128], s, 4))
     assert int(q[:, 128:192].abs().max()) > 7  # uses the int8 range
-    deq = tg.dequantize_int({"w.q": q, "w.scale": s}, "w", dict(bits=4, awq=128))
+    deq = tg.dequantize_int({"w.q": q, "w.scale": s}, "w", dict(bits=4, awq=[128]))
     assert torch.equal(deq[:, 128:192], tg.dequantize(q[:, 128:192], s8))
 
 

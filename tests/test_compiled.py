@@ -193,3 +193,38 @@ def test_pipeline_compiles_only_in_warmups(tmp_path, monkeypatch, val_batch_toke
     assert between("train_clock", "train_steps") == 0
     assert between("artifact counted", "eval_warmup") >= 1
     assert events[at("eval_warmup"):].count(None) == 0
+
+
+def test_seq_schedule_compiles_every_shape_in_the_warmup_only(dataset, monkeypatch):
+    """TRAIN_SEQ_SCHEDULE under the contract with COMPILE=1 (Dynamo with its guards, graphs run eagerly):
+    the warmup compiles one graph per (loop mode, length, cu_seqlens bucket) it plants, at least one per
+    reachable (loop mode, length) pair, and the timed loop, which switches length twice and turns the
+    recurrence on, compiles none. ASYM_SOFTCAP's unfused head traces as one graph too (fullgraph)."""
+    cuda_contract.install(tg, monkeypatch=monkeypatch)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(next(tuple(t.shape) for t in example_inputs if t.dtype == torch.long and t.ndim == 2))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    h = small(iterations=8, warmup_steps=1, enable_looping_at=0.5, train_seq_schedule="16@0.25,32@0.5,64@1",
+              asym_softcap=True)
+    shapes = tg.train_shapes(h)
+    assert shapes == [(False, 16), (False, 32), (True, 32), (True, 64)]
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        logs = []
+        tr = tg.Trainer(h, CPU, logs.append, tg.GPT(h), tg.shard_paths(str(dataset), "train"))
+        tr.warmup()
+        warm = list(graphs)
+        tr.run(lambda m: None)
+    finally:
+        torch._dynamo.reset()
+    assert graphs == warm, torch._dynamo.utils.guard_failures  # nothing compiled inside the clock
+    assert sum("seq_len_switch" in m for m in logs) == 2 and any("looping:on" in m for m in logs)
+    assert sum(m.startswith("varlen_warmup") for m in logs) == 3  # the bucket range of each distinct length
+    # one graph per (loop mode, length): this data's batches all sit in cu_seqlens bucket 1 (as the
+    # warmup's planted copies); every graph holds the same 128 tokens of a micro-step
+    assert warm == [(128 // n, n) for _, n in shapes]

@@ -348,7 +348,7 @@ def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
     always = groups[0][1]
     on = dict(ttt_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
               embed_bits_tiers="128:8,rest:6", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.5,
-              ngram_tilt=True)
+              ngram_tilt=True, asym_softcap=True)
     assert {k for knobs, _ in groups for k in knobs} == set(on)
     gone = lambda h: tops - top_level_names(pc.prune_source(src, h))  # noqa: E731
     assert gone(tg.Hyperparameters(**on)) == always

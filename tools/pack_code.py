@@ -130,15 +130,16 @@ def strip_source(src: bytes) -> bytes:
 # file counts itself (the wrapper counts its own length) and check_config (the shipped config was
 # checked when it was packed).
 PRUNE = (
-    ({}, "readable_code_bytes check_config VALUE_RANGES"),
+    ({}, "readable_code_bytes check_config check_seq_schedule VALUE_RANGES"),
     ({"ttt_enabled": False}, "prepare_ttt ttt_chunk_bounds eval_ttt"),
     ({"compressor": "brotli"}, "CODECS codec_fns smallest_stream l1_chain tensor_role encode_pergroup _unstream decode_pergroup"),
     ({"lqer_top_n": 0}, "lqer_factors quantize_asym dequantize_asym"),
-    ({"awq_lite": False}, "awq_group awq_scales"),
+    ({"awq_lite": False}, "awq_groups awq_scales"),
     ({"embed_bits_tiers": ""}, "parse_tiers embed_row_tiers"),
     ({"embed_rotation_rank": 0}, "LowRankResidual"),
     ({"ttt_hash_embed": False}, "bigram_hash"),
     ({"embed_sparsity": 0.0}, "sparsify_rows_"),
+    ({"asym_softcap": False}, "asym_cap"),
     ({"ngram_tilt": False}, "NGRAM_MULTS ngram_hints hinted_nll tilted_nll tilt_nll tilt_plan"),
 )
 # python-minifier's options for the shipped source (docs/benchmarks.md has the bytes of each): its
