@@ -3153,7 +3153,7 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
             if s.more.any():  # one step per row on the mean NLL of the targets scored above
                 m = (scored & g["more"][:, None]).float()
                 (nll * m).sum(1).div(m.sum(1).clamp(min=1)).sum().backward()
-                lora.step(torch.zeros(R, dtype=torch.bool, device=dev).index_fill_(0, g["rows"][g["more"]], True))
+                lora.step(torch.from_numpy(np.isin(np.arange(R), s.rows[s.more])).to(dev, non_blocking=True))
                 if trace is not None:
                     trace.extend(("train", *spans(idx[i], scored[i])) for i in np.flatnonzero(s.more))
             work += (s.tok.size, sum(min(w[4] - starts[w[1]], T) for w in wins), sum(w[4] - w[3] for w in wins))

@@ -320,3 +320,25 @@ def test_lora_work_log_counts_positions_against_the_ideal():
     ideal = np.minimum(end - starts[doc], T).sum() / sum(lengths)
     assert int(kv["targets"]) == sum(lengths) and float(kv["ideal"]) == pytest.approx(ideal, abs=1e-3)
     assert float(kv["ideal"]) <= float(kv["positions_per_target"])
+
+
+def test_lora_stage_reads_no_device_value_per_step():
+    """Row bookkeeping comes from the host's document lengths: the number of host reads of tensor
+    values (a device sync each on a GPU) does not grow with the steps the stage takes."""
+    from test_dist_step import HostReads
+
+    class Reads(HostReads):  # and boolean-mask indexing, whose output size is read back from the device
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            idx = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else None
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (idx if isinstance(idx, tuple) else (idx,))):
+                self.calls.append("mask_index")
+            return super().__torch_function__(func, types, args, kwargs)
+    h = tiny(**{**LORA, "lora_batch_docs": 4, "phased_prefix_docs": 3, "phased_num_phases": 1})
+    counts = []
+    for lengths in ([150, 7, 40, 90, 3, 70], [150, 7, 40, 90, 3, 70, 20, 130, 12, 60, 33, 5, 170, 44]):
+        tokens, m, mode = lengths_stream(lengths, seed=3), random_model(h), Reads()
+        with mode:
+            tg.eval_lora_ttt(h, m, m, CPU, tokens, fake_luts(1024))
+        counts.append(len(mode.calls))
+    assert counts[0] == counts[1], counts
