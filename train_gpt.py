@@ -203,7 +203,7 @@ class Hyperparameters:
     phased_momentum: float = 0.9  # global SGD momentum (#1855)
     phased_grad_clip: float = 1.0  # global SGD grad-norm clip; 0 disables
     # --- token-only causal n-gram tilt (#2130/#2135; scoring only, never a training loss) ---
-    ngram_tilt: bool = False  # score hinted targets under the model's distribution tilted toward the hint
+    ngram_tilt: bool = True  # score hinted targets under the model's distribution tilted toward the hint (#2135)
     ngram_order: int = 16  # the hint's context: the NGRAM_ORDER-1 stream tokens up to the target's input
     ngram_threshold: float = 0.8  # hint = top next token of the context when its share of earlier targets >= this
     ngram_beta: float = 2.625  # tilt p'(a) ~ p(a) e^{beta [a = hint]}

@@ -22,7 +22,7 @@ TINY = dict(
     train_batch_tokens=8 * 2 * 64, train_seq_len=64, eval_seq_len=64, val_batch_tokens=32 * 64,
     iterations=30, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=0,
     muon_momentum_warmup_steps=10, train_log_every=10, val_loss_every=0, ema_decay=0.9,
-    matrix_lr=0.03, tied_embed_lr=0.05, sliding_window_enabled=False, ttt_enabled=False, lora_ttt_enabled=False,
+    matrix_lr=0.03, tied_embed_lr=0.05, sliding_window_enabled=False, ttt_enabled=False, lora_ttt_enabled=False, ngram_tilt=False,
     eval_stride=16,
     ttt_chunk_tokens=512,
 )

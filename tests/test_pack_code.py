@@ -348,7 +348,7 @@ def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
     always = groups[0][1]
     on = dict(ttt_enabled=True, compressor="pergroup", lqer_top_n=3, awq_lite=True,
               embed_bits_tiers="128:8,rest:6", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.5,
-              ngram_tilt=True, asym_softcap=True)
+              asym_softcap=True)
     assert {k for knobs, _ in groups for k in knobs} == set(on)
     gone = lambda h: tops - top_level_names(pc.prune_source(src, h))  # noqa: E731
     assert gone(tg.Hyperparameters(**on)) == always
@@ -448,9 +448,6 @@ DATA_GUARDED = {
     ("GPT", "bigram_hash"): "hash_embed exists only with TTT_HASH_EMBED=1",
     ("counted_code_bytes", "readable_code_bytes"): "PINNED is None: the readable source (a shipped file counts its own size)",
     ("Hyperparameters", "check_config"): "PINNED is None: the readable source (a shipped file's config was checked when packed)",
-    ("GPT", "hinted_nll"): "token_nll gets hints only from tilted_nll, which runs only with NGRAM_TILT=1",
-    ("lora_nll", "hinted_nll"): "hints come only from tilted_nll and from lora_warmup when NGRAM_TILT=1",
-    ("score_nll", "tilted_nll"): "tilt is not None only with NGRAM_TILT=1 (tilt_plan returns None otherwise)",
 }
 
 

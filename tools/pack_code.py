@@ -140,7 +140,6 @@ PRUNE = (
     ({"ttt_hash_embed": False}, "bigram_hash"),
     ({"embed_sparsity": 0.0}, "sparsify_rows_"),
     ({"asym_softcap": False}, "asym_cap"),
-    ({"ngram_tilt": False}, "NGRAM_MULTS ngram_hints hinted_nll tilted_nll tilt_nll tilt_plan"),
 )
 # python-minifier's options for the shipped source (docs/benchmarks.md has the bytes of each): its
 # renaming and printing beat ours (the removed rename_globals, rename_locals and squeeze_source), and
