@@ -2952,17 +2952,19 @@ def pack_lanes(lengths: list[int], at_bos: list[bool], T: int) -> tuple[list[tup
 
 
 class LoraStep(NamedTuple):
-    """Host index arrays of one packed step (W: windows, padded to R rows; L lanes of T positions)."""
+    """Host index arrays of one packed step: W windows (scored rows padded to R), L lanes of T positions.
+    Only the W rows in flight are gathered, trained and written back, so a step's cost follows them."""
     tok: np.ndarray  # [L, T] stream position of each input token, -1 = padding
     rope: np.ndarray  # [L, T] RoPE position: restarts at 0 in every window
-    seq: np.ndarray  # [R] row of each adapter group, groups in packed order (padding: empty groups)
+    seq: np.ndarray  # [R] window of each adapter group, groups in packed order (padding: empty groups)
     offs: np.ndarray  # [R] int32 end of each group in the flattened lanes
     cu: np.ndarray  # int32 attention segment starts (lanes and windows), then L*T repeated: R + L + 1
-    rows: np.ndarray  # [R] row of each window
+    rows: np.ndarray  # [W] adapter row of each window
+    head: np.ndarray  # [R] window of each scored row (padding: the last window)
     pos: np.ndarray  # [R, C] flattened lane position of each scored target (0 where masked)
     tgt: np.ndarray  # [R, C] stream index of each scored target (0 where masked)
     mask: np.ndarray  # [R, C] scored
-    more: np.ndarray  # [R] bool: the window's document has later chunks (its row trains)
+    more: np.ndarray  # [W] bool: the window's document has later chunks (its row trains)
 
 
 def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraStep:
@@ -2970,7 +2972,8 @@ def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraSte
     L = lane_bucket(n, R)
     tok, rope = np.full((L, T), -1, np.int64), np.tile(np.arange(T), (L, 1))
     pos, tgt, mask = np.zeros((R, C), np.int64), np.zeros((R, C), np.int64), np.zeros((R, C), bool)
-    rows, more = np.zeros(R, np.int64), np.zeros(R, bool)
+    W = len(wins)
+    rows, more = np.zeros(W, np.int64), np.zeros(W, bool)
     flat = []
     for i in sorted(range(len(wins)), key=place.__getitem__):  # by lane and offset: padding continues its window
         (r, _, ws, first, end, mo), (lane, off) = wins[i], place[i]
@@ -2979,14 +2982,14 @@ def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraSte
         n_sc = end - first
         pos[i, :n_sc] = lane * T + off + first - ws + np.arange(n_sc)
         tgt[i, :n_sc], mask[i, :n_sc], rows[i], more[i] = np.arange(first, end), True, r, mo
-        flat.append((lane * T + off, r))
+        flat.append((lane * T + off, i))
     flat.sort()
     starts = [f for f, _ in flat]
-    seq = np.array([r for _, r in flat] + [0] * (R - len(flat)), np.int64)
-    offs = np.array(starts[1:] + [L * T] * (R - len(flat) + 1), np.int32)
+    seq = np.array([i for _, i in flat] + [0] * (R - W), np.int64)
+    offs = np.array(starts[1:] + [L * T] * (R - W + 1), np.int32)
     cu = np.union1d(starts, np.arange(L) * T)
     cu = np.concatenate([cu, np.full(R + L + 1 - cu.size, L * T)]).astype(np.int32)
-    return LoraStep(tok, rope, seq, offs, cu, rows, pos, tgt, mask, more)
+    return LoraStep(tok, rope, seq, offs, cu, rows, np.minimum(np.arange(R), W - 1), pos, tgt, mask, more)
 
 
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
@@ -2997,8 +3000,9 @@ def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 class DocLoRA:
     """Per-document adapters, one row per document in flight: y += (x A^T) B^T * alpha/r per virtual
     layer slot and target, A [rows, r, in], B [rows, out, r]. Every row's A and B live in one flat
-    [rows, P] tensor, so AdamW is a few whole-tensor ops. A starts from one seeded draw
-    uniform(+-1/sqrt(in)), B at 0, so a fresh row's adapters are exactly the identity."""
+    [rows, P] tensor: a step gathers the rows in flight, trains the copy and writes it back, AdamW
+    being a few whole-tensor ops. A starts from one seeded draw uniform(+-1/sqrt(in)), B at 0, so a
+    fresh row's adapters are exactly the identity."""
 
     def __init__(self, h: Hyperparameters, model: GPT, rows: int, device: torch.device):
         self.h, self.scale, r = h, h.lora_alpha / h.lora_rank, h.lora_rank
@@ -3014,13 +3018,13 @@ class DocLoRA:
             init += [((torch.rand(*a_shape, generator=gen) * 2 - 1) / math.sqrt(a_shape[1])).flatten(), torch.zeros(math.prod(b_shape))]
         self.init = torch.cat(init).to(device)
         self.is_a = torch.cat([torch.full((math.prod(s),), i % 2 == 0) for i, s in enumerate(self.shapes)]).to(device)
-        self.p = self.init.expand(rows, -1).clone().requires_grad_()
+        self.p = self.init.expand(rows, -1).clone()
         self.m, self.v = torch.zeros_like(self.p), torch.zeros_like(self.p)
         self.steps = torch.zeros(rows, device=device)
 
-    def tensors(self) -> dict:
-        """site -> (A, B): views of the flat rows (autograd sums their gradients into one tensor)."""
-        ts = [t.view(-1, *s) for t, s in zip(self.p.split([math.prod(s) for s in self.shapes], 1), self.shapes)]
+    def tensors(self, p: Tensor) -> dict:
+        """site -> (A, B): views of flat rows p (autograd sums their gradients into one tensor)."""
+        ts = [t.view(-1, *s) for t, s in zip(p.split([math.prod(s) for s in self.shapes], 1), self.shapes)]
         return {site: (ts[2 * i], ts[2 * i + 1]) for i, site in enumerate(self.sites)}
 
     @torch.no_grad()
@@ -3031,27 +3035,35 @@ class DocLoRA:
             t[rows] = 0
         self.steps[rows] = 0
 
+    def gather(self, rows: Tensor) -> Tensor:
+        """The flat adapters of these rows, a fresh leaf for this step's forward and backward."""
+        return self.p[rows].requires_grad_()
+
     @torch.no_grad()
-    def step(self, rows: Tensor) -> None:
-        """AdamW on the rows where rows [R] is True, each with its own step count (rows are independent)."""
-        self.steps += rows
+    def step(self, rows: Tensor, p: Tensor, more: Tensor) -> None:
+        """AdamW on gathered rows p (where more), each with its own step count, written back to its row."""
         f = adamw_rows
-        if self.h.compile and cuda_path(self.p.device):  # one fused kernel over the flat rows
+        if self.h.compile and cuda_path(p.device):  # one fused kernel; the row count is dynamic
             f = _LORA_GRAPHS["adamw"] = _LORA_GRAPHS.get("adamw") or torch.compile(adamw_rows, fullgraph=True)
-        f(self.h, self.p, self.p.grad, self.m, self.v, self.steps, rows)
-        self.p.grad = None
+            if rows.numel() > 1:
+                for t in (rows, p, more):
+                    torch._dynamo.mark_dynamic(t, 0)
+        out = f(self.h, p, p.grad, self.m[rows], self.v[rows], self.steps[rows] + more, more)
+        for t, new in zip((self.p, self.m, self.v, self.steps), out):
+            t.index_copy_(0, rows, new)
 
 
-def adamw_rows(h: Hyperparameters, p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: Tensor, rows: Tensor) -> None:
-    t, k = steps.clamp(min=1)[:, None], rows[:, None]
+def adamw_rows(h: Hyperparameters, p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: Tensor, more: Tensor):
+    t, k = steps.clamp(min=1)[:, None], more[:, None]
     bc1, bc2 = 1 - h.lora_beta1 ** t, 1 - h.lora_beta2 ** t
-    m.copy_(torch.where(k, h.lora_beta1 * m + (1 - h.lora_beta1) * g, m))
-    v.copy_(torch.where(k, h.lora_beta2 * v + (1 - h.lora_beta2) * g * g, v))
-    p.copy_(torch.where(k, p * (1 - h.lora_lr * h.lora_wd) - (h.lora_lr / bc1) * m / ((v / bc2).sqrt() + h.lora_eps), p))
+    m = torch.where(k, h.lora_beta1 * m + (1 - h.lora_beta1) * g, m)
+    v = torch.where(k, h.lora_beta2 * v + (1 - h.lora_beta2) * g * g, v)
+    return torch.where(k, p * (1 - h.lora_lr * h.lora_wd) - (h.lora_lr / bc1) * m / ((v / bc2).sqrt() + h.lora_eps), p), m, v, steps
 
 
 class PackedLoRA(NamedTuple):
-    """DocLoRA.tensors() bound to one packed step: groups of tokens (seq, offs) and the scored rows."""
+    """DocLoRA.tensors() of the gathered rows, bound to one packed step: groups of tokens (seq, offs)
+    and the window of each scored row (rows)."""
     ab: dict
     seq: Tensor
     offs: Tensor
@@ -3071,10 +3083,11 @@ class PackedLoRA(NamedTuple):
         return apply
 
 
-def lora_nll(model: GPT, lora: DocLoRA, ids: Tensor, docs, rope: Tensor, seq: Tensor, offs: Tensor, rows: Tensor,
-             pos: Tensor, y: Tensor, hints=None):
-    """Per-target NLL [R, C] of one packed step (with hints also -log p(hint), as token_nll)."""
-    packed = PackedLoRA(lora.tensors(), seq, offs, rows, lora.scale)
+def lora_nll(model: GPT, lora: DocLoRA, p: Tensor, ids: Tensor, docs, rope: Tensor, seq: Tensor, offs: Tensor,
+             head: Tensor, pos: Tensor, y: Tensor, hints=None):
+    """Per-target NLL [R, C] of one packed step with the gathered adapters p (with hints also
+    -log p(hint), as token_nll)."""
+    packed = PackedLoRA(lora.tensors(p), seq, offs, head, lora.scale)
     x = model.hidden(ids, docs, packed, rope)
     z = model.head_logits(x.flatten(0, 1)[pos], packed.slot(-1))
     if hints is not None:
@@ -3143,17 +3156,17 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
             g = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in s._asdict().items()}
             ids = torch.where(g["tok"] >= 0, tokens[g["tok"].clamp(min=0)], 0)
             x, y, idx, scored = tokens[g["tgt"]], tokens[g["tgt"] + 1], g["tgt"], g["mask"]
-            docs_ = DocLayout(None, g["cu"]) if varlen else None
+            docs_, p = DocLayout(None, g["cu"]) if varlen else None, lora.gather(g["rows"])
             with autocast_ctx(dev):
-                nll, score = score_nll(lambda x, y, hints=None: fwd(model, lora, ids, docs_, g["rope"], g["seq"], g["offs"],
-                                                                    g["rows"], g["pos"], y, hints), x, y, idx, tilt)
+                nll, score = score_nll(lambda x, y, hints=None: fwd(model, lora, p, ids, docs_, g["rope"], g["seq"], g["offs"],
+                                                                    g["head"], g["pos"], y, hints), x, y, idx, tilt)
             accumulate(score, x, y, scored, idx, luts, sums, nll_out)  # the adapters train on the untilted nll
             if trace is not None:  # read off the masks that are summed and trained on
                 trace.extend(("score", *spans(idx[i], scored[i])) for i in range(len(wins)))
             if s.more.any():  # one step per row on the mean NLL of the targets scored above
-                m = (scored & g["more"][:, None]).float()
-                (nll * m).sum(1).div(m.sum(1).clamp(min=1)).sum().backward()
-                lora.step(torch.from_numpy(np.isin(np.arange(R), s.rows[s.more])).to(dev, non_blocking=True))
+                m = scored.float()[: len(wins)] * g["more"][:, None]
+                (nll[: len(wins)] * m).sum(1).div(m.sum(1).clamp(min=1)).sum().backward()
+                lora.step(g["rows"], p, g["more"])
                 if trace is not None:
                     trace.extend(("train", *spans(idx[i], scored[i])) for i in np.flatnonzero(s.more))
             work += (s.tok.size, sum(min(w[4] - starts[w[1]], T) for w in wins), sum(w[4] - w[3] for w in wins))
@@ -3172,8 +3185,9 @@ _LORA_GRAPHS: dict = {}
 
 
 def lora_forward(h: Hyperparameters, d: Dist):
-    """lora_nll, compiled on CUDA with the lane count dynamic: one graph for one lane and one for all
-    larger packs (a size-1 dim is always specialized), compiled in eval_warmup."""
+    """lora_nll, compiled on CUDA with the lane and row counts dynamic: graphs for one row in one lane,
+    several rows in one lane, and several lanes (a size-1 dim is always specialized), compiled in
+    eval_warmup."""
     if not (h.compile and cuda_path(d.device)):
         return lora_nll
     if "nll" not in _LORA_GRAPHS:
@@ -3181,31 +3195,31 @@ def lora_forward(h: Hyperparameters, d: Dist):
         _LORA_GRAPHS["nll"] = torch.compile(lora_nll, fullgraph=True)
     f = _LORA_GRAPHS["nll"]
 
-    def run(model, lora, ids, docs, rope, *rest):
-        if ids.size(0) > 1:
-            for t in (ids, rope, *([docs.cu_seqlens] if docs is not None else [])):
+    def run(model, lora, p, ids, docs, rope, *rest):
+        for t in (p, ids, rope, *([docs.cu_seqlens] if docs is not None else [])):
+            if t.size(0) > 1:
                 torch._dynamo.mark_dynamic(t, 0)
-        return f(model, lora, ids, docs, rope, *rest)
+        return f(model, lora, p, ids, docs, rope, *rest)
     return run
 
 
 def lora_warmup(h: Hyperparameters, model: GPT, d: Dist, tilt: bool) -> None:
-    """Compile the LoRA step (forward, backward, AdamW) for one lane and for packs, on random tokens;
-    the model and every later adapter are untouched."""
+    """Compile the LoRA step (forward, backward, AdamW) for one row, several rows in one lane and
+    several lanes, on random tokens; the model and every later adapter are untouched."""
     T, C, R, dev = h.eval_seq_len, h.lora_chunk_tokens, h.lora_batch_docs, d.device
     gen = torch.Generator().manual_seed(h.seed)
     fwd, lora = lora_forward(h, d), DocLoRA(h, model, R, dev)
-    for n in (1, min(2, R)):
-        wins = [(r, r, r * T, r * T + T - C, r * T + T, True) for r in range(n)]
-        s = lora_step(wins, [False] * n, R, C, T)
+    w = min(C, T // 2)  # two windows of w fit one lane
+    for n, span, bos in ((1, T, False), (2, w, True), (2, T, False))[: 1 + 2 * (R > 1)]:
+        s = lora_step([(r, r, r * T, r * T + span - min(C, span), r * T + span, True) for r in range(n)], [bos] * n, R, C, T)
         g = {k: torch.from_numpy(v).to(dev) for k, v in s._asdict().items()}
         ids = torch.randint(0, h.vocab_size, s.tok.shape, generator=gen).to(dev)
         y = torch.randint(0, h.vocab_size, s.tgt.shape, generator=gen).to(dev)
-        docs = DocLayout(None, g["cu"]) if uses_varlen(h, dev) else None
+        docs, p = DocLayout(None, g["cu"]) if uses_varlen(h, dev) else None, lora.gather(g["rows"])
         with autocast_ctx(dev):
-            out = fwd(model, lora, ids, docs, g["rope"], g["seq"], g["offs"], g["rows"], g["pos"], y, y if tilt else None)
+            out = fwd(model, lora, p, ids, docs, g["rope"], g["seq"], g["offs"], g["head"], g["pos"], y, y if tilt else None)
         (out[0] if tilt else out).sum().backward()
-        lora.step(g["more"])
+        lora.step(g["rows"], p, g["more"])
 
 
 # ------------------------------------------------------------------------------------------------

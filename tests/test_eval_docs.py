@@ -126,7 +126,8 @@ def test_fresh_adapters_are_the_identity_and_targets_knob():
     s = tg.lora_step(wins, [False] * 3, 3, 64, 64)
     g = {k: torch.from_numpy(v) for k, v in s._asdict().items()}
     ids, y = tokens[g["tok"]], tokens[g["tgt"] + 1]
-    nll = lambda: tg.lora_nll(model, lora, ids, None, g["rope"], g["seq"], g["offs"], g["rows"], g["pos"], y)  # noqa: E731
+    nll = lambda: tg.lora_nll(model, lora, lora.gather(g["rows"]), ids, None, g["rope"], g["seq"], g["offs"], g["head"],  # noqa: E731
+                              g["pos"], y)
     with torch.no_grad():
         assert torch.equal(nll(), model.token_nll(ids, y))
         lora.p.copy_(torch.where(lora.is_a, lora.p, torch.randn_like(lora.p)))  # B != 0
@@ -278,9 +279,9 @@ def test_lora_step_layout_packs_each_window_whole_with_its_row():
             assert (flat_tok[p : p + end - ws] == np.arange(ws, end)).all()  # whole and in order
             assert (flat_rope[p : p + end - ws] == np.arange(end - ws)).all()  # RoPE restarts at 0
             assert b or p % T == 0  # a window inside its document opens a lane
-            assert (s.seq[group[p : p + end - ws]] == r).all() and p in cu  # its row's adapters, own segment
+            assert (s.seq[group[p : p + end - ws]] == i).all() and p in cu  # its window's adapters, own segment
             k = s.mask[i].sum()
-            assert k == end - first and (s.tgt[i, :k] == np.arange(first, end)).all() and s.rows[i] == r
+            assert k == end - first and (s.tgt[i, :k] == np.arange(first, end)).all() and s.rows[i] == r and s.head[i] == i
             assert (flat_tok[s.pos[i, :k]] == np.arange(first, end)).all() and s.more[i] == more
         assert (s.tok >= 0).sum() == sum(w[4] - w[2] for w in wins)  # nothing scored twice, nothing dropped
         assert s.cu.size == R + L + 1 and (np.diff(s.cu) >= 0).all() and s.cu[-1] == L * T
