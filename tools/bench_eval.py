@@ -128,7 +128,7 @@ def read_lengths(path: str) -> np.ndarray:
     else:
         try:
             out = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 (np.load raises many kinds on a file that is not an .npy)
             raise tg.ConfigError(f"--lengths {path} is not an .npy array ({str(e).splitlines()[0][:80]}); "
                                  f"pass an .npy of document lengths or a val shard .bin") from None
     if out.ndim != 1 or out.size == 0 or out.dtype.kind not in "iu" or out.min() < 2:
@@ -271,6 +271,9 @@ def calibrate(rec: Record, lengths: np.ndarray, base: tg.Hyperparameters) -> Rat
     rate, seen = Rate(1 / 200e12, 5e-4), []
     for _ in range(30):  # the critical path depends on the rate: re-solve until it repeats
         end, bars = simulate_record(batches, bounds, pauses, rate)
+        if not bars:
+            raise tg.ConfigError(f"--calibrate: {len(lengths)} documents never reach the record's first phase bound "
+                                 f"{bounds[0]}; pass the full validation set's lengths")
         try:
             k, c = np.linalg.solve(np.array([end[:2], bars[0][:2]]), want)
         except np.linalg.LinAlgError:
