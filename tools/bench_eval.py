@@ -24,17 +24,26 @@ CPU the times only rank the stages.
 
 Output: `key:value` lines, one per stage, then the sum against the 600 s eval limit.
 
-Without a GPU, `--project` counts instead of timing: forward FLOPs of one EVAL_SEQ_LEN row (PyTorch's
-FlopCounterMode on the meta device, the config from the env), the rows each stage runs on rank 0
-(from the same planners the stages use, synthetic document lengths), backward = 2x forward, plus the
-adapters' FLOPs. FLOPs become seconds at two rates, both calibrated on the 04-09 record's logs on
-8xH100: forward-only work at the rate at which its sliding eval (stride 64, window 2048) takes 107 s
-(94-121 s); forward+backward work (TTT updates, LoRA steps, the phased SGD) at the rate at which
-its TTT's training part took 343 - 107 s (TTT 318-368 s; eager, 2 sequences per rank per step, so
-this bound is pessimistic for the LoRA stage's 64-row steps). The LoRA stage is printed at both
-rates: a range, not a measurement.
+Without a GPU, `--project` projects the LoRA TTT stage and the eval budget to 8xH100 from the
+validation set's document lengths (`--lengths`: an .npy of lengths as the records log them, `dl:`
+= a BOS through the next document's BOS = targets + 1; or a val shard .bin, lengths from its BOS
+positions). A step costs FLOPs / rate + rows x a per-row cost. FLOPs: PyTorch's FlopCounterMode on
+the meta device at 1024 and 2048 positions separates the matmuls (per position; the head apart)
+from attention (per query-key pair, causal half); frozen matmuls x2 with a backward, adapters and
+attention x3. The rate and the per-row cost are calibrated on a public record's own algorithm
+(documents sorted by length into batches of 64, longest batch first, a dynamic queue over 8 ranks,
+one [rows, min((ci+1)*chunk, 2048)] step per chunk of the batch's longest document, phases paused
+at barriers: an event simulation) so that it reproduces that record's LoRA scoring time (its TTT
+timer minus its phase pauses, ttpr - ttpp) and its first barrier (ttpp of phase 1). `--check`
+models other records with the same constants. Ours is then simulated rank by rank with
+train_gpt.py's own planners (lora_queues, lora_rows, pack_lanes, lane_bucket) at the env config,
+over --orders random stream orders (the real order is not in the logs): each phase block ends at
+the slowest rank, then the global SGD (its chunks x the calibration record's seconds per chunk,
+scaled by the FLOPs of a chunk at EVAL_SEQ_LEN). Added: the diagnostic quantized eval (forward
+FLOPs at the same rate), the compile warmup and the artifact load (assumed from the records' logs).
 
-    python3 tools/bench_eval.py --project [--world 8] [--tokens 40540160]
+    python3 tools/bench_eval.py --project --lengths val_lengths.npy [--orders 5] [--sweep]
+        [--calibrate 04-19|04-22|04-13|1855] [--calib-lengths F] [--check 04-16=sp8192_lengths.npy ...]
 """
 from __future__ import annotations
 
@@ -339,8 +348,10 @@ def lora_seconds(h, plan, chunks, rate: Rate, sgd_chunk_s: float, fl: Flops) -> 
     """Wall time of the stage: each block ends when its slowest rank ends (global_sgd's all-reduces are a
     barrier; a phase with no SGD chunk has none), then the global SGD."""
     H = h.lora_batch_docs * h.lora_chunk_tokens  # the head runs on [rows, chunk] scored positions
-    per = [[rate.secs((fl.step(s.positions, H, s.pairs, s.train).sum(), h.lora_batch_docs * len(s.positions)))
-            for s in blocks] for blocks in plan]
+    clocks = [[(fl.step(s.positions, H, s.pairs, s.train).sum(), h.lora_batch_docs * len(s.positions)) for s in blocks]
+              for blocks in plan]
+    per = [[rate.secs(c) for c in blocks] for blocks in clocks]
+    rows = sum(c[1] for blocks in clocks for c in blocks) * rate.per_row
     clock, scoring, wait, sgd = np.zeros(len(plan)), 0.0, 0.0, 0.0
     for p in range(len(plan[0])):
         clock += [blocks[p] for blocks in per]
@@ -352,7 +363,8 @@ def lora_seconds(h, plan, chunks, rate: Rate, sgd_chunk_s: float, fl: Flops) -> 
         if p < len(plan[0]) - 1:
             sgd += chunks[p] * sgd_chunk_s
         clock[:] = 0
-    return {"scoring": scoring, "sgd": sgd, "mean_wait": wait, "total": scoring + sgd}
+    busy = sum(map(sum, per))
+    return {"scoring": scoring, "sgd": sgd, "mean_wait": wait, "total": scoring + sgd, "row_share": rows / max(busy, 1e-30)}
 
 
 def stream_order(lengths: np.ndarray, seed: int):
@@ -394,8 +406,8 @@ SWEEP = [dict(eval_seq_len=2560, ttt_chunk_tokens=30720, lora_batch_docs=64, lor
               phased_prefix_docs=p, phased_num_phases=1) for w in (True, False) for p in (2500, 5000, 10000)]
 
 
-def spread(xs) -> str:
-    return f"{min(xs):.1f}/{float(np.median(xs)):.1f}/{max(xs):.1f}"
+def spread(xs, fmt: str = ".1f") -> str:
+    return "/".join(format(v, fmt) for v in (min(xs), float(np.median(xs)), max(xs)))
 
 
 def project(h: tg.Hyperparameters, args) -> int:
@@ -430,20 +442,23 @@ def project(h: tg.Hyperparameters, args) -> int:
         print(f"ours:{name} seq_len:{hc.eval_seq_len} batch_docs:{hc.lora_batch_docs} chunk:{hc.lora_chunk_tokens} "
               f"warm_start_a:{int(hc.lora_warm_start_a)} prefix:{hc.phased_prefix_docs} phases:{hc.phased_num_phases} "
               f"orders:{args.orders} (min/median/max)")
-        print(f"ours:{name} lora_ttt_work positions_per_target:{spread(o['positions_per_target'])} ideal:{spread(o['ideal'])} "
-              f"rank_steps_max:{spread(o['rank_steps_max'])}")
+        print(f"ours:{name} lora_ttt_work positions_per_target:{spread(o['positions_per_target'], '.2f')} ideal:{spread(o['ideal'], '.2f')} "
+              f"rank_steps_max:{spread(o['rank_steps_max'], '.0f')}")
         print(f"ours:{name} lora_scoring:{spread(o['scoring'])}s mean_barrier_wait:{spread(o['mean_wait'])}s "
-              f"global_sgd:{spread(o['sgd'])}s sgd_chunks:{spread(o['sgd_chunks'])} sgd_tokens:{spread(o['sgd_tokens'])}")
+              f"per_row_share:{spread(o['row_share'], '.2f')} "
+              f"global_sgd:{spread(o['sgd'])}s sgd_chunks:{spread(o['sgd_chunks'], '.0f')} sgd_tokens:{spread(o['sgd_tokens'], '.0f')}")
         print(f"ours:{name} quantized:{fx['quantized']:.1f}s warmup:{fx['warmup']:.1f}s load:{fx['load']:.1f}s "
               f"eval_budget:{spread(total)}s target:{EVAL_TARGET_SECONDS:.0f}s limit:{tg.EVAL_LIMIT_SECONDS:.0f}s")
         results.append((name, hc, o, fx, total))
     table(rec, args.calibrate, rows[0][1], results[0])
     if args.sweep:
-        print("| EVAL_SEQ_LEN | LORA_WARM_START_A | PHASED_PREFIX_DOCS | global SGD tokens (M) | LoRA scoring s | global SGD s | eval_budget s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| LORA_WARM_START_A | PHASED_PREFIX_DOCS | positions/target | global SGD tokens (M) | mean barrier wait s "
+              "| LoRA scoring s | global SGD s | eval_budget s |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, hc, o, fx, total in results[1:]:
-            print(f"| {hc.eval_seq_len} | {int(hc.lora_warm_start_a)} | {hc.phased_prefix_docs} | "
-                  f"{spread([t / 1e6 for t in o['sgd_tokens']])} | {spread(o['scoring'])} | {spread(o['sgd'])} | {spread(total)} |")
+            print(f"| {int(hc.lora_warm_start_a)} | {hc.phased_prefix_docs} | {spread(o['positions_per_target'], '.2f')} | "
+                  f"{spread([t / 1e6 for t in o['sgd_tokens']], '.2f')} | {spread(o['mean_wait'])} | {spread(o['scoring'])} | "
+                  f"{spread(o['sgd'])} | {spread(total)} |")
     return 0
 
 
