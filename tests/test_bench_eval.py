@@ -84,6 +84,7 @@ def test_record_batches_follow_the_record_queue():
     # sorted [3, 5 | 50, 51 | 101, 200] -> longest first; 200 targets: 4 chunks, ctx 50, 100, 100, 100
     assert b[0][1] == (2 * (50 + 100 + 100 + 100) * 2 - 2 * 100, 2 * 4)  # training steps count x2, the last once
     assert b[1][1][1] == 2 * 2 and b[2][1][1] == 2 * 1
+    assert be.record_positions(lengths, 50, 2, 100) == 2 * (50 + (50 + 100) + (50 + 100 + 100 + 100)) / 410  # rows padded to ctx
 
 
 def test_every_block_waits_for_its_slowest_rank_and_the_global_sgd():

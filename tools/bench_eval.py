@@ -297,11 +297,21 @@ def calibrate(rec: Record, lengths: np.ndarray, base: tg.Hyperparameters) -> Rat
     return rate
 
 
+def record_positions(lengths: np.ndarray, chunk: int, bsz: int = RECORD_BATCH, T: int = RECORD_CTX) -> float:
+    """Positions the record's forwards process per target (every row padded to the step's ctx)."""
+    ctx = np.concatenate([[0], np.cumsum(np.minimum(np.arange(1, -(-int(lengths.max()) // chunk) + 1) * chunk, T))])
+    s = np.sort(lengths - 1)
+    nc = np.array([-(-int(s[i : i + bsz].max()) // chunk) for i in range(0, len(s), bsz)])
+    rows = np.array([len(s[i : i + bsz]) for i in range(0, len(s), bsz)])
+    return float((rows * ctx[nc]).sum() / s.sum())
+
+
 def check_record(rec: Record, lengths: np.ndarray, base: tg.Hyperparameters, rate: Rate) -> dict:
     batches, bounds, pauses = record_model(rec, lengths, base)
     end, bars = simulate_record(batches, bounds, pauses, rate)
     out = {"scoring": rate.secs(end[:2]), "timer": rate.secs(end), "logged_scoring": logged_scoring(rec),
-           "barriers": [rate.secs(b) for b in bars], "logged_barriers": [a for a, _ in rec.pauses]}
+           "barriers": [rate.secs(b) for b in bars], "logged_barriers": [a for a, _ in rec.pauses],
+           "positions_per_target": record_positions(lengths, rec.chunk)}
     return out
 
 
@@ -386,7 +396,7 @@ def project_ours(h: tg.Hyperparameters, lengths: np.ndarray, orders: int, rate: 
         chunks = sgd_chunks(h, starts)
         r = lora_seconds(h, plan, chunks, rate, chunk_s, fl)
         r |= {"positions_per_target": work[0] / work[2], "ideal": work[1] / work[2], "sgd_chunks": sum(chunks),
-              "sgd_tokens": sum(chunks) * h.ttt_chunk_tokens, "rank_steps_max": max(sum(len(s.positions) for s in b) for b in plan)}
+              "sgd_tokens": sum(chunks) * h.ttt_chunk_tokens, "sgd_chunk_s": chunk_s, "rank_steps_max": max(sum(len(s.positions) for s in b) for b in plan)}
         runs.append(r)
     return {k: [r[k] for r in runs] for k in runs[0]}
 
@@ -428,9 +438,10 @@ def project(h: tg.Hyperparameters, args) -> int:
             raise tg.ConfigError(f"--check {name}: unknown record; use one of {sorted(RECORDS)}")
         r = check_record(RECORDS[name], read_lengths(path), base, rate)
         err = r["scoring"] / r["logged_scoring"] - 1
-        bar = f" barrier1:{r['barrier1']:.1f}s logged:{r['logged_barrier1']:.1f}s" if "barrier1" in r else ""
+        bar = " ".join(f"barrier{i + 1}:{a:.1f}s/{b:.1f}s" for i, (a, b) in enumerate(zip(r["barriers"], r["logged_barriers"])))
         print(f"record:{name} lora_scoring:{r['scoring']:.1f}s logged:{r['logged_scoring']:.1f}s error:{err:+.1%} "
-              f"timer:{r['timer']:.1f}s logged_timer:{RECORDS[name].timer:.1f}s{bar}")
+              f"timer:{r['timer']:.1f}s logged_timer:{RECORDS[name].timer:.1f}s {bar} (modelled/logged) "
+              f"positions_per_target:{r['positions_per_target']:.2f}")
         rows.append((name, r))
     configs = [("env", h)] + ([(f"sweep{i}", dataclasses.replace(h, **kw)) for i, kw in enumerate(SWEEP)] if args.sweep else [])
     results = []
@@ -446,7 +457,8 @@ def project(h: tg.Hyperparameters, args) -> int:
               f"rank_steps_max:{spread(o['rank_steps_max'], '.0f')}")
         print(f"ours:{name} lora_scoring:{spread(o['scoring'])}s mean_barrier_wait:{spread(o['mean_wait'])}s "
               f"per_row_share:{spread(o['row_share'], '.2f')} "
-              f"global_sgd:{spread(o['sgd'])}s sgd_chunks:{spread(o['sgd_chunks'], '.0f')} sgd_tokens:{spread(o['sgd_tokens'], '.0f')}")
+              f"global_sgd:{spread(o['sgd'])}s sgd_chunks:{spread(o['sgd_chunks'], '.0f')} sgd_tokens:{spread(o['sgd_tokens'], '.0f')} "
+              f"sgd_chunk:{o['sgd_chunk_s'][0]:.4f}s")
         print(f"ours:{name} quantized:{fx['quantized']:.1f}s warmup:{fx['warmup']:.1f}s load:{fx['load']:.1f}s "
               f"eval_budget:{spread(total)}s target:{EVAL_TARGET_SECONDS:.0f}s limit:{tg.EVAL_LIMIT_SECONDS:.0f}s")
         results.append((name, hc, o, fx, total))
