@@ -3,7 +3,6 @@
 hand-worked timeline with its barrier, our blocks wait for their slowest rank at every phase bound with
 global SGD, lengths read from a shard match doc_spans, and on the real validation lengths one
 calibration reproduces the other records of its code line."""
-import dataclasses
 import re
 import sys
 
@@ -13,7 +12,7 @@ import torch
 
 import train_gpt as tg
 from conftest import REPO, SHARED_DATA
-from test_eval import CPU, fake_luts, random_model, tiny
+from test_eval import fake_luts, random_model, tiny
 from test_eval_docs import LORA, doc_stream
 
 sys.path.insert(0, str(REPO / "tools"))
