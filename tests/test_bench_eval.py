@@ -76,14 +76,14 @@ def test_record_queue_follows_a_hand_timeline_with_its_barrier():
 
 
 def test_record_batches_follow_the_record_queue():
-    fl = be.Flops(1.0, 0.0, 0.0, 0.0, 0.0)  # FLOPs = positions
-    lengths = np.array([5, 101, 50, 51, 3, 200]) + 1  # targets + 1, as the records log them
+    fl = be.Flops(1.0, 0.0, 0.0, 0.0, 0.0)  # FLOPs = positions (x2 with a backward)
+    lengths = np.array([5, 101, 50, 51, 3, 200, 7]) + 1  # targets + 1, as the records log them
     b = be.record_batches(lengths, chunk=50, fl=fl, bsz=2, T=100)
-    assert [d for d, _ in b] == [2, 2, 2]
-    # sorted [3, 5 | 50, 51 | 101, 200] -> longest first; 200 targets: 4 chunks, ctx 50, 100, 100, 100
-    assert b[0][1] == (2 * (50 + 100 + 100 + 100) * 2 - 2 * 100, 2 * 4)  # training steps count x2, the last once
-    assert b[1][1][1] == 2 * 2 and b[2][1][1] == 2 * 1
-    assert be.record_positions(lengths, 50, 2, 100) == 2 * (50 + (50 + 100) + (50 + 100 + 100 + 100)) / 410  # rows padded to ctx
+    # sorted [3, 5 | 7, 50 | 51, 101 | 200]: cut from the shortest, so the longest batch holds the remainder
+    assert [d for d, _ in b] == [1, 2, 2, 2]
+    # 200 targets: 4 chunks at ctx 50, 100, 100, 100, backward on all but the last; 101: 3 chunks; 50 and 5: 1
+    assert [c for _, c in b] == [(2 * 250 + 100, 4), (2 * (2 * 150 + 100), 6), (2 * 50, 2), (2 * 50, 2)]
+    assert be.record_positions(lengths, 50, 2, 100) == (350 + 2 * 250 + 2 * 50 + 2 * 50) / 417  # rows padded to ctx
 
 
 def test_every_block_waits_for_its_slowest_rank_and_the_global_sgd():
