@@ -195,7 +195,8 @@ class Hyperparameters:
     lora_eps: float = 1e-10  # AdamW epsilon (#1855)
     lora_wd: float = 0.5  # AdamW decoupled weight decay (#1855)
     lora_chunk_tokens: int = 48  # targets scored per chunk, then one adapter step on them (#1855)
-    lora_batch_docs: int = 64  # documents in flight per rank (rows of one forward)
+    lora_batch_docs: int = 64  # documents in flight per rank
+    lora_max_lanes: int = 24  # a step whose windows pack into more EVAL_SEQ_LEN lanes runs as several forwards (memory)
     lora_warm_start_a: bool = True  # A carries over to the next document of its row; B always restarts at 0
     phased_prefix_docs: int = 2500  # global SGD on the first N documents, paused at 1/P..P/P of them (#1855)
     phased_num_phases: int = 3  # P; 0 disables the global SGD phases
@@ -366,7 +367,7 @@ VALUE_RANGES = {
                "embedding_dim ttt_epochs ttt_freeze_blocks matrix_lr tied_embed_lr scalar_lr ttt_lr muon_wd embed_wd "
                "adam_wd grad_clip_norm ttt_grad_clip max_wallclock_seconds gptq_reserve_seconds tied_embed_init_std "
                "lora_lr lora_wd phased_lr phased_grad_clip ngram_beta fit_margin",
-    "[1,inf)": "vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
+    "[1,inf)": "lora_max_lanes vocab_size num_layers model_dim num_heads num_kv_heads mlp_mult train_batch_tokens train_seq_len "
                "eval_seq_len val_batch_tokens train_log_every gptq_calibration_batches awq_top_k",
     "(0,inf)": "adam_eps logit_softcap rope_base matrix_clip_sigmas embed_clip_sigmas lora_eps lora_alpha",
     "[0,1)": "ema_decay muon_momentum muon_momentum_warmup_start beta1 beta2 ttt_momentum lora_beta1 lora_beta2 "
@@ -2967,6 +2968,14 @@ class LoraStep(NamedTuple):
     more: np.ndarray  # [W] bool: the window's document has later chunks (its row trains)
 
 
+def lora_substeps(wins: list, at_bos: list[bool], T: int, max_lanes: int) -> list[tuple[list, list[bool]]]:
+    """The windows of one step in groups of at most max_lanes packed lanes, each run as its own forward,
+    backward and AdamW: rows are independent, so the step computes the same, in bounded memory."""
+    place, n = pack_lanes([w[4] - w[2] for w in wins], at_bos, T)
+    k = [lane // max_lanes for lane, _ in place]
+    return [([w for w, j in zip(wins, k) if j == g], [b for b, j in zip(at_bos, k) if j == g]) for g in range(-(-n // max_lanes))]
+
+
 def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraStep:
     place, n = pack_lanes([w[4] - w[2] for w in wins], at_bos, T)
     L = lane_bucket(n, R)
@@ -3149,36 +3158,46 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
                 log(f"lora_ttt_phase {phase}/{len(bounds)} docs:{bounds[phase - 1]} targets:{n_tgt} "
                     f"sgd_chunks:{chunks} time:{time.perf_counter() - t0:.1f}s")
         lora = DocLoRA(h, model, R, dev)
-        for fresh, wins in lora_rows(starts, ends, docs, R, C, T):
+        for k, (fresh, all_wins) in enumerate(lora_rows(starts, ends, docs, R, C, T), 1):
             if fresh:
                 lora.reset_rows(torch.tensor(fresh, device=dev), keep_a=h.lora_warm_start_a)
-            s = lora_step(wins, [w[2] == starts[w[1]] and at_bos[w[1]] for w in wins], R, C, T)
-            g = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in s._asdict().items()}
-            ids = torch.where(g["tok"] >= 0, tokens[g["tok"].clamp(min=0)], 0)
-            x, y, idx, scored = tokens[g["tgt"]], tokens[g["tgt"] + 1], g["tgt"], g["mask"]
-            docs_, p = DocLayout(None, g["cu"]) if varlen else None, lora.gather(g["rows"])
-            with autocast_ctx(dev):
-                nll, score = score_nll(lambda x, y, hints=None: fwd(model, lora, p, ids, docs_, g["rope"], g["seq"], g["offs"],
-                                                                    g["head"], g["pos"], y, hints), x, y, idx, tilt)
-            accumulate(score, x, y, scored, idx, luts, sums, nll_out)  # the adapters train on the untilted nll
-            if trace is not None:  # read off the masks that are summed and trained on
-                trace.extend(("score", *spans(idx[i], scored[i])) for i in range(len(wins)))
-            if s.more.any():  # one step per row on the mean NLL of the targets scored above
-                m = scored.float()[: len(wins)] * g["more"][:, None]
-                (nll[: len(wins)] * m).sum(1).div(m.sum(1).clamp(min=1)).sum().backward()
-                lora.step(g["rows"], p, g["more"])
-                if trace is not None:
-                    trace.extend(("train", *spans(idx[i], scored[i])) for i in np.flatnonzero(s.more))
-            work += (s.tok.size, sum(min(w[4] - starts[w[1]], T) for w in wins), sum(w[4] - w[3] for w in wins))
-            n_steps += 1
-            if log is not None and n_steps % 500 == 0:
+            bos = [w[2] == starts[w[1]] and at_bos[w[1]] for w in all_wins]
+            for wins, b in lora_substeps(all_wins, bos, T, h.lora_max_lanes):
+                lora_substep(h, model, lora, fwd, tokens, lora_step(wins, b, R, C, T), wins, starts, varlen, luts, sums,
+                             nll_out, work, trace, tilt)
+                n_steps += 1
+            if log is not None and k % 500 == 0:
                 r_ = bpb_from_sums(*sums.tolist())
-                log(f"lora_ttt_progress block:{phase} rank0_steps:{n_steps} val_bpb:{r_.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
+                log(f"lora_ttt_progress block:{phase} rank0_steps:{k} val_bpb:{r_.val_bpb:.6f} time:{time.perf_counter() - t0:.1f}s")
     w = all_reduce(torch.tensor(work, dtype=torch.float64, device=dev)).tolist()
     if log is not None:
         log(f"lora_ttt_work positions_per_target:{w[0] / max(w[2], 1):.3f} ideal:{w[1] / max(w[2], 1):.3f} "
             f"targets:{int(w[2])} rank0_steps:{n_steps}")
     return finish_eval(sums, nll_out)
+
+
+def lora_substep(h: Hyperparameters, model: GPT, lora: DocLoRA, fwd, tokens: Tensor, s: LoraStep, wins: list, starts,
+                 varlen: bool, luts, sums: Tensor, nll_out, work: np.ndarray, trace, tilt) -> None:
+    """Score the packed windows of s, then one AdamW step per row on the mean NLL of the targets it just
+    scored (rows whose document goes on)."""
+    dev, T = tokens.device, h.eval_seq_len
+    g = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in s._asdict().items()}
+    ids = torch.where(g["tok"] >= 0, tokens[g["tok"].clamp(min=0)], 0)
+    x, y, idx, scored = tokens[g["tgt"]], tokens[g["tgt"] + 1], g["tgt"], g["mask"]
+    docs, p = DocLayout(None, g["cu"]) if varlen else None, lora.gather(g["rows"])
+    with autocast_ctx(dev):
+        nll, score = score_nll(lambda x, y, hints=None: fwd(model, lora, p, ids, docs, g["rope"], g["seq"], g["offs"],
+                                                            g["head"], g["pos"], y, hints), x, y, idx, tilt)
+    accumulate(score, x, y, scored, idx, luts, sums, nll_out)  # the adapters train on the untilted nll
+    if trace is not None:  # read off the masks that are summed and trained on
+        trace.extend(("score", *spans(idx[i], scored[i])) for i in range(len(wins)))
+    if s.more.any():
+        m = scored.float()[: len(wins)] * g["more"][:, None]
+        (nll[: len(wins)] * m).sum(1).div(m.sum(1).clamp(min=1)).sum().backward()
+        lora.step(g["rows"], p, g["more"])
+        if trace is not None:
+            trace.extend(("train", *spans(idx[i], scored[i])) for i in np.flatnonzero(s.more))
+    work += (s.tok.size, sum(min(w[4] - starts[w[1]], T) for w in wins), sum(w[4] - w[3] for w in wins))
 
 
 _LORA_GRAPHS: dict = {}

@@ -38,9 +38,10 @@ def run_stage(h, tokens, rank, world, monkeypatch):
     return steps, next(line for line in lines if line.startswith("lora_ttt_work"))
 
 
-@pytest.mark.parametrize("warm, world", [(True, 1), (False, 2)])
-def test_simulated_steps_are_the_steps_the_stage_takes(warm, world, monkeypatch):
-    h = tiny(**{**LORA, "lora_warm_start_a": warm, "lora_batch_docs": 4, "eval_seq_len": 64, "lora_chunk_tokens": 16})
+@pytest.mark.parametrize("warm, world, lanes", [(True, 1, 24), (False, 2, 1)])  # lanes 1: steps split into forwards
+def test_simulated_steps_are_the_steps_the_stage_takes(warm, world, lanes, monkeypatch):
+    h = tiny(**{**LORA, "lora_warm_start_a": warm, "lora_batch_docs": 4, "eval_seq_len": 64, "lora_chunk_tokens": 16,
+                "lora_max_lanes": lanes})
     tokens = doc_stream(1500, seed=3, mean=60)
     starts, ends = tg.doc_spans(tokens)
     at_bos = tokens[:-1].numpy()[starts] == tg.BOS_ID
@@ -55,6 +56,7 @@ def test_simulated_steps_are_the_steps_the_stage_takes(warm, world, monkeypatch)
         pairs = [float((np.diff(s.cu).astype(np.float64) ** 2).sum()) for s in steps]  # the attention segments it runs
         assert np.concatenate([s.pairs for s in sim]).tolist() == pairs
         assert np.concatenate([s.train for s in sim]).tolist() == [bool(s.more.any()) for s in steps]
+        assert np.concatenate([s.rows for s in sim]).tolist() == [len(s.rows) for s in steps]  # rows gathered per forward
         total[0] += sum(s.tok.size for s in steps)
         total[2] += sum(int(s.mask.sum()) for s in steps)
     assert total[2] == work[2] == len(tokens) - 1  # every target once, over the ranks
@@ -91,7 +93,7 @@ def test_every_block_waits_for_its_slowest_rank_and_the_global_sgd():
     rate, fl = be.Rate(0.0, 1.0), be.Flops(0.0, 0.0, 0.0, 0.0, 0.0)  # a step costs its rows
 
     def steps(n):
-        return be.RankSteps(np.zeros(n), np.zeros(n), np.ones(n, bool))
+        return be.RankSteps(np.zeros(n), np.zeros(n), np.ones(n, bool), np.full(n, float(h.lora_batch_docs)))
 
     plan = [[steps(10), steps(1)], [steps(1), steps(10)]]  # each rank 11 steps, never at the same time
     rows = h.lora_batch_docs

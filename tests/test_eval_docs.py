@@ -343,3 +343,22 @@ def test_lora_stage_reads_no_device_value_per_step():
             tg.eval_lora_ttt(h, m, m, CPU, tokens, fake_luts(1024))
         counts.append(len(mode.calls))
     assert counts[0] == counts[1], counts
+
+
+def test_a_step_split_by_lanes_computes_the_same():
+    """LORA_MAX_LANES bounds the lanes of one forward: a step whose windows need more runs as several
+    forwards (each with its own rows' AdamW step), the same scores as one forward per step."""
+    h = tiny(**{**LORA, "lora_batch_docs": 6, "phased_num_phases": 1, "phased_prefix_docs": 4})
+    lengths = [150, 70, 40, 90, 130, 70, 20, 130, 12, 160, 33, 5]
+    luts, tokens, out = fake_luts(1024), lengths_stream(lengths, seed=4), []
+    for lanes in (64, 1):
+        m, lines = random_model(h), []
+        out.append(tg.eval_lora_ttt(dataclasses.replace(h, lora_max_lanes=lanes), m, m, CPU, tokens, luts, collect=True,
+                                    log=lines.append))
+        out.append(int(next(x for x in lines if x.startswith("lora_ttt_work")).split("rank0_steps:")[1]))
+    (r1, nll1), n1, (r2, nll2), n2 = out
+    assert n2 > n1  # the split ran more forwards
+    assert r1.val_bpb == pytest.approx(r2.val_bpb, rel=1e-6) and torch.allclose(nll1, nll2, rtol=0, atol=1e-5)
+    wins = [(r, r, 100 * r, 100 * r + 20, 100 * r + 64, True) for r in range(6)]
+    subs = tg.lora_substeps(wins, [False] * 6, 64, 4)  # six lanes of one window each: 4 + 2
+    assert [len(w) for w, _ in subs] == [4, 2] and sorted(x for w, _ in subs for x in w) == wins

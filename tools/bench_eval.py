@@ -321,31 +321,35 @@ def check_record(rec: Record, lengths: np.ndarray, base: tg.Hyperparameters, rat
 
 
 class RankSteps(NamedTuple):
-    """One rank's steps of one phase block: positions (lanes x T), attention pairs, trains (backward)."""
+    """One rank's forwards of one phase block: positions (lanes x T), attention pairs, trains (backward),
+    rows (the windows it gathers, trains and writes back)."""
     positions: np.ndarray
     pairs: np.ndarray
     train: np.ndarray
+    rows: np.ndarray
 
 
 def lora_plan(h: tg.Hyperparameters, starts: np.ndarray, ends: np.ndarray, at_bos: np.ndarray, world: int):
-    """[rank][block] -> RankSteps of eval_lora_ttt (lora_queues, lora_rows, pack_lanes, lane_bucket: the
-    stage's own functions), and the work totals it logs: (positions, ideal positions, targets)."""
+    """[rank][block] -> RankSteps of eval_lora_ttt (lora_queues, lora_rows, lora_substeps, pack_lanes,
+    lane_bucket: the stage's own functions), and the work totals it logs: (positions, ideal positions, targets)."""
     T, C, R = h.eval_seq_len, h.lora_chunk_tokens, h.lora_batch_docs
     plan, work = [], np.zeros(3)
     for blocks in tg.lora_queues(starts, ends, h, world):
         plan.append([])
         for docs in blocks:
-            pos, pairs, train = [], [], []
-            for _, wins in tg.lora_rows(starts, ends, docs, R, C, T):
-                lens = [w[4] - w[2] for w in wins]
-                place, n = tg.pack_lanes(lens, [w[2] == starts[w[1]] and at_bos[w[1]] for w in wins], T)
-                lanes = tg.lane_bucket(n, R)
-                seg = np.diff(np.append(np.union1d([lane * T + off for lane, off in place], np.arange(lanes) * T), lanes * T))
-                pos.append(lanes * T)
-                pairs.append(float((seg.astype(np.float64) ** 2).sum()))  # segments run from a window start to the next (tails included)
-                train.append(any(w[5] for w in wins))
-                work += (lanes * T, sum(min(w[4] - starts[w[1]], T) for w in wins), sum(w[4] - w[3] for w in wins))
-            plan[-1].append(RankSteps(np.array(pos, np.float64), np.array(pairs), np.array(train, bool)))
+            pos, pairs, train, rows = [], [], [], []
+            for _, all_wins in tg.lora_rows(starts, ends, docs, R, C, T):
+                bos = [w[2] == starts[w[1]] and at_bos[w[1]] for w in all_wins]
+                for wins, b in tg.lora_substeps(all_wins, bos, T, h.lora_max_lanes):
+                    place, n = tg.pack_lanes([w[4] - w[2] for w in wins], b, T)
+                    lanes = tg.lane_bucket(n, R)
+                    seg = np.diff(np.append(np.union1d([lane * T + off for lane, off in place], np.arange(lanes) * T), lanes * T))
+                    pos.append(lanes * T)
+                    pairs.append(float((seg.astype(np.float64) ** 2).sum()))  # segments run from a window start to the next (tails included)
+                    train.append(any(w[5] for w in wins))
+                    rows.append(len(wins))
+                    work += (lanes * T, sum(min(w[4] - starts[w[1]], T) for w in wins), sum(w[4] - w[3] for w in wins))
+            plan[-1].append(RankSteps(np.array(pos, np.float64), np.array(pairs), np.array(train, bool), np.array(rows, np.float64)))
     return plan, work
 
 
@@ -360,7 +364,7 @@ def lora_seconds(h, plan, chunks, rate: Rate, sgd_chunk_s: float, fl: Flops) -> 
     """Wall time of the stage: each block ends when its slowest rank ends (global_sgd's all-reduces are a
     barrier; a phase with no SGD chunk has none), then the global SGD."""
     H = h.lora_batch_docs * h.lora_chunk_tokens  # the head runs on [rows, chunk] scored positions
-    clocks = [[(fl.step(s.positions, H, s.pairs, s.train).sum(), h.lora_batch_docs * len(s.positions)) for s in blocks]
+    clocks = [[(fl.step(s.positions, H, s.pairs, s.train).sum(), s.rows.sum()) for s in blocks]  # per-row cost: rows in flight
               for blocks in plan]
     per = [[rate.secs(c) for c in blocks] for blocks in clocks]
     rows = sum(c[1] for blocks in clocks for c in blocks) * rate.per_row
