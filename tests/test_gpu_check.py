@@ -30,12 +30,15 @@ def test_dry_run_prints_the_plan_and_checks_inputs(small_data, tmp_path):
     res = run_check("--dry-run", "--out", tmp_path / "rep", "--data", small_data, "--tokenizer", SP1024)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
-    for n, name, *_ in gpu_check.STEPS[:5]:
-        assert f"step {n} {name} " in out
-    assert "MAX_WALLCLOCK_SECONDS=20" in out and "--compare ''" not in out
-    assert "step 6" not in out and out.rstrip().endswith("inputs:ok budget:ok")  # 1-5 by default on a GPU
+    for n, name, *_ in gpu_check.STEPS:  # 1, 2, 4, 5 by default on a GPU; bench and losses by themselves
+        assert (f"step {n} {name} " in out) == (n in (1, 2, 4, 5)), n
+    assert "MAX_WALLCLOCK_SECONDS=20" in out and "--compare ''" not in out and out.rstrip().endswith("inputs:ok budget:ok")
     projected = [int(m) for m in re.findall(r"projected:(\d+)s", out)]
-    assert len(projected) == 5 and sum(projected) <= 480 and "compiles:train=2 " in out.split("step 4")[1]
+    assert len(projected) == 4 and sum(projected) <= 480
+    # the record eval's graphs: the scorer, the phased SGD loss, the LoRA step (one lane, packs) and AdamW
+    step2, step4 = out.split("step 2 ")[1].split("step 4 ")
+    assert "compiles:score=1 loss=1 lora=2 adamw=1 " in step2 and "--stage plain lora_ttt" in step4
+    assert "compiles:train=2 " in step4 and " lora=2 adamw=1 " in step4 and "PHASED_PREFIX_DOCS=6" in step4
     assert not (tmp_path / "rep").exists()  # a dry run writes nothing
     missing = run_check("--dry-run", "--out", tmp_path / "rep", "--data", tmp_path / "nothing", "--tokenizer", SP1024)
     assert missing.returncode == 2
@@ -53,15 +56,25 @@ def test_cpu_sized_check_runs_steps_1_to_5(small_data, tmp_path):
         assert f"| {n} | {name} | ok |" in report
     assert not re.search(r"^\| 6 \|", report, re.M)  # no step-6 row (a duration of 6 s is no row)
     assert "attention:sdpa" in report and "compile target:train_step looping:1" in report
-    assert "compile target:ttt_loss" in report and "[compare_compile] compare mode:looping_on" in report
-    for label in ("train_clock:", "artifact counted_code_bytes:", "final_quantized", "final_sliding", "final_ttt",
-                  "projected final_ttt", "result:ok"):
+    for target in ("eval_scorer", "sgd_loss", "lora_adamw", "lora_step"):
+        assert f"compile target:{target} " in report, target
+    assert "[compare_compile] compare mode:looping_on" in report
+    for label in ("train_clock:", "artifact counted_code_bytes:", "final_quantized", "final_lora_ttt", "lora_ttt_phase 1/1 ",
+                  "projected final_lora_ttt", "result:ok"):
         assert label in report, label
+    assert "final_sliding" not in report and "final_ttt" not in report  # not record stages
     figures = report.split("## Figures")[1].split("\n## ")[0]
-    for label in ("- compile train_step looping:1:", "- looping_on: ", "tokens/s per GPU", "- final_ttt ",
-                  "- artifact counted_code_bytes:", "- projected final_sliding", "- causality targets:"):
+    for label in ("- compile train_step looping:1:", "- compile lora_step looping:1:", "- looping_on: ", "tokens/s per GPU",
+                  "- final_lora_ttt ", "- lora_ttt_work positions_per_target:", "- artifact counted_code_bytes:",
+                  "- projected final_quantized", "tools/bench_eval.py --project", "- causality targets:"):
         assert label in figures, label
-    assert " stages:plain+sliding+ttt " in figures and "result:ok" in figures.split("- causality targets:")[1]
+    assert " stages:plain+lora_ttt " in figures and "result:ok" in figures.split("- causality targets:")[1]
+    # the phased SGD trained before the second document, and causality checked the targets around its start
+    assert re.search(r"^lora_ttt_phase 1/1 docs:1 targets:\d+ sgd_chunks:[1-9]", report, re.M)
+    tg = gpu_check.tg_module()
+    second = int(tg.doc_spans(tg.load_val_tokens(str(small_data), 64))[0][1])
+    for p in (second - 1, second, second + 1):
+        assert re.search(rf"^stage:lora_ttt tilt:0 p:{p} .* causal:1$", report, re.M), p
     logs = {p.name for p in out.iterdir()}
     assert {"1_versions_versions.log", "3_bench_compare_compile.log", "4_pipeline_gpu_check.txt",
             "5_causality_causality.log", "plan.txt"} <= logs
@@ -119,9 +132,13 @@ def test_loss_table_verdict():
 
 
 def test_eval_projection_scales_to_full_split_on_8_gpus():
-    lines = ["val_tokens:100000 val_bytes:1", "final_sliding val_loss:1 val_bpb:1 eval_time:2000ms"]
-    (line,) = gpu_check.eval_projection(lines)
-    assert line.endswith(f"-> {2.0 * 40_540_160 / 100_000 / 8:.1f}s on 40540160 targets over 8 GPUs")
+    lines = ["val_tokens:100000 val_bytes:1", "final_quantized val_loss:1 val_bpb:1 eval_time:2000ms",
+             "final_lora_ttt val_loss:1 val_bpb:1 eval_time:30000ms"]
+    plain, lora = gpu_check.eval_projection(lines)
+    assert plain.endswith(f"-> {2.0 * 40_540_160 / 100_000 / 8:.1f}s on 40540160 targets over 8 GPUs")
+    # the LoRA stage is not linear in the targets: measured time and the projection that models it
+    assert lora.startswith("projected final_lora_ttt measured:30.00s on 100000 targets, not scaled")
+    assert lora.endswith("tools/bench_eval.py --project --stages plain lora_ttt") and "->" not in lora
 
 
 def test_dry_run_fails_when_a_step_is_projected_over_its_cap(small_data, tmp_path, monkeypatch, capsys):
@@ -129,11 +146,19 @@ def test_dry_run_fails_when_a_step_is_projected_over_its_cap(small_data, tmp_pat
     than the budget assumes (or more buckets) makes the dry run exit 2 and name the step."""
     args = ["--dry-run", "--out", str(tmp_path / "rep"), "--data", str(small_data), "--tokenizer", str(SP1024)]
     assert gpu_check.main(args) == 0
-    capsys.readouterr()
+    before = dict(re.findall(r"^step (\d) .*\n  compiles:.* projected:(\d+)s", capsys.readouterr().out, re.M))
     monkeypatch.setitem(gpu_check.COMPILE_S, "train", 70.0)
-    assert gpu_check.main(args) == 2
+    assert gpu_check.main(args + ["--steps", "3"]) == 2
     out = capsys.readouterr().out
     assert "OVER_CAP step 3: projected 152s > cap 95s" in out and out.rstrip().endswith("budget:OVER")
+    # 30 s more per LoRA step graph: step 2 compiles both cold, step 4 finds them warm
+    monkeypatch.setitem(gpu_check.COMPILE_S, "train", 40.0)
+    monkeypatch.setitem(gpu_check.COMPILE_S, "lora", 70.0)
+    assert gpu_check.main(args) == 2
+    out = capsys.readouterr().out
+    after = dict(re.findall(r"^step (\d) .*\n  compiles:.* projected:(\d+)s", out, re.M))
+    assert int(after["2"]) - int(before["2"]) == 60 and int(after["4"]) - int(before["4"]) in (20, 21, 22)
+    assert f"OVER_CAP step 2: projected {after['2']}s > cap 145s" in out and "OVER_CAP step 4" in out
 
 
 def test_rerun_removes_the_previous_runs_logs(small_data, tmp_path, monkeypatch):

@@ -8,17 +8,25 @@
 
 Steps, each in its own process with its own time limit; a failed or timed-out step is recorded and
 the next one still runs (only a step that needs an earlier one's output is skipped). On a GPU steps
-1-5 run by default (their caps sum to the 480 s cap; step 6 runs by itself, --steps 6):
+1, 2, 4 and 5 run by default (their caps sum to the 480 s cap); steps 3 and 6 run by themselves
+(--steps 3,6: 155 s):
   1 versions: torch, CUDA, GPU, FA3 (or its import error) / Triton / brotli, the attention path chosen;
-  2 compile: every eval callable (at --cpu-sized also the training step of both loop modes), with
-    times, at step 4's shapes, so step 4 finds these graphs in Inductor's caches;
+  2 compile: every graph the record eval compiles, each with its time, at step 4's shapes so step 4
+    finds them in Inductor's caches: the scorer (plain stage), the phased global SGD's loss on its
+    TTT_BATCH_SEQS rows, the LoRA AdamW update and the packed LoRA step (lora_warmup: one lane and
+    the dynamic lane count); at --cpu-sized also the training step of both loop modes;
   3 bench: tools/bench.py on the default config (98,304 tokens per micro-step on one GPU) for both
     loop modes (at --cpu-sized also tools/bench.py --compare of the speed switches in COMPARES);
   4 pipeline: train_gpt.py on real shards (sp8192) with MAX_WALLCLOCK_SECONDS=20 and 8-row batches
     (one or two cu_seqlens buckets to compile): training, GPTQ, artifact written and re-read, the size
-    line, every eval stage through TTT; eval times are projected to the full validation split on 8 GPUs;
+    line, the record eval stages: final_quantized and final_lora_ttt (LoRA at the record's 64 rows,
+    rank and chunk; the phased SGD on a prefix of PHASED_PREFIX_DOCS of the ~100 validation documents
+    in TTT_CHUNK_TOKENS chunks small enough to train on), with the lora_ttt_work line. Windowed stages
+    are projected to the full validation split on 8 GPUs; the LoRA stage is not (on 100 documents one
+    long document's chunks set its step count and the phased SGD's prefix is not to scale): its
+    measured time is reported, its projection is `python3 tools/bench_eval.py --project`;
   5 causality: tools/causality_check.py on the artifact of step 4 for the stages the record config
-    runs, plain, sliding and TTT (CPU float32, deterministic);
+    runs, plain and lora_ttt (CPU float32, deterministic; LoRA at small rows, rank and window);
   6 losses: the first 20 training losses of the record model on the GPU (bf16 autocast, eager, 1,024
     tokens per step to keep the CPU side short) next to a CPU float32 run of the same steps and data.
 The plan (and --dry-run) lists the graphs each step compiles, counted from the steps' env and the
@@ -59,39 +67,51 @@ LOSS_TOL_FIRST, LOSS_TOL_ANY = 0.02, 0.10
 # (label, env of config A, env of config B) for bench.py --compare: the heaviest speed switches.
 COMPARES = [("compile", "", "COMPILE=0")]
 
-# The eval stages the record config runs (the document stages have their own causality tests).
-RECORD_STAGES = ("plain", "sliding", "ttt")
+# The eval stages the record config runs: final_quantized and final_lora_ttt (the score).
+RECORD_STAGES = ("plain", "lora_ttt")
 
 # Env of each step, by size. "gpu": the record config; "cpu": a tiny config that runs in seconds.
 SIZES = {
     "gpu": dict(
         base={},
         # Steps 2 and 4 share these shapes, so step 4 finds step 2's graphs in Inductor's caches; 8 rows
-        # a micro-step and 8 eval windows keep the cu_seqlens buckets their batches reach to one or two.
+        # a micro-step and 8 eval windows keep the cu_seqlens buckets their batches reach to one or two;
+        # the phased SGD's loss takes 4 rows a step. The LoRA step keeps the record's rows, rank and chunk.
         shapes=dict(TRAIN_BATCH_TOKENS="131072", VAL_BATCH_TOKENS="16384", TTT_BATCH_SEQS="4"),
         compile=["--eval-only"],  # steps 3 and 4 compile both training loop modes
         bench=["--warmup", "1", "--steps", "2"], compare=None,  # --compare: bench.py by hand, it compiles twice more
-        pipeline=dict(MAX_WALLCLOCK_SECONDS="20", WARMUP_STEPS="1"),
-        # Short windows keep 12 CPU evals of the record model within seconds; legality does not
-        # depend on the window length. Points: the TTT chunk boundary and the target after it.
-        causality_env=dict(EVAL_SEQ_LEN="512", EVAL_STRIDE="128", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1"),
+        # The record's phased SGD pauses at 1/3..3/3 of 2,500 of 50,000 documents in 32,768-token chunks;
+        # here 6 of the ~100 prepared ones (pauses after documents 2, 4 and 6) in 8,192-token chunks (4
+        # rows: one SGD step each), so every phase trains on at least one chunk.
+        pipeline=dict(MAX_WALLCLOCK_SECONDS="20", WARMUP_STEPS="1", PHASED_PREFIX_DOCS="6", TTT_CHUNK_TOKENS="8192"),
+        # Short windows (4 a batch: a batch is padded to VAL_BATCH_TOKENS), 2 LoRA rows of rank 8 and
+        # 256-target chunks keep 8 CPU evals of the record model within seconds; legality depends on
+        # none of them. Points: target 1,024 (a LoRA chunk boundary) and the one after it
+        # (TTT_CHUNK_TOKENS); a document start and the phase bound after document 1 where --tokens
+        # reaches them (the prepared stream's first document is longer).
+        causality_env=dict(EVAL_SEQ_LEN="512", VAL_BATCH_TOKENS="2048", TTT_CHUNK_TOKENS="1024", LORA_BATCH_DOCS="2",
+                           LORA_RANK="8", LORA_CHUNK_TOKENS="256", PHASED_PREFIX_DOCS="1", PHASED_NUM_PHASES="1"),
         causality=["--tokens", "2048", "--positions", "1", "--stage", *RECORD_STAGES],
         # 1,024 tokens per step (8 micro-steps of one 128-token row) keep 20 CPU float32 steps of the
         # record model near half a minute; eager on the GPU so no new shapes are compiled.
         losses=dict(TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="1024", COMPILE="0", ITERATIONS="20"),
-        caps={1: 10, 2: 65, 3: 95, 4: 285, 5: 25, 6: 60},  # 1-5 sum to the 480 s cap; 6 by itself (--steps 6)
-        default_steps=[1, 2, 3, 4, 5],
+        # 1, 2, 4 and 5 sum to the 480 s cap. The LoRA stage's graphs (~85 s cold in step 2, ~30 s warm
+        # in step 4) left no room for step 3: it and step 6 run by themselves (--steps 3,6).
+        caps={1: 10, 2: 145, 3: 95, 4: 300, 5: 25, 6: 60},
+        default_steps=[1, 2, 4, 5],
     ),
     "cpu": dict(
         base=dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="4",
                   LOOP_START="1", LOOP_END="2", NUM_LOOPS="1", PARALLEL_RESIDUAL_START="2", TRAIN_SEQ_LEN="64",
                   TRAIN_BATCH_TOKENS="1024", EVAL_SEQ_LEN="64", VAL_BATCH_TOKENS="2048", MAX_WALLCLOCK_SECONDS="0",
                   GPTQ_RESERVE_SECONDS="0", MUON_MOMENTUM_WARMUP_STEPS="10", EVAL_STRIDE="32",
-                  TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", TTT_BATCH_SEQS="8", GPTQ_CALIBRATION_BATCHES="2"),
+                  TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", TTT_BATCH_SEQS="8", GPTQ_CALIBRATION_BATCHES="2",
+                  LORA_RANK="8", LORA_CHUNK_TOKENS="16", LORA_BATCH_DOCS="4", PHASED_PREFIX_DOCS="1", PHASED_NUM_PHASES="1"),
         shapes={}, compile=[],
         bench=["--warmup", "0", "--steps", "1"], compare=["--warmup", "0", "--steps", "1", "--rounds", "1"],
         pipeline=dict(ITERATIONS="3", WARMUP_STEPS="1", TRAIN_LOG_EVERY="1"),
-        causality_env={}, causality=["--tokens", "1024", "--positions", "1", "--stage", *RECORD_STAGES],
+        # 2,048 targets reach the second document of a two-document stream and its phase bound.
+        causality_env={}, causality=["--tokens", "2048", "--positions", "1", "--stage", *RECORD_STAGES],
         losses=dict(ITERATIONS="4"),
         caps={n: 600 for n in range(1, 7)},  # only against hangs: a busy CPU machine is slow
         default_steps=[1, 2, 3, 4, 5, 6],
@@ -162,11 +182,12 @@ def cmds_losses(ctx) -> list[Cmd]:
 # (number, name, title, commands, keep: regex of the lines that go into the report, needs artifact)
 STEPS = [
     (1, "versions", "versions and attention path", cmds_versions, r"^(python|device|fa3|attention|torch)", False),
-    (2, "compile", "compile of the eval callables (and both loop modes at --cpu-sized; steps 3-4 compile them on a GPU)", cmds_compile, r"^compile ", False),
+    (2, "compile", "compile of the eval graphs: scorer, SGD loss, LoRA AdamW and step (and both loop modes at --cpu-sized; "
+     "steps 3-4 compile them on a GPU)", cmds_compile, r"^compile ", False),
     (3, "bench", "tools/bench.py: both loop modes (and --compare at --cpu-sized)", cmds_bench, r"^(device:|model_params|mode:|compare )", False),
     (4, "pipeline", "train_gpt.py end to end", cmds_pipeline,
      r"^(model_params|warmup_steps|train_clock|looping:on|train_steps|gptq_hessian_end|quantized |artifact |eval_warmup|"
-     r"final_|quant_gap|eval_budget|val_tokens|OVER_)", False),
+     r"final_|quant_gap|eval_budget|val_tokens|lora_ttt_(work|phase)|OVER_)", False),
     (5, "causality", "causality check of the step-4 artifact", cmds_causality, r"^(stage:|causality )", True),
     (6, "losses", "the first training losses (20 on a GPU): device vs CPU float32", cmds_losses, r"^loss ", False),
 ]
@@ -263,14 +284,21 @@ def kv(line: str) -> dict[str, str]:
 
 
 def eval_projection(lines: list[str]) -> list[str]:
-    """Each eval stage's time scaled to the full sp8192 validation split on EVAL_WORLD GPUs (linear)."""
+    """Each windowed eval stage's time scaled to the full sp8192 validation split on EVAL_WORLD GPUs
+    (linear). The LoRA stage's time is not linear in the targets (on a few documents the longest one
+    sets the step count; the phased SGD's prefix is fixed in documents): its line names the projection
+    that models both."""
     val = next((int(kv(l)["val_tokens"]) for l in lines if l.startswith("val_tokens:")), 0)
     out = []
     for l in lines:
         if l.startswith("final_") and "eval_time" in l and val > 0:
-            sec = float(kv(l)["eval_time"].rstrip("ms")) / 1000
+            stage, sec = l.split()[0], float(kv(l)["eval_time"].rstrip("ms")) / 1000
+            if stage == "final_lora_ttt":
+                out.append(f"projected {stage} measured:{sec:.2f}s on {val} targets, not scaled: "
+                           f"python3 tools/bench_eval.py --project --stages plain lora_ttt")
+                continue
             scale = FULL_VAL_TOKENS / val / EVAL_WORLD
-            out.append(f"projected {l.split()[0]} measured:{sec:.2f}s on {val} targets -> "
+            out.append(f"projected {stage} measured:{sec:.2f}s on {val} targets -> "
                        f"{sec * scale:.1f}s on {FULL_VAL_TOKENS} targets over {EVAL_WORLD} GPUs")
     return out
 
@@ -310,7 +338,7 @@ def figures(results: list[Result], loss_verdict: str) -> list[str]:
         elif " compare mode:" in l:
             out.append(f"- {l}")
     pipe = lines.get("pipeline", [])
-    out += [f"- {l}" for l in pipe if l.startswith(("train_steps:", "final_", "artifact "))]
+    out += [f"- {l}" for l in pipe if l.startswith(("train_steps:", "final_", "lora_ttt_work ", "artifact "))]
     out += [f"- {l}" for l in eval_projection(pipe)]
     out += [f"- {l}" for l in lines.get("causality", []) if l.startswith("causality ")]
     if loss_verdict:
@@ -383,17 +411,29 @@ def plan(ctx) -> list[str]:
     return out
 
 
-# Seconds per torch.compile of one graph on one H100/H200, cold. The 04-13 record log compiled 8
-# training graphs (2 loop modes x 4 cu_seqlens buckets) in 322 s; an eval graph is the forward only
-# (score) or a TTT loss forward+backward (loss). A graph an earlier step compiled at the same shapes
-# costs WARM of that: Inductor's FX-graph and AOTAutograd caches persist across processes (Dynamo
-# still traces). Step 2's measured compile_s lines check these figures.
-COMPILE_S = {"train": 40.0, "score": 15.0, "loss": 30.0}
+# Seconds per torch.compile of one graph on one H100/H200, cold: estimates, which step 2's measured
+# compile_s lines check. The 04-13 record log compiled 8 training graphs (2 loop modes x 4 cu_seqlens
+# buckets) in 322 s; an eval graph is the forward only (score) or a loss forward+backward (loss: the
+# phased SGD's); a LoRA step graph is a forward+backward with the adapters' grouped matmuls (the 04-22
+# record log: its LoRA TTT compile warmup took 87.4 s), the AdamW update one elementwise kernel. A
+# graph an earlier step compiled at the same shapes costs WARM of that: Inductor's FX-graph and
+# AOTAutograd caches persist across processes (Dynamo still traces).
+COMPILE_S = {"train": 40.0, "score": 15.0, "loss": 30.0, "lora": 40.0, "adamw": 5.0}
 WARM = 0.35
-# The rest of each step at gpu size: start-up, model build, the timed work. Step 4: 10 load and scan,
-# 5 warmup steps, 20 training, 15 GPTQ, 70 brotli of the 16 MB artifact (#1868's log: 67 s), 20
-# reload, 25 pre-quant and eval stages on the ~100 validation documents.
-FIXED_S = {1: 8, 2: 12, 3: 12, 4: 165, 5: 20, 6: 45}
+# The rest of each step at gpu size (estimates): start-up, model build, the timed work. Step 4: 10 load
+# and scan, 5 warmup steps, 20 training, 15 GPTQ, 70 brotli of the 16 MB artifact (#1868's log: 67 s),
+# 20 reload, 30 pre-quant, quantized and LoRA TTT stages on the ~100 validation documents (~1,200
+# packed LoRA steps, 810 of them one 38,846-token document's, at ~20 ms). Step 5: 4 CPU evals of the
+# LoRA stage and 4 plain ones on 2,048 targets (~20 s on 16 cores).
+FIXED_S = {1: 8, 2: 12, 3: 12, 4: 170, 5: 20, 6: 45}
+
+
+def lora_keys(h, final: bool) -> list[tuple]:
+    """The graphs of lora_warmup: the LoRA step for one lane and for the dynamic lane count, and AdamW."""
+    if not h.lora_ttt_enabled:
+        return []
+    shape = (h.lora_batch_docs, h.lora_chunk_tokens, h.lora_rank, h.lora_targets, h.ngram_tilt)
+    return [("lora", final, 1, shape), ("lora", final, 2, shape), ("adamw", shape[:3])]
 
 
 def planned_compiles(ctx) -> dict[int, list[tuple]]:
@@ -408,11 +448,12 @@ def planned_compiles(ctx) -> dict[int, list[tuple]]:
             h = tg.Hyperparameters.from_env({**ctx.env(), **c.env})
             modes = [False, True] if h.looping_enabled else [False]
             final = h.looping_enabled
-            B, n_ttt = tg.eval_batch_windows(h, 1), sorted({n for _, n, _ in tg.ttt_step_shares(h, d) if n > 0})
+            B, hints = tg.eval_batch_windows(h, 1), [False, True] if h.ngram_tilt else [False]
             keys = []
             if number == 2:  # random tokens: BOS at 1/vocab, one bucket
                 keys += [("train", m, h.train_batch_tokens // h.train_seq_len // 8, 1) for m in modes if "--eval-only" not in c.argv]
-                keys += [("score", final, B, 1)] + [("loss", final, n, 1) for n in n_ttt if h.ttt_enabled]
+                keys += [("score", final, B, 1, t) for t in hints] + [("loss", final, n, 1) for n in tg.ttt_loss_rows(h, d)]
+                keys += lora_keys(h, final)
             elif number == 3 and c.label == "bench":  # synthetic tokens hold no BOS: B segments
                 rows = h.train_batch_tokens // h.train_seq_len // 8
                 keys += [("train", m, rows, rows // tg.CU_BUCKET + 1) for m in modes]
@@ -422,7 +463,9 @@ def planned_compiles(ctx) -> dict[int, list[tuple]]:
                 keys += [("train", m, rows, k) for m in modes for k in tg.varlen_buckets(rate, disp, rows, h.train_seq_len)]
                 val = tg.load_val_tokens(str(ctx.data), h.eval_seq_len).numpy() == tg.BOS_ID
                 for n, ks in sorted(tg.eval_varlen_buckets(h, d, np.asarray(val)).items()):
-                    keys += [("score" if n == B else "loss", final, n, k) for k in ks]
+                    keys += [("score", final, n, k, t) for k in ks for t in hints] if n == B else []
+                    keys += [("loss", final, n, k) for k in ks] if n in tg.ttt_loss_rows(h, d) else []
+                keys += lora_keys(h, final)
             out.setdefault(number, []).extend(keys)
     return out
 
@@ -515,7 +558,9 @@ def internal_versions() -> int:
 
 def internal_compile(eval_only: bool = False) -> int:
     """First and second call of the real training step per loop mode (unless eval_only), then of each
-    eval callable."""
+    graph eval_warmup compiles for the enabled stages, in its order: the scorer, the TTT / phased SGD
+    loss per row count (ttt_loss_rows), the LoRA AdamW update and the LoRA step (lora_warmup). A
+    line per graph group: first_s - second_s is its compile time."""
     import torch
     tg = tg_module()
     h = tg.Hyperparameters.from_env()
@@ -529,42 +574,53 @@ def internal_compile(eval_only: bool = False) -> int:
     trainer = tg.Trainer(h, d, tg.Logger(d, None), model, tg.shard_paths(h.dataset_dir, "train"))
     mode = f"fullgraph:1 compile:{int(h.compile and cuda)}"
 
-    def twice(fn) -> tuple[float, float]:
+    def timed(target: str, fn, shape: str) -> None:
         times = []
         for _ in range(2):
             t0 = trainer.sync_time()
             fn()
             times.append(trainer.sync_time() - t0)
-        return times[0], times[1]
+        print(f"compile target:{target} looping:{int(model.looping_active)} {mode} first_s:{times[0]:.2f} "
+              f"second_s:{times[1]:.3f} compile_s:{times[0] - times[1]:.2f} {shape}", flush=True)
 
     for looping in ([False, True] if h.looping_enabled and not eval_only else [] if eval_only else [False]):
         tg.set_looping(model, looping)
-        first, second = twice(lambda: trainer.train_step(0, 1.0))
-        print(f"compile target:train_step looping:{int(looping)} {mode} first_s:{first:.2f} second_s:{second:.3f} "
-              f"compile_s:{first - second:.2f} micro_batch:{trainer.seqs_per_micro}x{h.train_seq_len}", flush=True)
+        timed("train_step", lambda: trainer.train_step(0, 1.0), f"micro_batch:{trainer.seqs_per_micro}x{h.train_seq_len}")
     tg.set_looping(model, h.looping_enabled)  # the artifact keeps the loop mode training ends in
-    if h.ttt_enabled:  # as train_and_eval: TTT set-up first, then the eval callables
+    if h.ttt_enabled:  # as load_eval_model: TTT set-up first, then the eval callables
         tg.prepare_ttt(model, h)
     scorer, loss_fn = tg.eval_callables(h, model, d)
-    n = tg.eval_batch_windows(h, d.world_size)
-    x, y = torch.randint(0, h.vocab_size, (2, n, h.eval_seq_len)).to(d.device)
+    n, ns = tg.eval_batch_windows(h, d.world_size), tg.ttt_loss_rows(h, d)
+    x, y = torch.randint(0, h.vocab_size, (2, max([n] + ns), h.eval_seq_len)).to(d.device)
 
-    def score():
+    def score(hints):
         with torch.no_grad(), tg.autocast_ctx(d.device):
-            scorer(x, y)
+            scorer(x[:n], y[:n], hints=y[:n] if hints else None)
 
-    first, second = twice(score)  # in the loop mode training ends in, which the artifact keeps
-    print(f"compile target:eval_scorer looping:{int(model.looping_active)} {mode} first_s:{first:.2f} second_s:{second:.3f} "
-          f"compile_s:{first - second:.2f} batch:{n}x{h.eval_seq_len}", flush=True)
-    if h.ttt_enabled and h.ttt_epochs > 0:
-        for k in sorted({k for _, k, _ in tg.ttt_step_shares(h, d) if k > 0}):
-            def ttt_step():
-                with tg.autocast_ctx(d.device):
-                    loss_fn(x[:k], y[:k]).backward()
-                model.zero_grad(set_to_none=True)
-            first, second = twice(ttt_step)
-            print(f"compile target:ttt_loss looping:{int(model.looping_active)} {mode} first_s:{first:.2f} "
-                  f"second_s:{second:.3f} compile_s:{first - second:.2f} batch:{k}x{h.eval_seq_len}", flush=True)
+    timed("eval_scorer", lambda: score(False), f"batch:{n}x{h.eval_seq_len}")
+    if h.ngram_tilt:
+        timed("eval_scorer_hints", lambda: score(True), f"batch:{n}x{h.eval_seq_len}")
+    for k in ns:  # the TTT stage's SGD steps and the LoRA stage's phased global SGD
+        def sgd_step():
+            with tg.autocast_ctx(d.device):
+                loss_fn(x[:k], y[:k]).backward()
+            model.zero_grad(set_to_none=True)
+        timed("sgd_loss", sgd_step, f"batch:{k}x{h.eval_seq_len}")
+    if h.lora_ttt_enabled:
+        grad = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)  # as eval_warmup and the stage run it: the graphs guard on it
+        lora = tg.DocLoRA(h, model, h.lora_batch_docs, d.device)
+        rows = torch.ones(h.lora_batch_docs, dtype=torch.bool, device=d.device)
+
+        def adamw():
+            lora.p.grad = torch.zeros_like(lora.p)
+            lora.step(rows)
+
+        timed("lora_adamw", adamw, f"rows:{h.lora_batch_docs}x{lora.p.size(1)}")
+        timed("lora_step", lambda: tg.lora_warmup(h, model, d, h.ngram_tilt),
+              f"lanes:1+2 rows:{h.lora_batch_docs} chunk:{h.lora_chunk_tokens} rank:{h.lora_rank}")
+        for p, g in zip(model.parameters(), grad):
+            p.requires_grad_(g)
     if cuda:
         print(f"compile peak_mem_mib:{torch.cuda.max_memory_allocated() / 2**20:.0f}")
     return 0
@@ -616,7 +672,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare", action="store_true", help="build the step-4 data into data/gpu_check (CPU)")
     ap.add_argument("--cpu-sized", action="store_true", help="tiny config on CPU (what the tests run)")
     ap.add_argument("--cap", type=float, default=480.0, help="total seconds for all steps (default 480)")
-    ap.add_argument("--steps", type=parse_steps, help="e.g. 1-5 or 1,4 (default: 1-5 on a GPU, all at --cpu-sized)")
+    ap.add_argument("--steps", type=parse_steps, help="e.g. 3,6 or 1,4 (default: 1,2,4,5 on a GPU, all at --cpu-sized)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="shard folder (default: data/gpu_check/sp8192)")
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="SentencePiece model of --data")
     ap.add_argument("--work", help="scratch for the step-4 log and artifact (default: logs/gpu_check)")
