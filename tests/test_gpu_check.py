@@ -34,11 +34,11 @@ def test_dry_run_prints_the_plan_and_checks_inputs(small_data, tmp_path):
         assert (f"step {n} {name} " in out) == (n in (1, 2, 4, 5)), n
     assert "MAX_WALLCLOCK_SECONDS=20" in out and "--compare ''" not in out and out.rstrip().endswith("inputs:ok budget:ok")
     projected = [int(m) for m in re.findall(r"projected:(\d+)s", out)]
-    assert len(projected) == 4 and sum(projected) <= 480
-    # the record eval's graphs: the scorer, the phased SGD loss, the LoRA step (one lane, packs) and AdamW
+    assert len(projected) == 4 and sum(projected) <= 560
+    # the record eval's graphs: the scorer (with and without n-gram hints), the phased SGD loss, the LoRA step, AdamW
     step2, step4 = out.split("step 2 ")[1].split("step 4 ")
-    assert "compiles:score=1 loss=1 lora=2 adamw=1 " in step2 and "--stage plain lora_ttt" in step4
-    assert "compiles:train=2 " in step4 and " lora=2 adamw=1 " in step4 and "PHASED_PREFIX_DOCS=6" in step4
+    assert "compiles:score=2 loss=1 lora=3 adamw=2 " in step2 and "--stage plain lora_ttt" in step4
+    assert "compiles:train=2 " in step4 and " lora=3 adamw=2 " in step4 and "PHASED_PREFIX_DOCS=6" in step4
     assert not (tmp_path / "rep").exists()  # a dry run writes nothing
     missing = run_check("--dry-run", "--out", tmp_path / "rep", "--data", tmp_path / "nothing", "--tokenizer", SP1024)
     assert missing.returncode == 2

@@ -123,6 +123,7 @@ RECORDS = {
 RECORD_BATCH, RECORD_CTX, RECORD_WORLD, RECORD_SGD_CHUNK = 64, 2048, 8, 32_768
 WARMUP_SECONDS = 89.6  # median TTT compile warmup of 04-16, 04-19, 04-22 and #1855's three seeds (83.7-137.6 s)
 LOAD_SECONDS = 20.0  # #1855 logs: artifact decompression 18.2-20.4 s
+NGRAM_SECONDS = 10.8  # tools/bench_ngram.py: the hint precompute of 47.85M targets, 3.6-10.8 s on one CPU core (the slow end)
 EVAL_TARGET_SECONDS = 540.0  # 600 s limit minus a 60 s margin
 
 
@@ -414,7 +415,7 @@ def fixed_stages(h: tg.Hyperparameters, targets: int, rate: Rate, world: int) ->
     fl, T = flop_terms(h)._replace(lora=0.0, head_lora=0.0), h.eval_seq_len
     windows = -(-(-(-targets // T)) // world)  # no adapters: no per-row cost
     quant = rate.secs((fl.step(windows * T, windows * T, windows * T * T, False), 0.0))
-    return {"quantized": quant, "warmup": WARMUP_SECONDS, "load": LOAD_SECONDS}
+    return {"quantized": quant, "warmup": WARMUP_SECONDS, "load": LOAD_SECONDS, "ngram": NGRAM_SECONDS * h.ngram_tilt}
 
 
 SWEEP = [dict(eval_seq_len=2560, ttt_chunk_tokens=30720, lora_batch_docs=64, lora_chunk_tokens=48, lora_warm_start_a=w,
@@ -464,7 +465,7 @@ def project(h: tg.Hyperparameters, args) -> int:
               f"per_row_share:{spread(o['row_share'], '.2f')} "
               f"global_sgd:{spread(o['sgd'])}s sgd_chunks:{spread(o['sgd_chunks'], '.0f')} sgd_tokens:{spread(o['sgd_tokens'], '.0f')} "
               f"sgd_chunk:{o['sgd_chunk_s'][0]:.4f}s")
-        print(f"ours:{name} quantized:{fx['quantized']:.1f}s warmup:{fx['warmup']:.1f}s load:{fx['load']:.1f}s "
+        print(f"ours:{name} quantized:{fx['quantized']:.1f}s warmup:{fx['warmup']:.1f}s load:{fx['load']:.1f}s ngram:{fx['ngram']:.1f}s "
               f"eval_budget:{spread(total)}s target:{EVAL_TARGET_SECONDS:.0f}s limit:{tg.EVAL_LIMIT_SECONDS:.0f}s")
         results.append((name, hc, o, fx, total))
     table(rec, args.calibrate, rows[0][1], results[0])
@@ -490,6 +491,7 @@ def table(rec: Record, name: str, r: dict, ours) -> None:
     print(f"| quantized diagnostic | - | - | {fx['quantized']:.1f} |")
     print(f"| compile warmup (assumed) | - | outside its timer | {fx['warmup']:.1f} |")
     print(f"| artifact load (assumed) | - | outside its timer | {fx['load']:.1f} |")
+    print(f"| n-gram hints (CPU-measured) | - | - | {fx['ngram']:.1f} |")
     print(f"| TTT timer | {r['timer']:.1f} | {rec.timer:.1f} | {spread(o['total'])} |")
     print(f"| eval_budget (target {EVAL_TARGET_SECONDS:.0f}) | - | - | {spread(total)} |")
 
