@@ -74,7 +74,7 @@ def test_cpu_sized_check_runs_steps_1_to_5(small_data, tmp_path):
     tg = gpu_check.tg_module()
     second = int(tg.doc_spans(tg.load_val_tokens(str(small_data), 64))[0][1])
     for p in (second - 1, second, second + 1):
-        assert re.search(rf"^stage:lora_ttt tilt:0 p:{p} .* causal:1$", report, re.M), p
+        assert re.search(rf"^stage:lora_ttt tilt:1 p:{p} .* causal:1$", report, re.M), p
     logs = {p.name for p in out.iterdir()}
     assert {"1_versions_versions.log", "3_bench_compare_compile.log", "4_pipeline_gpu_check.txt",
             "5_causality_causality.log", "plan.txt"} <= logs

@@ -345,13 +345,20 @@ def ttt_rows(h: tg.Hyperparameters, world: int) -> int:
     return max(n for _, n, _ in tg.ttt_step_shares(h, tg.Dist(0, world, 0, torch.device("cpu"))))
 
 
+def lora_batch(h: tg.Hyperparameters) -> tuple[int, int]:
+    """(rows, tokens per row) of the LoRA stage's largest forward: every row in flight gathered, at most
+    LORA_MAX_LANES lanes of EVAL_SEQ_LEN tokens packed (a step beyond runs as further forwards)."""
+    R = h.lora_batch_docs
+    return R, min(R, h.lora_max_lanes) * h.eval_seq_len // R
+
+
 def drivers(h: tg.Hyperparameters, world: int) -> dict[str, tuple[int, int]]:
     """(rows, T) of the batch each phase runs on one rank of `world`."""
     tr, ev = (h.train_batch_tokens // h.train_seq_len // 8, h.train_seq_len), (eval_rows(h, world), h.eval_seq_len)
     out = {"train_loop_off": tr, "train_loop_on": tr, "gptq_hessian": tr, "gptq_quantize": (0, tr[1]),
             "eval_plain": ev, "eval_sliding": ev, "eval_doc": ev, "ttt_score": ev,
-            "ttt_train": (ttt_rows(h, world), h.eval_seq_len), "lora": (h.lora_batch_docs, h.eval_seq_len),
-            "lora_init": (h.lora_batch_docs, h.eval_seq_len), "lora_sgd": (ttt_rows(h, world), h.eval_seq_len),
+            "ttt_train": (ttt_rows(h, world), h.eval_seq_len), "lora": lora_batch(h),
+            "lora_init": lora_batch(h), "lora_sgd": (ttt_rows(h, world), h.eval_seq_len),
             "lora_state": (h.lora_batch_docs, 0)}
     return {**out, **{k + "_opt": out[k] for k in ("train_loop_off", "train_loop_on", "ttt_train", "lora_sgd")}}
 
