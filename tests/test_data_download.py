@@ -168,6 +168,8 @@ def test_complete_files_are_skipped_without_network(published, hub, tmp_path):
     again = run(hub, data, endpoint="http://127.0.0.1:9", lines=lines)  # nothing listens on port 9
     assert hub.requests == []
     assert any("complete:5 todo:0" in line for line in lines), lines
+    assert [line for line in lines if line.startswith("note:")] == [  # the plain export: one knob away from the default
+        "note: train_gpt.py reads the CaseOps export by default; run with CASEOPS=0 for this one"]
     assert again["val_fingerprint"] == published[1]["val_fingerprint"]
 
     run(hub, data, train_shards=3)  # one more shard: only that one is transferred
@@ -312,7 +314,9 @@ def test_caseops_download_brings_the_sidecar_with_resume_and_checks(published_ca
     for name in names:
         assert (out / name).read_bytes() == (root / "datasets" / "datasets" / CASEOPS_NAME / name).read_bytes()
     assert got["val_docs"] == 2 and got["val_fingerprint"] == summary["val_fingerprint"]
-    assert any(line == f"note: the dataset is {out}; run with DATA_PATH={out}" for line in lines)
+    assert not any(line.startswith("note:") for line in lines)  # train_gpt.py's default paths (CASEOPS=1) read it
+    h = tg.Hyperparameters.from_env({"VOCAB_SIZE": "400", "DATA_DIR": str(data)})
+    assert (h.dataset_dir, h.tokenizer_file) == (str(out), got["tokenizer"])
     # What train_gpt.py reads from it: the sidecar's bytes per target.
     val = tg.load_val_tokens(str(out), 64)
     side = tg.load_val_bytes(str(out), val, tg.build_byte_luts(got["tokenizer"], 400, sidecar=True))
