@@ -1,15 +1,15 @@
 """Parameter Golf: train the best LM whose code + compressed weights fit in 16,000,000 bytes.
 
 Trains in <=600 s on 8xH100 and scores val_bpb (bits per byte) on the fixed FineWeb validation set.
-Model: 11-layer tied-embedding GPT (d=512, GQA 8/4, MLP 4x LeakyReLU(0.5)^2, SP8192) with depth
+Model: 11-layer tied-embedding GPT (d=512, GQA 8/4, MLP 4x LeakyReLU(0.5)^2, SP8192 CaseOps) with depth
 recurrence of layers 3..5, gated U-net skips, a two-lane parallel-residual decoder, attention within
-documents, SmearGate and gated head outputs; Muon (Polar Express) + AdamW. The 1.0611 record's config.
+documents, SmearGate, gated head outputs; Muon (Polar Express) + AdamW. 1.0611's config, #2135's values.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # record config, 8 GPUs
     PRESET=smoke DATA_PATH=... TOKENIZER_PATH=... python train_gpt.py   # tiny CPU run
 
 Every knob is an env var named after its Hyperparameters field in upper case. The ones people touch:
-SEED, RUN_ID, DATA_DIR, MAX_WALLCLOCK_SECONDS, ITERATIONS, NUM_LAYERS, MODEL_DIM, MATRIX_LR,
+SEED, RUN_ID, DATA_DIR, CASEOPS, MAX_WALLCLOCK_SECONDS, ITERATIONS, NUM_LAYERS, MODEL_DIM, MATRIX_LR,
 LOOP_START/LOOP_END/NUM_LOOPS, PARALLEL_RESIDUAL_START, COMPILE. The log (logs/<RUN_ID>.txt) ends
 with `final_<stage> val_loss:... val_bpb:...` lines.
 """
