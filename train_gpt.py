@@ -663,22 +663,20 @@ def data_kind(data_dir: str, train_shards: int, val_targets: int) -> tuple[str, 
     manifest.json download_fineweb.py keeps in it, must hold at most its training shards and exactly its
     validation tokens (ConfigError otherwise); anything else was built locally and is not checked."""
     name = os.path.basename(os.path.normpath(data_dir))
-    want = PUBLISHED.get(name)
+    variant, want = name.removeprefix("fineweb10B_"), PUBLISHED.get(name)
     if want is None:
         try:
             meta = json.loads(Path(data_dir, "manifest.json").read_text(encoding="utf-8"))
             stats = next(d["stats"] for d in meta["datasets"] if d["name"] == name)
             want = int(stats["files_train"]), int(stats["tokens_val"]) - 1, 1
         except (OSError, ValueError, KeyError, TypeError, StopIteration):
-            return name.removeprefix("fineweb10B_"), "local"
+            return variant, "local"
     shards, targets, cut = want
-    got = val_targets // cut * cut
-    if train_shards > shards or got != targets:
-        raise ConfigError(f"{data_dir} is a published export by its name or manifest but holds {train_shards} training shards "
-                          f"and {got} validation targets{f' (cut to a multiple of {cut})' if cut > 1 else ''}, the export {shards} "
-                          f"at most and {targets}: a copy like that can train on validation documents (#2127); download the export "
-                          f"again into an empty DATA_DIR (data/download_fineweb.py), or rename the folder if it is your own corpus")
-    return name.removeprefix("fineweb10B_"), "published"
+    if train_shards > shards or val_targets // cut * cut != targets:
+        raise ConfigError(f"{data_dir} holds {train_shards} training shards and {val_targets // cut * cut} validation targets, "
+                          f"the published export at most {shards} and {targets}: such a copy can train on validation "
+                          f"documents (#2127); download it again (data/download_fineweb.py) or rename it if it is your own corpus")
+    return variant, "published"
 
 
 def load_val_tokens(data_dir: str, seq_len: int) -> Tensor:
