@@ -282,7 +282,7 @@ def published_caseops(shared_data, tmp_path_factory):
     import train_tokenizer as tt
 
     root = tmp_path_factory.mktemp("hub_caseops")
-    tok = root / "datasets" / "tokenizers" / f"fineweb_400_bpe_{CASEOPS[5:]}.model"
+    tok = root / "datasets" / "tokenizers" / f"fineweb_400_bpe{CASEOPS[5:]}.model"  # the published naming
     tt.save_model(tt.train_tokenizer(bs.iter_documents([FINEWEB]), 400, max_docs=40, caseops_ops=True), tok)
     ds = root / "datasets" / "datasets" / CASEOPS_NAME
     summary = bs.build_shards([FINEWEB], tok, ds, val_docs=2, shard_tokens=20_000, max_docs=12, use_caseops=True)
