@@ -411,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab_of(args.variant)
         repo = args.repo_id or DEFAULT_REPOS.get(args.variant)
         if not repo:
-            raise DownloadError(f"no default repo publishes {args.variant}; pass --repo-id, or export it with "
+            plain = f" (CASEOPS=0 trains on the plain sp{vocab_of(args.variant)})" if has_sidecar(args.variant) else ""
+            raise DownloadError(f"no default repo publishes {args.variant}{plain}; pass --repo-id, or export it with "
                                 f"data/build_shards.py --vocab-size {vocab_of(args.variant)}")
         if not sys.stderr.isatty():
             from huggingface_hub.utils import disable_progress_bars

@@ -342,6 +342,13 @@ def test_caseops_sidecar_that_does_not_match_its_shard_is_refused(published_case
         dl.download(CASEOPS, 1, dl.HubFetcher(REPO_ID, endpoint=hub.endpoint), data_dir=tmp_path / "data", log=lambda _l: None)
 
 
+def test_a_caseops_variant_nobody_publishes_points_to_the_plain_one(capsys):
+    """VOCAB_SIZE=1024 ./run.sh on GPUs asks for the CaseOps sp1024 export (CASEOPS=1 is the default)."""
+    assert dl.main(["--variant", "sp1024_lossless_caps_caseops_v1_reserved"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no default repo publishes" in err and "CASEOPS=0 trains on the plain sp1024" in err
+
+
 def test_caseops_alias_names_the_published_export():
     assert dl.ALIASES["caseops"] in dl.DEFAULT_REPOS and dl.vocab_of(dl.ALIASES["caseops"]) == 8192
     assert dl.has_sidecar(dl.ALIASES["caseops"]) and not dl.has_sidecar("sp8192")
