@@ -170,7 +170,7 @@ class Hyperparameters:
     sliding_window_enabled: bool = True  # stage final_sliding: overlapping windows, stride EVAL_STRIDE
     eval_stride: int = 64  # sliding/TTT: later windows score only their last EVAL_STRIDE targets
     ttt_enabled: bool = True  # stage final_ttt: legal score-first test-time training (the score)
-    ttt_chunk_tokens: int = 33_280  # TTT: score a chunk, then train on it; multiple of EVAL_SEQ_LEN (13 x 2560)
+    ttt_chunk_tokens: int = 40_960  # TTT: score a chunk, then train on it; multiple of EVAL_SEQ_LEN (16 x 2560: 2 per rank)
     ttt_epochs: int = 3  # TTT: passes over each scored chunk
     ttt_lr: float = 0.005  # TTT: SGD LR, cosine over chunks
     ttt_momentum: float = 0.9  # TTT: SGD momentum
@@ -1935,7 +1935,7 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
         meta[name] = dict(kind="int", bits=int(torch.as_tensor(bits).max()), dtype=dtype)
         if keep is not None:
             meta[name]["awq"] = keep
-        if h.lqer_top_n and clip:
+        if h.lqer_top_n and (isinstance(clip, Tensor) or clip):  # not the gate rows
             errs[name] = p.detach().float().cpu() - dequantize_int(tensors, name, meta[name])
     for name in sorted(errs, key=lambda n: -float(torch.linalg.norm(errs[n])))[: h.lqer_top_n]:
         for key, t in zip((".lqa", ".lqa_s", ".lqb", ".lqb_s"), lqer_factors(errs[name], h)):
