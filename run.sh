@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# ./run.sh           set up and run the main job: the record config on every visible GPU (torchrun),
-#                    downloading the published data first if missing, or without a GPU the tiny smoke
-#                    preset on CPU, on data found on this machine (no network needed). Env vars pass through.
-#                    CASEOPS=1 ./run.sh: the same on CaseOps data (lossless case transform, val_bpb on the
-#                    original bytes through the byte sidecar): the published CaseOps export on GPUs, a
-#                    CaseOps corpus built from ../shared/data without.
+# ./run.sh           set up and run the main job: the record config on every visible GPU (torchrun) on the
+#                    published CaseOps export (lossless case transform, val_bpb on the original bytes
+#                    through the byte sidecar), downloading it first if missing, or without a GPU the tiny
+#                    smoke preset on CPU, on data found on this machine (no network needed). Env vars pass
+#                    through. CASEOPS=0 ./run.sh: the plain sp8192 export on GPUs; CASEOPS=1 ./run.sh
+#                    without a GPU: a CaseOps corpus built from ../shared/data.
 # ./run.sh test ...  set up and run the test suite; extra args go to pytest.
 # ./run.sh sweep FILE [...]  one main-job run per line of env overrides, then a summary table
 #                    (tools/sweep.py --help).
@@ -35,29 +35,25 @@ NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" | tail -n 1)
 if (( NGPU == 0 )) && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q "^GPU "; then
     echo "run.sh: nvidia-smi lists a GPU but this torch ($("$PY" -c "import torch; print(torch.__version__)")) cannot use it; install a CUDA build of torch to train on it" >&2
 fi
-CASEOPS=${CASEOPS:-0}
-if [[ "$CASEOPS" != 0 && "$CASEOPS" != 1 ]]; then
-    echo "error: CASEOPS=$CASEOPS; use CASEOPS=1 for CaseOps data or 0 (default) for the plain data" >&2
+if [[ -n "${CASEOPS+set}" && "${CASEOPS}" != 0 && "${CASEOPS}" != 1 ]]; then
+    echo "error: CASEOPS=$CASEOPS; use CASEOPS=1 for CaseOps data (default on GPUs) or 0 for the plain data" >&2
     exit 2
 fi
-unset -v CASEOPS_SET; [[ "$CASEOPS" == 1 ]] && CASEOPS_SET=1
-unset CASEOPS
 
 if (( NGPU >= 1 )); then
-    if [[ -n "${CASEOPS_SET-}" && -z "${DATA_PATH+set}" ]]; then
-        # The published CaseOps export (complete files are not fetched again), then its own paths.
-        OUT=$("$PY" data/download_fineweb.py --variant caseops --train-shards "${TRAIN_SHARDS:-80}" --data-dir "${DATA_DIR:-./data}" | tee /dev/stderr)
-        export DATA_PATH=$(sed -n 's/^dataset://p' <<< "$OUT") TOKENIZER_PATH=${TOKENIZER_PATH-$(sed -n 's/^tokenizer://p' <<< "$OUT")}
-    elif [[ -z "${DATA_PATH+set}" ]]; then
-        # Download the published data for the paths train_gpt.py will read (preset and env applied) when
-        # the validation split or the tokenizer is missing, or TRAIN_SHARDS asks for a number of shards.
+    if [[ -z "${DATA_PATH+set}" ]]; then
+        # Download the published data for the paths train_gpt.py will read (preset and env applied: the
+        # CaseOps export unless CASEOPS=0) when the validation split, its byte sidecar or the tokenizer is
+        # missing, or TRAIN_SHARDS asks for a number of shards; then the tokenizer the download names.
         PATHS=$("$PY" -c 'import sys, train_gpt as t
 try: h = t.Hyperparameters.from_env()
 except t.ConfigError as e: sys.exit(f"error: {e}")
-print(h.vocab_size, h.dataset_dir, h.tokenizer_file, sep="\n")')
-        { read -r VOCAB; read -r DATASET; read -r TOKENIZER; } <<< "$PATHS"
-        if [[ -n "${TRAIN_SHARDS:-}" || ! -f "$DATASET/fineweb_val_000000.bin" || ! -f "$TOKENIZER" ]]; then
-            "$PY" data/download_fineweb.py --variant "sp$VOCAB" --train-shards "${TRAIN_SHARDS:-80}" --data-dir "${DATA_DIR:-./data}"
+print(f"sp{h.vocab_size}{t.CASEOPS_SUFFIX * h.caseops}", int(h.caseops), h.dataset_dir, h.tokenizer_file, sep="\n")')
+        { read -r VARIANT; read -r SIDECAR; read -r DATASET; read -r TOKENIZER; } <<< "$PATHS"
+        if [[ -n "${TRAIN_SHARDS:-}" || ! -f "$DATASET/fineweb_val_000000.bin" || ! -f "$TOKENIZER" \
+              || ( $SIDECAR == 1 && ! -f "$DATASET/fineweb_val_bytes_000000.bin" ) ]]; then
+            OUT=$("$PY" data/download_fineweb.py --variant "$VARIANT" --train-shards "${TRAIN_SHARDS:-80}" --data-dir "${DATA_DIR:-./data}" | tee /dev/stderr)
+            export TOKENIZER_PATH=${TOKENIZER_PATH-$(sed -n 's/^tokenizer://p' <<< "$OUT")}
         fi
     fi
     NPROC=$NGPU
@@ -75,7 +71,7 @@ SHARED=../shared/data
 if [[ -n "${DATA_PATH+set}" ]]; then
     SMOKE=$DATA_PATH
     TOKENIZER=${TOKENIZER_PATH-}
-elif [[ -n "${CASEOPS_SET-}" && -d "$SHARED/corpus" ]]; then
+elif [[ "${CASEOPS:-0}" == 1 && -d "$SHARED/corpus" ]]; then
     # The same documents as the plain smoke corpus, transformed, with a 1024-piece CaseOps tokenizer trained on them.
     SMOKE=data/datasets/smoke_caseops_sp1024
     TOKENIZER=data/tokenizers/smoke_caseops_1024_bpe.model
@@ -100,7 +96,7 @@ elif [[ -n "${CASEOPS_SET-}" && -d "$SHARED/corpus" ]]; then
         rm -rf "$BUILD"
         trap - EXIT
     fi
-elif [[ -n "${CASEOPS_SET-}" ]]; then
+elif [[ "${CASEOPS:-0}" == 1 ]]; then
     echo "error: CASEOPS=1 without a GPU needs the sample corpora in $SHARED/corpus (or DATA_PATH to a CaseOps export)" >&2
     exit 2
 elif [[ -d "$SHARED/corpus" && -f "$SHARED/tokenizers/fineweb_1024_bpe.model" ]]; then

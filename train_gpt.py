@@ -1,15 +1,15 @@
 """Parameter Golf: train the best LM whose code + compressed weights fit in 16,000,000 bytes.
 
 Trains in <=600 s on 8xH100 and scores val_bpb (bits per byte) on the fixed FineWeb validation set.
-Model: 11-layer tied-embedding GPT (d=512, GQA 8/4, MLP 4x LeakyReLU(0.5)^2, SP8192) with depth
+Model: 11-layer tied-embedding GPT (d=512, GQA 8/4, MLP 4x LeakyReLU(0.5)^2, SP8192 CaseOps) with depth
 recurrence of layers 3..5, gated U-net skips, a two-lane parallel-residual decoder, attention within
-documents, SmearGate and gated head outputs; Muon (Polar Express) + AdamW. The 1.0611 record's config.
+documents, SmearGate, gated head outputs; Muon (Polar Express) + AdamW. 1.0611's config, #2135's values.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # record config, 8 GPUs
     PRESET=smoke DATA_PATH=... TOKENIZER_PATH=... python train_gpt.py   # tiny CPU run
 
 Every knob is an env var named after its Hyperparameters field in upper case. The ones people touch:
-SEED, RUN_ID, DATA_DIR, MAX_WALLCLOCK_SECONDS, ITERATIONS, NUM_LAYERS, MODEL_DIM, MATRIX_LR,
+SEED, RUN_ID, DATA_DIR, CASEOPS, MAX_WALLCLOCK_SECONDS, ITERATIONS, NUM_LAYERS, MODEL_DIM, MATRIX_LR,
 LOOP_START/LOOP_END/NUM_LOOPS, PARALLEL_RESIDUAL_START, COMPILE. The log (logs/<RUN_ID>.txt) ends
 with `final_<stage> val_loss:... val_bpb:...` lines.
 """
@@ -51,7 +51,8 @@ except (ImportError, OSError) as e:
 # Hyperparameters
 # ------------------------------------------------------------------------------------------------
 # Defaults are the training config of the 1.0611 record (#1855): the 04-09 stack, the two-lane parallel
-# decoder (#1530), document-masked attention, SmearGate, the sparse attention gate, Polar Express, its schedule.
+# decoder (#1530), document-masked attention, SmearGate, the sparse attention gate, Polar Express, with the
+# values #2135 changed (data, LR, LQER, GPTQ calibration, eval length; docs/model.md lists where we differ).
 # Each field is read from the env var of the same name in upper case; nothing else reads os.environ
 # except setup_distributed().
 
@@ -71,8 +72,9 @@ class Hyperparameters:
     run_id: str = ""  # "" -> generated
     seed: int = 1337  # init seed and training-data order
     data_dir: str = "./data"  # root holding datasets/ and tokenizers/
-    data_path: str = ""  # "" -> {data_dir}/datasets/fineweb10B_sp{vocab_size}
-    tokenizer_path: str = ""  # "" -> {data_dir}/tokenizers/fineweb_{vocab_size}_bpe.model
+    caseops: bool = True  # default paths: 1 the CaseOps export (byte sidecar), as #2135; 0 the plain fineweb10B_sp{vocab_size}
+    data_path: str = ""  # "" -> {data_dir}/datasets/fineweb10B_sp{vocab_size}[_lossless_caps_caseops_v1_reserved]
+    tokenizer_path: str = ""  # "" -> {data_dir}/tokenizers/fineweb_{vocab_size}_bpe[_lossless_caps_caseops_v1_reserved].model
     log_dir: str = "logs"  # logs/<run_id>.txt
     compile: bool = True  # torch.compile on CUDA; CPU never compiles
     sdpa_fallback: bool = False  # CUDA, DOC_MASK=1, no FA3: 1 runs masked SDPA (math kernel: slow, T^2 memory); 0 stops
@@ -115,7 +117,7 @@ class Hyperparameters:
     embed_tier_rank: str = "freq"  # row ranking of the tiers: freq (token count) | damage (count x grad norm)
     embed_sparsity: float = 0.0  # f>0: keep the top (1-f) magnitudes per embedding row, stored as bitmap + fp16
     # --- optimizer ---
-    matrix_lr: float = 0.026  # Muon LR for block matrices (#1855; 04-09 used 0.022)
+    matrix_lr: float = 0.028  # Muon LR for block matrices (#2135; #1855 used 0.026, 04-09 0.022)
     tied_embed_lr: float = 0.03  # AdamW LR for the tied embedding
     scalar_lr: float = 0.02  # AdamW LR for control tensors (scales, gains, mixes, gates, lanes)
     muon_momentum: float = 0.97  # two-lane run; 04-09 used 0.99
@@ -138,7 +140,7 @@ class Hyperparameters:
     train_seq_len: int = 2048  # tokens per training sequence
     iterations: int = 20_000  # ceiling; record runs stop on the wallclock
     max_wallclock_seconds: float = 600.0  # 0 -> no cap, schedules run on steps
-    gptq_reserve_seconds: float = 8.0  # carved out of the cap for the GPTQ Hessian pass (16 batches; #1868 reran at 8 s)
+    gptq_reserve_seconds: float = 8.0  # carved out of the cap for the GPTQ Hessian pass (32 batches: 6.9 s in #2135)
     warmup_steps: int = 20  # compile warmup steps per loop mode; state is restored afterwards
     train_log_every: int = 100  # steps between train-loss log lines
     val_loss_every: int = 4000  # 0: only the final eval
@@ -146,7 +148,7 @@ class Hyperparameters:
     seq_change_warmup_steps: int = 32  # TRAIN_SEQ_SCHEDULE: LR x min(1, (step-s+1)/n) after a switch at step s (#2014)
     # --- quantization & artifact ---
     gptq_enabled: bool = True  # 0: round-to-nearest with the same SDClip scales (ablation)
-    gptq_calibration_batches: int = 16  # training micro-batches per rank for the GPTQ Hessians (#1855; 04-09: 64)
+    gptq_calibration_batches: int = 32  # training micro-batches per rank for the GPTQ Hessians (#2135; #1855: 16, 04-09: 64)
     matrix_bits: int = 6  # block matrices and embed/head projections
     matrix_clip_sigmas: float = 12.85  # SDClip k (step = k*std(row)/R) of matrices without a group k below
     embed_bits: int = 7  # tied embedding (PR #1855; int8 measured ~268 KB larger at full size, over the limit)
@@ -154,11 +156,11 @@ class Hyperparameters:
     mlp_clip_sigmas: float = 11.5  # SDClip k of MLP matrices (PR #1855, unchanged in #2135); 0 -> MATRIX_CLIP_SIGMAS
     attn_clip_sigmas: float = 13.0  # SDClip k of attention matrices (PR #1855, unchanged in #2135); 0 -> MATRIX_CLIP_SIGMAS
     quant_gate: bool = True  # attention-output gate weights as int8 rows (PR #1855), not fp16
-    lqer_top_n: int = 0  # LQER: rank-r correction of the n tensors with the largest GPTQ error (PR #1855: 3)
+    lqer_top_n: int = 3  # LQER: rank-r correction of the n tensors with the largest GPTQ error (#1855, #2135)
     lqer_rank: int = 4  # LQER: rank r of the error's truncated SVD
     lqer_a_bits: int = 2  # LQER: bits of factor A (one scale per tensor)
     lqer_b_bits: int = 4  # LQER: bits of factor B (one scale per LQER_GROUP values)
-    lqer_group: int = 64  # LQER: group size of B's scales
+    lqer_group: int = 32  # LQER: group size of B's scales (#2135; #1855: 64)
     awq_lite: bool = False  # keep the most salient 64-column group of all GPTQ matrices at int8 (#1908, in #1945-#2014)
     compressor: str = "brotli"  # brotli (one byte-shuffled stream) | pergroup (streams by role, smallest codec each)
     row_reorder: bool = False  # pergroup: reorder the rows of each code matrix by a greedy L1 chain (stored permutation)
@@ -168,12 +170,12 @@ class Hyperparameters:
     eval_artifact: str = ""  # path: skip training, load this artifact and run every eval stage
     awq_top_k: int = 1  # AWQ_LITE: the k most salient 64-column groups over all GPTQ matrices (#1908: 1)
     # --- evaluation ---
-    eval_seq_len: int = 2048  # tokens per eval window (also sets the val truncation)
-    val_batch_tokens: int = 524_288  # global tokens per eval batch (524288/8/2048 = 32 windows per rank)
+    eval_seq_len: int = 2560  # tokens per eval window (also sets the val truncation; #1953, #2135)
+    val_batch_tokens: int = 524_288  # global tokens per eval batch (524288/8/2560 -> 25 windows per rank)
     sliding_window_enabled: bool = False  # stage final_sliding: overlapping windows, stride EVAL_STRIDE
     eval_stride: int = 64  # sliding/TTT: later windows score only their last EVAL_STRIDE targets
     ttt_enabled: bool = False  # stage final_ttt: score-first full-model SGD TTT (04-09; the score before LoRA TTT)
-    ttt_chunk_tokens: int = 32_768  # TTT: score a chunk, then train on it; multiple of EVAL_SEQ_LEN
+    ttt_chunk_tokens: int = 40_960  # TTT and phased SGD chunk; multiple of EVAL_SEQ_LEN (16 x 2560: 2 per rank)
     ttt_epochs: int = 3  # TTT: passes over each scored chunk
     ttt_lr: float = 0.005  # TTT: SGD LR, cosine over chunks
     ttt_momentum: float = 0.9  # TTT: SGD momentum
@@ -188,12 +190,12 @@ class Hyperparameters:
     lora_ttt_enabled: bool = True  # stage final_lora_ttt: per-document LoRA TTT + phased global SGD (the score)
     lora_rank: int = 80  # LoRA rank r (#1855; 04-10 used 96)
     lora_alpha: float = 144.0  # LoRA output scale alpha/r (#1855)
-    lora_targets: str = "q,k,v,o,mlp,head"  # comma list of q,k,v,o,mlp,head; open PRs drop q,v
-    lora_lr: float = 1e-4  # AdamW LR of the adapters
+    lora_targets: str = "q,v,o,mlp,head"  # comma list of q,k,v,o,mlp,head; #2135 drops k (#1855: all six)
+    lora_lr: float = 8e-5  # AdamW LR of the adapters (#2135; #1855: 1e-4)
     lora_beta1: float = 0.0  # AdamW beta1 (#1855)
     lora_beta2: float = 0.99  # AdamW beta2 (#1855)
     lora_eps: float = 1e-10  # AdamW epsilon (#1855)
-    lora_wd: float = 0.5  # AdamW decoupled weight decay (#1855)
+    lora_wd: float = 2.0  # AdamW decoupled weight decay (#2135; #1855: 0.5)
     lora_chunk_tokens: int = 48  # targets scored per chunk, then one adapter step on them (#1855)
     lora_batch_docs: int = 64  # documents in flight per rank
     lora_max_lanes: int = 24  # a step whose windows pack into more EVAL_SEQ_LEN lanes runs as several forwards (memory)
@@ -215,11 +217,11 @@ class Hyperparameters:
 
     @property
     def dataset_dir(self) -> str:
-        return self.data_path or os.path.join(self.data_dir, "datasets", f"fineweb10B_sp{self.vocab_size}")
+        return self.data_path or os.path.join(self.data_dir, "datasets", f"fineweb10B_sp{self.vocab_size}{CASEOPS_SUFFIX * self.caseops}")
 
     @property
     def tokenizer_file(self) -> str:
-        return self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe.model")
+        return self.tokenizer_path or os.path.join(self.data_dir, "tokenizers", f"fineweb_{self.vocab_size}_bpe{CASEOPS_SUFFIX * self.caseops}.model")
 
     @property
     def artifact_file(self) -> str:
@@ -385,7 +387,7 @@ PRESETS = {
         iterations=150, max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0, warmup_steps=1, gptq_calibration_batches=8,
         muon_momentum_warmup_steps=50, train_log_every=25, val_loss_every=0, matrix_lr=0.03,
         tied_embed_lr=0.05, ema_decay=0.95, eval_stride=128, ttt_chunk_tokens=8192, ttt_epochs=1,
-        lora_rank=8, lora_alpha=14.4, lora_batch_docs=8, phased_prefix_docs=24,
+        lora_rank=8, lora_alpha=14.4, lora_batch_docs=8, phased_prefix_docs=24, caseops=False,
     ),
 }
 
@@ -407,7 +409,7 @@ RECORD_ENV = {
     "PARALLEL_START_LAYER": "PARALLEL_RESIDUAL_START", "EVAL_ONLY_PATH": "EVAL_ARTIFACT", "EVAL_ONLY_QUANTIZED_PATH": "EVAL_ARTIFACT",
     "ARTIFACT_DIR": "ARTIFACT_PATH", "FORCE_STOP_STEP": "ITERATIONS", "ASYM_LOGIT_RESCALE": "ASYM_SOFTCAP (caps trained here)",
     "AWQ_LITE_GROUP_TOP_K": "AWQ_TOP_K", "COMPILE_SHAPE_WARMUP": "WARMUP_STEPS (the warmup compiles every schedule shape)",
-    **dict.fromkeys("PARALLEL_FINAL_LANE ROPE_YARN CASEOPS_ENABLED VAL_DOC_FRACTION".split(), ""),
+    "CASEOPS_ENABLED": "CASEOPS", **dict.fromkeys("PARALLEL_FINAL_LANE ROPE_YARN VAL_DOC_FRACTION".split(), ""),
 }
 RECORD_ENV_PREFIXES = {"TTT_LORA_": "LORA_TTT_ENABLED=1 and the LORA_* knobs", "GLOBAL_TTT_": "the PHASED_* knobs",
                        "PHASED_TTT_": "the PHASED_* knobs", "SMEAR_GATE_": "SMEAR_GATE and GATE_WINDOW",
@@ -670,12 +672,41 @@ def read_shard(path: str) -> np.ndarray:
 
 def shard_paths(data_dir: str, split: str) -> list[str]:
     if not os.path.isdir(data_dir):
-        raise ConfigError(f"data directory {data_dir} does not exist; set DATA_PATH or DATA_DIR, "
-                          f"or build shards with data/build_shards.py")
+        raise ConfigError(f"data directory {data_dir} does not exist; download it (data/download_fineweb.py; CASEOPS=0 "
+                          f"reads the plain export), set DATA_PATH or DATA_DIR, or build shards with data/build_shards.py")
     paths = sorted(p for p in glob.glob(os.path.join(data_dir, f"fineweb_{split}_*.bin")) if "_bytes_" not in p)
     if not paths:
         raise ConfigError(f"no fineweb_{split}_*.bin shards in {data_dir}; build or download them first")
     return paths
+
+
+# Published exports by folder name: (training shards, validation targets cut to a multiple of `cut`). The
+# CaseOps export is romeerp/parameter-golf-caseops-v1, the data of #2135 (its log: train_shards:80
+# val_tokens:47851520 at EVAL_SEQ_LEN 2560). A folder of that name with more shards (1499) or other
+# validation tokens is the prep of #2127 that trained on 40,000 of the 50,000 validation documents.
+CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"
+PUBLISHED = {f"fineweb10B_sp8192{CASEOPS_SUFFIX}": (80, 47_851_520, 2560)}
+
+
+def data_kind(data_dir: str, train_shards: int, val_targets: int) -> tuple[str, str]:
+    """(variant, "published" | "local") of a dataset folder. A published export, known by its name or by the
+    manifest.json download_fineweb.py keeps in it, must hold at most its training shards and exactly its
+    validation tokens (ConfigError otherwise); anything else was built locally and is not checked."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    variant, want = name.removeprefix("fineweb10B_"), PUBLISHED.get(name)
+    if want is None:
+        try:
+            meta = json.loads(Path(data_dir, "manifest.json").read_text(encoding="utf-8"))
+            stats = next(d["stats"] for d in meta["datasets"] if d["name"] == name)
+            want = int(stats["files_train"]), int(stats["tokens_val"]) - 1, 1
+        except (OSError, ValueError, KeyError, TypeError, StopIteration):
+            return variant, "local"
+    shards, targets, cut = want
+    if train_shards > shards or val_targets // cut * cut != targets:
+        raise ConfigError(f"{data_dir} holds {train_shards} training shards and {val_targets // cut * cut} validation targets, "
+                          f"the published export at most {shards} and {targets}: such a copy can train on validation "
+                          f"documents (#2127); download it again (data/download_fineweb.py) or rename it if it is your own corpus")
+    return variant, "published"
 
 
 def load_val_tokens(data_dir: str, seq_len: int) -> Tensor:
@@ -1975,7 +2006,7 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict[str, Tensor] |
         meta[name] = dict(kind="int", bits=int(torch.as_tensor(bits).max()), dtype=dtype)
         if keep is not None:
             meta[name]["awq"] = keep
-        if h.lqer_top_n and clip:
+        if h.lqer_top_n and (isinstance(clip, Tensor) or clip):  # not the gate rows
             errs[name] = p.detach().float().cpu() - dequantize_int(tensors, name, meta[name])
     for name in sorted(errs, key=lambda n: -float(torch.linalg.norm(errs[n])))[: h.lqer_top_n]:
         for key, t in zip((".lqa", ".lqa_s", ".lqb", ".lqb_s"), lqer_factors(errs[name], h)):
@@ -2340,7 +2371,7 @@ def code_config(h: Hyperparameters, knobs: dict) -> Hyperparameters:
 PINNED = None  # the shipped file: {knob: value} of its config where that is not the default
 # The knobs a shipped file still takes from the environment (where things are, which run, compile):
 # it runs every other knob at its packed value and refuses any other (Hyperparameters.validate).
-FREE_KNOBS = ("run_id", "seed", "data_dir", "data_path", "tokenizer_path", "log_dir", "artifact_path", "eval_artifact",
+FREE_KNOBS = ("run_id", "seed", "data_dir", "caseops", "data_path", "tokenizer_path", "log_dir", "artifact_path", "eval_artifact",
               "eval_nll_dir", "compile", "sdpa_fallback")
 
 
@@ -3622,6 +3653,8 @@ def load_validation(h: Hyperparameters, d: Dist, log: Logger) -> tuple[Tensor, t
     """The validation tokens on the device and the byte-count tables (or the byte sidecar), checked against the tokenizer."""
     luts = build_byte_luts(h.tokenizer_file, h.vocab_size, bool(glob.glob(os.path.join(h.dataset_dir, "fineweb_val_bytes_*"))))
     val_tokens = load_val_tokens(h.dataset_dir, h.eval_seq_len)
+    n_train = len(glob.glob(os.path.join(h.dataset_dir, "fineweb_train_*.bin")))
+    variant, kind = data_kind(h.dataset_dir, n_train, sum(len(read_shard(p)) for p in shard_paths(h.dataset_dir, "val")) - 1)
     if int(val_tokens.max()) >= h.vocab_size:
         raise ConfigError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={h.vocab_size}; data and tokenizer do not match")
     require_doc_starts(val_tokens, "validation", h)
@@ -3629,8 +3662,11 @@ def load_validation(h: Hyperparameters, d: Dist, log: Logger) -> tuple[Tensor, t
     sidecar = load_val_bytes(h.dataset_dir, val_tokens, luts, h.tokenizer_file)
     luts = luts if sidecar is None else (sidecar,)
     val_target_bytes = target_bytes(val_tokens[:-1], val_tokens[1:], luts, torch.arange(val_tokens.numel() - 1))
-    log(f"val_tokens:{val_tokens.numel() - 1} val_bytes:{int(val_target_bytes.sum())} tokenizer_check_docs:{n_docs} "
-        f"byte_count:{'tables' if sidecar is None else 'sidecar'}")
+    n_val, counted = val_tokens.numel() - 1, "tables" if sidecar is None else "sidecar"
+    log(f"val_tokens:{n_val} val_bytes:{int(val_target_bytes.sum())} tokenizer_check_docs:{n_docs} byte_count:{counted}")
+    # What the run scored on, in one line: a published export's counts were checked by data_kind.
+    log(f"record_config data:{variant} kind:{kind} tokenizer_sha:{tokenizer_sha256(h)[:12] or 'none'} train_shards:{n_train} "
+        f"val_tokens:{n_val} byte_count:{counted}")
     if h.eval_nll_dir and d.is_main:
         os.makedirs(h.eval_nll_dir, exist_ok=True)
         np.save(os.path.join(h.eval_nll_dir, "bytes.npy"), val_target_bytes.numpy().astype(np.int32))

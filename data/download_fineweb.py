@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Download the published FineWeb shards and tokenizer from the Hugging Face Hub.
 
-Writes what train_gpt.py reads for VOCAB_SIZE=V with the default DATA_DIR:
+Writes what train_gpt.py reads for VOCAB_SIZE=V, CASEOPS=0 with the default DATA_DIR:
     data/datasets/fineweb10B_spV/fineweb_val_NNNNNN.bin     the whole validation split
     data/datasets/fineweb10B_spV/fineweb_train_NNNNNN.bin   the first --train-shards training shards
     data/datasets/fineweb10B_spV/manifest.json              the repo's manifest (file counts, token counts)
@@ -12,15 +12,16 @@ Complete files are skipped without touching the network; a partial download is k
 size) before it gets its final name, and the validation split is checked against the manifest's
 document and token counts. Without network it stops at once with one line.
 
-The CaseOps export (variant sp8192_lossless_caps_caseops_v1_reserved, alias caseops) also brings
-the validation byte sidecar fineweb_val_bytes_NNNNNN.bin, one per validation shard and checked
-against it; run it with the DATA_PATH and TOKENIZER_PATH the download prints.
+The CaseOps export (variant sp8192_lossless_caps_caseops_v1_reserved, alias caseops; the default:
+the data of the record config, CASEOPS=1) also brings the validation byte sidecar
+fineweb_val_bytes_NNNNNN.bin, one per validation shard and checked against it; train_gpt.py reads it
+with TOKENIZER_PATH set to the tokenizer the download prints when that is not the default name.
 
 Examples:
-    python3 data/download_fineweb.py                                  # sp8192, 80 training shards
-    python3 data/download_fineweb.py --variant caseops                # the CaseOps sp8192 export
+    python3 data/download_fineweb.py                                  # the CaseOps sp8192 export, 80 training shards
+    python3 data/download_fineweb.py --variant sp8192                 # the plain sp8192 export (CASEOPS=0)
     python3 data/download_fineweb.py --variant sp1024 --train-shards 10
-    python3 data/download_fineweb.py --with-docs --train-shards 0     # + docs_selected.jsonl (45 GB)
+    python3 data/download_fineweb.py --variant sp8192 --with-docs --train-shards 0   # + docs_selected.jsonl (45 GB)
 """
 
 from __future__ import annotations
@@ -346,11 +347,15 @@ def download(
         check_sidecar(val_files, [it.local for it in items if it.local.name.startswith("fineweb_val_bytes_")])
     summary = {**val, "train_shards": train_shards, "downloaded_bytes": moved, "seconds": time.perf_counter() - t0,
                "dataset": str(cache.parent), "tokenizer": str(next(it.local for it in items if it.kind == "tokenizer"))}
-    expected = data_dir / "tokenizers" / f"fineweb_{vocab}_bpe.model"
-    if Path(summary["tokenizer"]) != expected:
+    # train_gpt.py's default paths name the CaseOps export (CASEOPS=1, the default) or the plain one (CASEOPS=0).
+    suffix = variant[len(f"sp{vocab}"):]
+    default = suffix in ("", _import_from(REPO_ROOT, "train_gpt").CASEOPS_SUFFIX)
+    if not default or Path(summary["tokenizer"]) != data_dir / "tokenizers" / f"fineweb_{vocab}_bpe{suffix}.model":
         log(f"note: the tokenizer is {summary['tokenizer']}; run with TOKENIZER_PATH={summary['tokenizer']}")
-    if cache.parent.name != f"fineweb10B_sp{vocab}":
+    if not default:
         log(f"note: the dataset is {cache.parent}; run with DATA_PATH={cache.parent}")
+    elif not suffix:
+        log("note: train_gpt.py reads the CaseOps export by default; run with CASEOPS=0 for this one")
     return summary
 
 
@@ -385,8 +390,8 @@ def _fetch_manifest(fetcher: HubFetcher, prefix: str, cache: Path, log: Log) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download published FineWeb shards and tokenizers from the Hugging Face Hub.")
-    parser.add_argument("--variant", default="sp8192",
-                        help="sp1024, sp4096, sp8192 (default, the record config) or caseops (= sp8192_lossless_caps_caseops_v1_reserved)")
+    parser.add_argument("--variant", default="caseops",
+                        help="caseops (default, the record config's data: sp8192_lossless_caps_caseops_v1_reserved), sp1024, sp4096 or sp8192")
     parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS, help="training shards of 1e8 tokens (validation is always whole)")
     parser.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
                         help="dataset repo (env MATCHED_FINEWEB_REPO_ID; default: per variant, see DEFAULT_REPOS)")
@@ -406,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab_of(args.variant)
         repo = args.repo_id or DEFAULT_REPOS.get(args.variant)
         if not repo:
-            raise DownloadError(f"no default repo publishes {args.variant}; pass --repo-id, or export it with "
+            plain = f" (CASEOPS=0 trains on the plain sp{vocab_of(args.variant)})" if has_sidecar(args.variant) else ""
+            raise DownloadError(f"no default repo publishes {args.variant}{plain}; pass --repo-id, or export it with "
                                 f"data/build_shards.py --vocab-size {vocab_of(args.variant)}")
         if not sys.stderr.isatty():
             from huggingface_hub.utils import disable_progress_bars

@@ -75,9 +75,9 @@ def test_drivers_are_the_record_per_gpu_batches():
     h = bm.tg.Hyperparameters()
     d = bm.drivers(h, 8)
     assert d["train_loop_on"] == (48, 2048)  # 786432 / 8 / 2048
-    assert d["eval_plain"] == (32, 2048)  # 524288 / (8 * 2048)
-    assert d["ttt_train"] == (2, 2048) and d["lora_sgd"] == (2, 2048)  # a 32768-token chunk: 16 sequences / 8
-    assert d["lora"] == (64, 2048)
+    assert d["eval_plain"] == (25, 2560)  # 524288 // (8 * 2560): EVAL_SEQ_LEN 2560 (#2135)
+    assert d["ttt_train"] == (2, 2560) and d["lora_sgd"] == (2, 2560)  # a 40960-token chunk: 16 sequences / 8
+    assert d["lora"] == (64, 2560)
 
 
 def test_bench_memory_runs_end_to_end_at_a_tiny_size():

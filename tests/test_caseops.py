@@ -297,6 +297,9 @@ def test_run_scores_every_stage_on_the_sidecar(caseops_model, caseops_data, tmp_
     assert np.array_equal(nbytes, side[1 : U + 1])
     line = next(l for l in res.stdout.splitlines() if l.startswith("val_tokens:"))
     assert f"val_tokens:{U} val_bytes:{int(side[1 : U + 1].sum())} " in line and line.endswith(" byte_count:sidecar")
+    sha, shards = hashlib.sha256(caseops_model.read_bytes()).hexdigest()[:12], len(list(out.glob("fineweb_train_*.bin")))
+    assert (f"record_config data:{out.name} kind:local tokenizer_sha:{sha} train_shards:{shards} val_tokens:{U} "
+            f"byte_count:sidecar") in res.stdout.splitlines()
     for stage in ("pre_quant", "quantized"):
         nll = np.load(tmp_path / "nll" / f"{stage}.npy").astype(np.float64)
         line = next(l for l in res.stdout.splitlines() if l.startswith(f"final_{stage} "))

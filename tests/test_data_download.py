@@ -168,6 +168,8 @@ def test_complete_files_are_skipped_without_network(published, hub, tmp_path):
     again = run(hub, data, endpoint="http://127.0.0.1:9", lines=lines)  # nothing listens on port 9
     assert hub.requests == []
     assert any("complete:5 todo:0" in line for line in lines), lines
+    assert [line for line in lines if line.startswith("note:")] == [  # the plain export: one knob away from the default
+        "note: train_gpt.py reads the CaseOps export by default; run with CASEOPS=0 for this one"]
     assert again["val_fingerprint"] == published[1]["val_fingerprint"]
 
     run(hub, data, train_shards=3)  # one more shard: only that one is transferred
@@ -280,7 +282,7 @@ def published_caseops(shared_data, tmp_path_factory):
     import train_tokenizer as tt
 
     root = tmp_path_factory.mktemp("hub_caseops")
-    tok = root / "datasets" / "tokenizers" / f"fineweb_400_bpe_{CASEOPS[5:]}.model"
+    tok = root / "datasets" / "tokenizers" / f"fineweb_400_bpe{CASEOPS[5:]}.model"  # the published naming
     tt.save_model(tt.train_tokenizer(bs.iter_documents([FINEWEB]), 400, max_docs=40, caseops_ops=True), tok)
     ds = root / "datasets" / "datasets" / CASEOPS_NAME
     summary = bs.build_shards([FINEWEB], tok, ds, val_docs=2, shard_tokens=20_000, max_docs=12, use_caseops=True)
@@ -312,7 +314,9 @@ def test_caseops_download_brings_the_sidecar_with_resume_and_checks(published_ca
     for name in names:
         assert (out / name).read_bytes() == (root / "datasets" / "datasets" / CASEOPS_NAME / name).read_bytes()
     assert got["val_docs"] == 2 and got["val_fingerprint"] == summary["val_fingerprint"]
-    assert any(line == f"note: the dataset is {out}; run with DATA_PATH={out}" for line in lines)
+    assert not any(line.startswith("note:") for line in lines)  # train_gpt.py's default paths (CASEOPS=1) read it
+    h = tg.Hyperparameters.from_env({"VOCAB_SIZE": "400", "DATA_DIR": str(data)})
+    assert (h.dataset_dir, h.tokenizer_file) == (str(out), got["tokenizer"])
     # What train_gpt.py reads from it: the sidecar's bytes per target.
     val = tg.load_val_tokens(str(out), 64)
     side = tg.load_val_bytes(str(out), val, tg.build_byte_luts(got["tokenizer"], 400, sidecar=True))
@@ -336,6 +340,13 @@ def test_caseops_sidecar_that_does_not_match_its_shard_is_refused(published_case
     hub.root = root
     with pytest.raises(dl.DownloadError, match="byte sidecar fineweb_val_bytes_000000.bin does not match"):
         dl.download(CASEOPS, 1, dl.HubFetcher(REPO_ID, endpoint=hub.endpoint), data_dir=tmp_path / "data", log=lambda _l: None)
+
+
+def test_a_caseops_variant_nobody_publishes_points_to_the_plain_one(capsys):
+    """VOCAB_SIZE=1024 ./run.sh on GPUs asks for the CaseOps sp1024 export (CASEOPS=1 is the default)."""
+    assert dl.main(["--variant", "sp1024_lossless_caps_caseops_v1_reserved"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no default repo publishes" in err and "CASEOPS=0 trains on the plain sp1024" in err
 
 
 def test_caseops_alias_names_the_published_export():

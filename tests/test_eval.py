@@ -126,6 +126,22 @@ def test_sliding_and_plain_eval_equal_window_by_window_reference(stride):
         assert tg.eval_val(h, model, CPU, tokens, luts).val_bpb == pytest.approx(r.val_bpb, rel=1e-12)
 
 
+def test_eval_windows_longer_than_training_at_the_record_ratio():
+    """EVAL_SEQ_LEN 2560 over TRAIN_SEQ_LEN 2048 (#2135), at toy scale 80 over 64: the rotary tables cover
+    the eval length, sliding and plain windows match the reference, and the TTT chunks (a multiple of
+    it) score every target once (no epochs: the same NLL as the sliding eval)."""
+    tg.Hyperparameters().validate()  # the record's 2560 with its TTT_CHUNK_TOKENS
+    h = tiny(eval_seq_len=80, eval_stride=16, ttt_chunk_tokens=160, val_batch_tokens=3 * 80, ttt_epochs=0)
+    h.validate()
+    model, luts, tokens = random_model(h), boundary_luts(1024), stream_with_bos(700)
+    for stride in (16, 80):
+        r, nll = tg.eval_windows(h, model.token_nll, CPU, tokens, luts, stride, collect=True)
+        ref, ref_bytes = reference_eval(model, tokens, luts, 80, stride)
+        assert torch.allclose(nll, ref, atol=1e-5) and r.bytes == ref_bytes
+    r_ttt, nll_ttt = tg.eval_ttt(h, model, model.token_nll, None, CPU, tokens, luts, collect=True)
+    assert torch.allclose(nll_ttt, reference_eval(model, tokens, luts, 80, 16)[0], atol=1e-5) and r_ttt.tokens == 700
+
+
 def test_plain_windows_are_the_direct_reshape():
     h = tiny()
     model, luts, tokens = random_model(h), boundary_luts(1024), stream_with_bos(64 * 10)

@@ -16,8 +16,9 @@ SCRIPT = REPO / "tools" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def small_data(shared_data, tmp_path_factory):
-    """2 validation documents cut to 3,000 characters (~2k tokens) and 28 training documents, sp1024."""
-    return short_docs_dataset(tmp_path_factory.mktemp("gpu_check") / "sp1024", 30, 2, 3000)
+    """2 validation documents cut to 4,000 characters (~3.3k tokens: more than the record's EVAL_SEQ_LEN 2560,
+    which the dry run's compile plan reads the validation split at) and 28 training documents, sp1024."""
+    return short_docs_dataset(tmp_path_factory.mktemp("gpu_check") / "sp1024", 30, 2, 4000)
 
 
 def run_check(*args, timeout=900):

@@ -25,8 +25,8 @@ SWITCHES = {
     "factorized": dict(head_kind="factorized", head_rank=16),
     "mos": dict(head_kind="mos", head_rank=16, head_experts=3),
     "simplex": dict(head_kind="simplex", head_rank=16),
-    "tiers_freq": dict(embed_bits_tiers="128:8,rest:5:8"),
-    "tiers_damage": dict(embed_bits_tiers="64:8,256:6,rest:4:6", embed_tier_rank="damage"),
+    "tiers_freq": dict(embed_bits_tiers="128:8,rest:5:8", lqer_top_n=3),  # LQER of the per-row-clip embedding too
+    "tiers_damage": dict(embed_bits_tiers="64:8,256:6,rest:4:6", embed_tier_rank="damage", lqer_top_n=3),
     "sparsity": dict(embed_sparsity=0.75),
 }
 # Parameters each switch adds to TINY, counted from the modules' shapes.

@@ -33,12 +33,19 @@ def test_defaults_are_record_config():
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.vocab_size) == (11, 512, 8, 4, 8192)
     assert (h.loop_start, h.loop_end, h.num_loops, h.parallel_residual_start) == (3, 5, 2, 8)
     assert (h.qk_gain_init, h.muon_momentum, h.ema_decay) == (5.0, 0.97, 0.9965)
-    # the 1.0611 record (#1855): schedule, Adam beta2, trimmed GPTQ calibration, the new parts
-    assert (h.matrix_lr, h.beta2, h.warmdown_frac, h.min_lr, h.gptq_calibration_batches) == (0.026, 0.99, 0.85, 0.10, 16)
+    # the 1.0611 record (#1855): schedule, Adam beta2, the new parts; #2135: MATRIX_LR, GPTQ calibration, LQER, eval length
+    assert (h.matrix_lr, h.beta2, h.warmdown_frac, h.min_lr, h.gptq_calibration_batches) == (0.028, 0.99, 0.85, 0.10, 32)
+    assert (h.lqer_top_n, h.lqer_rank, h.lqer_a_bits, h.lqer_b_bits, h.lqer_group, h.eval_seq_len) == (3, 4, 2, 4, 32, 2560)
+    assert (h.lora_lr, h.lora_wd, h.lora_target_list) == (8e-5, 2.0, ("q", "v", "o", "mlp", "head"))
     assert (h.doc_mask, h.smear_gate, h.attn_gate, h.sparse_attn_gate_scale, h.polar_express, h.fused_ce) == (
         True, True, "sparse", 0.5, True, True)
     assert h.train_budget_seconds == pytest.approx(600 - 8)
-    assert h.dataset_dir == os.path.join("./data", "datasets", "fineweb10B_sp8192")
+    # the data of #2135: the CaseOps export; CASEOPS=0 the plain one
+    assert h.dataset_dir == os.path.join("./data", "datasets", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
+    assert h.tokenizer_file == os.path.join("./data", "tokenizers", "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+    plain = tg.Hyperparameters.from_env({"CASEOPS": "0"})
+    assert (plain.dataset_dir, plain.tokenizer_file) == (os.path.join("./data", "datasets", "fineweb10B_sp8192"),
+                                                         os.path.join("./data", "tokenizers", "fineweb_8192_bpe.model"))
 
 
 def test_from_env_casts_and_presets():
