@@ -198,10 +198,10 @@ class Hyperparameters:
     lora_wd: float = 2.0  # AdamW decoupled weight decay (#2135; #1855: 0.5)
     lora_chunk_tokens: int = 48  # targets scored per chunk, then one adapter step on them (#1855)
     lora_batch_docs: int = 64  # documents in flight per rank
-    lora_max_lanes: int = 24  # a step whose windows pack into more EVAL_SEQ_LEN lanes runs as several forwards (memory)
+    lora_max_lanes: int = 16  # a step whose windows pack into more EVAL_SEQ_LEN lanes runs as several forwards (memory)
     lora_warm_start_a: bool = True  # A carries over to the next document of its row; B always restarts at 0
     phased_prefix_docs: int = 2500  # global SGD on the first N documents, paused at 1/P..P/P of them (#1855)
-    phased_num_phases: int = 3  # P; 0 disables the global SGD phases
+    phased_num_phases: int = 1  # P; 0 disables the global SGD phases (#2135: 1; #1855: 3)
     phased_lr: float = 1e-3  # global SGD LR, cosine over the chunks of each phase (#1855)
     phased_momentum: float = 0.9  # global SGD momentum (#1855)
     phased_grad_clip: float = 1.0  # global SGD grad-norm clip; 0 disables

@@ -83,7 +83,7 @@ SIZES = {
         # The record's phased SGD pauses at 1/3..3/3 of 2,500 of 50,000 documents in 32,768-token chunks;
         # here 6 of the ~100 prepared ones (pauses after documents 2, 4 and 6) in 8,192-token chunks (4
         # rows: one SGD step each), so every phase trains on at least one chunk.
-        pipeline=dict(MAX_WALLCLOCK_SECONDS="20", WARMUP_STEPS="1", PHASED_PREFIX_DOCS="6", TTT_CHUNK_TOKENS="8192"),
+        pipeline=dict(MAX_WALLCLOCK_SECONDS="20", WARMUP_STEPS="1", PHASED_PREFIX_DOCS="6", TTT_CHUNK_TOKENS="10240"),
         # Short windows (4 a batch: a batch is padded to VAL_BATCH_TOKENS), 2 LoRA rows of rank 8 and
         # 256-target chunks keep 8 CPU evals of the record model within seconds; legality depends on
         # none of them. Points: target 1,024 (a LoRA chunk boundary) and the one after it
