@@ -197,6 +197,7 @@ class Hyperparameters:
     lora_eps: float = 1e-10  # AdamW epsilon (#1855)
     lora_wd: float = 2.0  # AdamW decoupled weight decay (#2135; #1855: 0.5)
     lora_chunk_tokens: int = 48  # targets scored per chunk, then one adapter step on them (#1855)
+    lora_short_chunks: str = ""  # "256:8,2000:24": smaller chunks while a chunk starts below each offset (#2014's sizes)
     lora_batch_docs: int = 64  # documents in flight per rank
     lora_max_lanes: int = 16  # a step whose windows pack into more EVAL_SEQ_LEN lanes runs as several forwards (memory)
     lora_warm_start_a: bool = True  # A carries over to the next document of its row; B always restarts at 0
@@ -316,6 +317,13 @@ def check_config(h: Hyperparameters) -> None:
          or (h.head_kind == "tied" and h.embedding_dim in (0, h.model_dim)),
          "LORA_TARGETS=...head needs HEAD_KIND=tied and EMBEDDING_DIM=0; drop head from the list")
     need(h.phased_num_phases >= 0 and h.phased_prefix_docs >= 0, "PHASED_NUM_PHASES and PHASED_PREFIX_DOCS must be >= 0")
+    try:
+        sc = short_chunks(h.lora_short_chunks)
+    except ValueError:
+        sc = [(0, 0)]
+    need(all(len(p) == 2 and 0 < p[1] <= h.lora_chunk_tokens for p in sc) and [p[0] for p in sc] == sorted({p[0] for p in sc})
+         and all(p[0] > 0 for p in sc), f"LORA_SHORT_CHUNKS={h.lora_short_chunks!r} must be rising offset:size pairs, "
+         f"sizes in [1, LORA_CHUNK_TOKENS={h.lora_chunk_tokens}], e.g. 256:8,2000:24")
     need(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size} does not fit the uint16 shard format")
     need(h.attn_gate in ("none", "sparse", "dense"), f"ATTN_GATE={h.attn_gate!r} must be none, sparse or dense")
     need(0 < h.gate_window <= h.model_dim_embed, f"GATE_WINDOW={h.gate_window} must lie in [1, {h.model_dim_embed}]")
@@ -2905,10 +2913,30 @@ def phase_bounds(h: Hyperparameters, n_docs: int) -> list[int]:
 # matmul over the packed tokens, and the head only on the scored positions. All bookkeeping comes from
 # the document lengths on the host.
 
-def lora_windows(starts: np.ndarray, ends: np.ndarray, C: int, T: int) -> tuple[np.ndarray, ...]:
-    """(document, window start, first target, end) of every chunk of the LoRA stage."""
-    doc, first, end = doc_chunks(starts, ends, C)
-    return doc, np.maximum(starts[doc], first + C - T), first, end
+def short_chunks(spec: str) -> list[tuple[int, int]]:
+    """LORA_SHORT_CHUNKS "256:8,2000:24" -> [(256, 8), (2000, 24)]."""
+    return [tuple(int(v) for v in part.split(":")) for part in spec.split(",") if part.strip()]
+
+
+def lora_chunk_ends(h: Hyperparameters, n: int) -> np.ndarray:
+    """Nominal chunk ends, as offsets from a document's start, covering n targets: LORA_SHORT_CHUNKS
+    sizes while a chunk starts below each limit, then LORA_CHUNK_TOKENS. By offset only, so a chunk never
+    depends on where its document ends (#2014 picks a batch's size from its longest document)."""
+    sched, out, o = short_chunks(h.lora_short_chunks), [], 0
+    while o < n:
+        o += next((c for lim, c in sched if o < lim), h.lora_chunk_tokens)
+        out.append(o)
+    return np.array(out or [h.lora_chunk_tokens], np.int64)
+
+
+def lora_windows(starts: np.ndarray, ends: np.ndarray, cend: np.ndarray, T: int) -> tuple[np.ndarray, ...]:
+    """(document, window start, first target, end) of every chunk of the LoRA stage (cend: lora_chunk_ends)."""
+    cstart = np.r_[0, cend[:-1]]
+    n = np.searchsorted(cstart, ends - starts, side="left")
+    doc = np.repeat(np.arange(len(starts)), n)
+    j = np.arange(doc.size) - np.repeat(np.cumsum(n) - n, n)
+    nominal = starts[doc] + cend[j]
+    return doc, np.maximum(starts[doc], nominal - T), starts[doc] + cstart[j], np.minimum(nominal, ends[doc])
 
 
 def lora_queues(starts: np.ndarray, ends: np.ndarray, h: Hyperparameters, world: int) -> list[list[np.ndarray]]:
@@ -2918,7 +2946,7 @@ def lora_queues(starts: np.ndarray, ends: np.ndarray, h: Hyperparameters, world:
     score depends only on the base and the document, so each block is dealt longest first to the rank
     with the least window work so far (LPT): the waits at the bounds and at the end shrink."""
     n = len(starts)
-    doc, ws, _, end = lora_windows(starts, ends, h.lora_chunk_tokens, h.eval_seq_len)
+    doc, ws, _, end = lora_windows(starts, ends, lora_chunk_ends(h, int((ends - starts).max(initial=1))), h.eval_seq_len)
     work = np.bincount(doc, end - ws, minlength=n)
     out: list[list[np.ndarray]] = [[] for _ in range(world)]
     edges = [0, *phase_bounds(h, n), n]
@@ -2937,24 +2965,26 @@ def lora_queues(starts: np.ndarray, ends: np.ndarray, h: Hyperparameters, world:
     return out
 
 
-def lora_rows(starts: np.ndarray, ends: np.ndarray, docs: np.ndarray, R: int, C: int, T: int):
+def lora_rows(starts: np.ndarray, ends: np.ndarray, docs: np.ndarray, R: int, cend: np.ndarray, T: int):
     """One rank's steps through one block: free rows (lowest first) take the next documents, then every
-    row in flight scores its next chunk. Yields (fresh rows, [(row, doc, window start, first, end, more)]),
-    more: the document has later chunks."""
-    row_doc, pos, qi = [-1] * R, [0] * R, 0
+    row in flight scores its next chunk (cend: lora_chunk_ends). Yields (fresh rows, [(row, doc, window
+    start, first, end, more)]), more: the document has later chunks."""
+    row_doc, pos, j, qi, cend = [-1] * R, [0] * R, [0] * R, 0, cend.tolist()
     while True:
         fresh = []
         for r in range(R):
             if row_doc[r] < 0 and qi < len(docs):
-                row_doc[r], pos[r] = int(docs[qi]), int(starts[docs[qi]])
+                row_doc[r], pos[r], j[r] = int(docs[qi]), int(starts[docs[qi]]), 0
                 fresh.append(r)
                 qi += 1
         wins = []
         for r, k in enumerate(row_doc):
             if k >= 0:
-                end = min(pos[r] + C, int(ends[k]))
-                wins.append((r, k, max(int(starts[k]), pos[r] + C - T), pos[r], end, end < ends[k]))
-                pos[r] = end
+                s = int(starts[k])
+                nominal = s + cend[j[r]]
+                end = min(nominal, int(ends[k]))
+                wins.append((r, k, max(s, nominal - T), pos[r], end, end < ends[k]))
+                pos[r], j[r] = end, j[r] + 1
                 row_doc[r] = k if end < ends[k] else -1
         if not wins:
             return
@@ -3179,7 +3209,7 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
     nll_out = torch.zeros(total, device=dev) if collect else None
     model.requires_grad_(False)
-    fwd, varlen = lora_forward(h, d), uses_varlen(h, dev)
+    fwd, varlen, cend = lora_forward(h, d), uses_varlen(h, dev), lora_chunk_ends(h, int((ends - starts).max()))
     work, t0, n_steps = np.zeros(3), time.perf_counter(), 0
     for phase, docs in enumerate(lora_queues(starts, ends, h, d.world_size)[d.rank]):
         if phase:  # every rank has scored every document before this bound
@@ -3189,7 +3219,7 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
                 log(f"lora_ttt_phase {phase}/{len(bounds)} docs:{bounds[phase - 1]} targets:{n_tgt} "
                     f"sgd_chunks:{chunks} time:{time.perf_counter() - t0:.1f}s")
         lora = DocLoRA(h, model, R, dev)
-        for k, (fresh, all_wins) in enumerate(lora_rows(starts, ends, docs, R, C, T), 1):
+        for k, (fresh, all_wins) in enumerate(lora_rows(starts, ends, docs, R, cend, T), 1):
             if fresh:
                 lora.reset_rows(torch.tensor(fresh, device=dev), keep_a=h.lora_warm_start_a)
             bos = [w[2] == starts[w[1]] and at_bos[w[1]] for w in all_wins]

@@ -141,11 +141,12 @@ def test_fresh_adapters_are_the_identity_and_targets_knob():
 # --- Legality: score-first by perturbation, document independence, position spy ------------------
 
 
-@pytest.mark.parametrize("stage", ["doc_plain", "doc_sliding", "lora_ttt"])
-def test_new_stages_are_score_first(stage):
+@pytest.mark.parametrize("stage,short", [("doc_plain", ""), ("doc_sliding", ""), ("lora_ttt", ""), ("lora_ttt", "24:4,60:8")])
+def test_new_stages_are_score_first(stage, short):
     """p inside a document, around a document start, around each phase bound (the first target scored
-    with the updated base), and near the end where the perturbation changes the document count."""
-    h = tiny(**{**LORA, "lora_lr": 0.5, "phased_lr": 0.5})  # large LRs make any leak through an update visible
+    with the updated base), and near the end where the perturbation changes the document count; the
+    LoRA stage also with short-document chunks (sized by offset, never by where a document ends)."""
+    h = tiny(**{**LORA, "lora_lr": 0.5, "phased_lr": 0.5, "lora_short_chunks": short})  # large LRs make any leak visible
     luts, tokens = fake_luts(1024), doc_stream(400, seed=1, mean=60)
     starts, ends = tg.doc_spans(tokens)
     bounds = [int(starts[b]) for b in tg.phase_bounds(h, len(starts))]
@@ -295,7 +296,7 @@ def test_lora_queues_keep_phase_blocks_and_balance_without_warm_start(warm):
     ends = starts + lengths
     qs = tg.lora_queues(starts, ends, h, 4)
     edges = [0, 20, 40, 300]
-    doc, ws, _, end = tg.lora_windows(starts, ends, h.lora_chunk_tokens, h.eval_seq_len)
+    doc, ws, _, end = tg.lora_windows(starts, ends, tg.lora_chunk_ends(h, int(lengths.max())), h.eval_seq_len)
     work = np.bincount(doc, end - ws)
     for b in range(3):
         got = np.concatenate([qs[r][b] for r in range(4)])
@@ -362,3 +363,27 @@ def test_a_step_split_by_lanes_computes_the_same():
     wins = [(r, r, 100 * r, 100 * r + 20, 100 * r + 64, True) for r in range(6)]
     subs = tg.lora_substeps(wins, [False] * 6, 64, 4)  # six lanes of one window each: 4 + 2
     assert [len(w) for w, _ in subs] == [4, 2] and sorted(x for w, _ in subs for x in w) == wins
+
+
+def test_short_chunks_follow_the_offset_inside_the_document():
+    """LORA_SHORT_CHUNKS: chunk sizes by the chunk's start offset (8 below 256, 24 below 2000, then 48),
+    every target in one chunk, each trained chunk the one just scored; a document's chunks are the
+    same whatever its length (its first chunks equal a longer document's)."""
+    h = tiny(**{**LORA, "lora_short_chunks": "24:4,60:8", "phased_num_phases": 0})
+    cend = tg.lora_chunk_ends(h, 200)
+    assert cend[:8].tolist() == [4, 8, 12, 16, 20, 24, 32, 40] and cend[8:11].tolist() == [48, 56, 64]
+    assert (np.diff(cend[11:]) == 16).all()  # from the first chunk starting at or past 60: LORA_CHUNK_TOKENS
+    big = tg.Hyperparameters(lora_short_chunks="256:8,2000:24")
+    e = tg.lora_chunk_ends(big, 2100)
+    assert e[31] == 256 and e[32] == 280 and (np.diff(e[32:-2]) == 24).all() and e[-1] - e[-2] == 48
+    lengths = [150, 7, 40, 90, 3, 70]
+    tokens, trace = lengths_stream(lengths, seed=2), []
+    m = random_model(h)
+    tg.eval_lora_ttt(h, m, m, CPU, tokens, fake_luts(1024), trace=trace)
+    starts = np.cumsum([0, *lengths[:-1]])
+    for k, (s, n) in enumerate(zip(starts, lengths)):
+        want = [(s + a, s + min(b, n)) for a, b in zip(np.r_[0, cend[:-1]], cend) if a < n]
+        got = [(a, b) for kind, a, b in trace if kind == "score" and s <= a < s + n]
+        assert got == want, k
+        trained = [(a, b) for kind, a, b in trace if kind == "train" and s <= a < s + n]
+        assert trained == want[:-1], k  # every chunk but the last trains, on exactly what it scored

@@ -334,12 +334,12 @@ def lora_plan(h: tg.Hyperparameters, starts: np.ndarray, ends: np.ndarray, at_bo
     """[rank][block] -> RankSteps of eval_lora_ttt (lora_queues, lora_rows, lora_substeps, pack_lanes,
     lane_bucket: the stage's own functions), and the work totals it logs: (positions, ideal positions, targets)."""
     T, C, R = h.eval_seq_len, h.lora_chunk_tokens, h.lora_batch_docs
-    plan, work = [], np.zeros(3)
+    plan, work, cend = [], np.zeros(3), tg.lora_chunk_ends(h, int((ends - starts).max()))
     for blocks in tg.lora_queues(starts, ends, h, world):
         plan.append([])
         for docs in blocks:
             pos, pairs, train, rows = [], [], [], []
-            for _, all_wins in tg.lora_rows(starts, ends, docs, R, C, T):
+            for _, all_wins in tg.lora_rows(starts, ends, docs, R, cend, T):
                 bos = [w[2] == starts[w[1]] and at_bos[w[1]] for w in all_wins]
                 for wins, b in tg.lora_substeps(all_wins, bos, T, h.lora_max_lanes):
                     place, n = tg.pack_lanes([w[4] - w[2] for w in wins], b, T)
