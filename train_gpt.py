@@ -313,7 +313,7 @@ def check_config(h: Hyperparameters) -> None:
          f"LORA_RANK and LORA_BATCH_DOCS must be positive and LORA_CHUNK_TOKENS in [1, EVAL_SEQ_LEN={h.eval_seq_len}]")
     bad = set(h.lora_target_list) - set(LORA_TARGETS)
     need(not bad and h.lora_target_list, f"LORA_TARGETS={h.lora_targets!r} must be a comma list of {','.join(LORA_TARGETS)}")
-    need(not h.lora_ttt_enabled or "head" not in h.lora_target_list
+    need(not h.lora_ttt_enabled or "head" not in h.lora_target_list or h.head_kind not in HEAD_KINDS
          or (h.head_kind == "tied" and h.embedding_dim in (0, h.model_dim)),
          "LORA_TARGETS=...head needs HEAD_KIND=tied and EMBEDDING_DIM=0; drop head from the list")
     need(h.phased_num_phases >= 0 and h.phased_prefix_docs >= 0, "PHASED_NUM_PHASES and PHASED_PREFIX_DOCS must be >= 0")
