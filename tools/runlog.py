@@ -5,8 +5,8 @@ Parse a train_gpt.py log (logs/<RUN_ID>.txt) or an accepted record's log into nu
     python tools/runlog.py logs/*.txt [--csv out.csv] [--md out.md]   # table sorted by score
     python tools/runlog.py logs/mine.txt records/track_10min_16mb/<record>/train_seed42.log
 
-The score of a run is its LAST `final_<stage>` line (final_ttt when TTT is on, else final_sliding,
-else final_quantized); any stage name is accepted. A run is complete when its `eval_budget` line
+The score of a run is its LAST `final_<stage>` line (final_lora_ttt in the record config; final_ttt,
+final_sliding or final_quantized when the later stages are off); any stage name is accepted. A run is complete when its `eval_budget` line
 (written after the last eval stage) is present, every stage it lists has its final_<stage> line and
 the last line is whole. A log file that holds several runs (a reused RUN_ID appends) is read as its
 last run.
