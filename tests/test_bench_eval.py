@@ -146,3 +146,18 @@ def test_project_runs_on_a_small_set(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert re.search(r"ours:env lora_ttt_work positions_per_target:[\d.]+/", out)
     assert re.search(r"eval_budget:[\d.]+/[\d.]+/[\d.]+s target:540s", out)
+
+
+@pytest.mark.skipif(not LENGTHS.is_dir(), reason="needs the reconstructed validation lengths")
+def test_record_config_packs_within_half_again_of_the_ideal():
+    """At the defaults on the real length distribution (one stream order, 8 ranks, the stage's own
+    planners), the forwards process at most 1.5x the ideal positions per target, Σ min(chunk end −
+    document start, EVAL_SEQ_LEN), and far below one padded row per document and step."""
+    h = tg.Hyperparameters()
+    starts, ends = be.stream_order(be.read_lengths(str(LENGTHS / "fineweb_val_caseops_sp8192.npy")), 0)
+    plan, work = be.lora_plan(h, starts, ends, np.ones(len(starts), bool), 8)
+    x, y = work[0] / work[2], work[1] / work[2]
+    doc, _, first, end = tg.lora_windows(starts, ends, tg.lora_chunk_ends(h, int((ends - starts).max())), h.eval_seq_len)
+    assert y == pytest.approx(np.minimum(end - starts[doc], h.eval_seq_len).sum() / (end - first).sum(), rel=1e-9)
+    padded = max(sum(len(s.positions) for s in b) for b in plan) * h.lora_batch_docs * h.eval_seq_len * 8 / work[2]
+    assert y <= x <= 1.5 * y and x < padded / 2, (x, y, padded)
