@@ -3029,16 +3029,21 @@ class LoraStep(NamedTuple):
     more: np.ndarray  # [W] bool: the window's document has later chunks (its row trains)
 
 
-def lora_substeps(wins: list, at_bos: list[bool], T: int, max_lanes: int) -> list[tuple[list, list[bool]]]:
+def lora_substeps(wins: list, at_bos: list[bool], T: int, max_lanes: int) -> list[tuple[list, tuple[list, int]]]:
     """The windows of one step in groups of at most max_lanes packed lanes, each run as its own forward,
-    backward and AdamW: rows are independent, so the step computes the same, in bounded memory."""
+    backward and AdamW: rows are independent, so the step computes the same, in bounded memory. Each
+    group comes with its packing (pack_lanes' lanes renumbered from 0), for lora_step."""
     place, n = pack_lanes([w[4] - w[2] for w in wins], at_bos, T)
-    k = [lane // max_lanes for lane, _ in place]
-    return [([w for w, j in zip(wins, k) if j == g], [b for b, j in zip(at_bos, k) if j == g]) for g in range(-(-n // max_lanes))]
+    out = []
+    for g in range(0, n, max_lanes):
+        mine = [i for i, (lane, _) in enumerate(place) if g <= lane < g + max_lanes]
+        out.append(([wins[i] for i in mine], ([(place[i][0] - g, place[i][1]) for i in mine], min(max_lanes, n - g))))
+    return out
 
 
-def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraStep:
-    place, n = pack_lanes([w[4] - w[2] for w in wins], at_bos, T)
+def lora_step(wins: list, at_bos: list[bool] | None, R: int, C: int, T: int, packed: tuple[list, int] | None = None) -> LoraStep:
+    """The arrays of one forward over wins, packed by pack_lanes (or as packed: lora_substeps' packing)."""
+    place, n = packed or pack_lanes([w[4] - w[2] for w in wins], at_bos, T)
     L = lane_bucket(n, R)
     tok, rope = np.full((L, T), -1, np.int64), np.tile(np.arange(T), (L, 1))
     pos, tgt, mask = np.zeros((R, C), np.int64), np.zeros((R, C), np.int64), np.zeros((R, C), bool)
@@ -3052,8 +3057,7 @@ def lora_step(wins: list, at_bos: list[bool], R: int, C: int, T: int) -> LoraSte
         n_sc = end - first
         pos[i, :n_sc] = lane * T + off + first - ws + np.arange(n_sc)
         tgt[i, :n_sc], mask[i, :n_sc], rows[i], more[i] = np.arange(first, end), True, r, mo
-        flat.append((lane * T + off, i))
-    flat.sort()
+        flat.append((lane * T + off, i))  # in packed order already
     starts = [f for f, _ in flat]
     seq = np.array([i for _, i in flat] + [0] * (R - W), np.int64)
     offs = np.array(starts[1:] + [L * T] * (R - W + 1), np.int32)
@@ -3223,9 +3227,9 @@ def eval_lora_ttt(h: Hyperparameters, model: GPT, loss_fn, d: Dist, tokens: Tens
             if fresh:
                 lora.reset_rows(torch.tensor(fresh, device=dev), keep_a=h.lora_warm_start_a)
             bos = [w[2] == starts[w[1]] and at_bos[w[1]] for w in all_wins]
-            for wins, b in lora_substeps(all_wins, bos, T, h.lora_max_lanes):
-                lora_substep(h, model, lora, fwd, tokens, lora_step(wins, b, R, C, T), wins, starts, varlen, luts, sums,
-                             nll_out, work, trace, tilt)
+            for wins, packed in lora_substeps(all_wins, bos, T, h.lora_max_lanes):
+                lora_substep(h, model, lora, fwd, tokens, lora_step(wins, None, R, C, T, packed), wins, starts, varlen, luts,
+                             sums, nll_out, work, trace, tilt)
                 n_steps += 1
             if log is not None and k % 500 == 0:
                 r_ = bpb_from_sums(*sums.tolist())

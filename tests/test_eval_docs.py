@@ -363,6 +363,7 @@ def test_a_step_split_by_lanes_computes_the_same():
     wins = [(r, r, 100 * r, 100 * r + 20, 100 * r + 64, True) for r in range(6)]
     subs = tg.lora_substeps(wins, [False] * 6, 64, 4)  # six lanes of one window each: 4 + 2
     assert [len(w) for w, _ in subs] == [4, 2] and sorted(x for w, _ in subs for x in w) == wins
+    assert [p[1] for _, p in subs] == [4, 2] and all(lane < 4 for _, p in subs for lane, _ in p[0])  # lanes renumbered
 
 
 def test_short_chunks_follow_the_offset_inside_the_document():

@@ -341,8 +341,7 @@ def lora_plan(h: tg.Hyperparameters, starts: np.ndarray, ends: np.ndarray, at_bo
             pos, pairs, train, rows = [], [], [], []
             for _, all_wins in tg.lora_rows(starts, ends, docs, R, cend, T):
                 bos = [w[2] == starts[w[1]] and at_bos[w[1]] for w in all_wins]
-                for wins, b in tg.lora_substeps(all_wins, bos, T, h.lora_max_lanes):
-                    place, n = tg.pack_lanes([w[4] - w[2] for w in wins], b, T)
+                for wins, (place, n) in tg.lora_substeps(all_wins, bos, T, h.lora_max_lanes):
                     lanes = tg.lane_bucket(n, R)
                     seg = np.diff(np.append(np.union1d([lane * T + off for lane, off in place], np.arange(lanes) * T), lanes * T))
                     pos.append(lanes * T)
