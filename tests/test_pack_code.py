@@ -341,24 +341,25 @@ def top_level_names(src: bytes) -> set[str]:
 def test_pruning_leaves_out_exactly_the_groups_the_config_cannot_reach():
     src = (REPO / "train_gpt.py").read_bytes()
     tops, defaults = top_level_names(src), tg.Hyperparameters()
-    base = tg.Hyperparameters(lqer_top_n=0)  # every group off: the defaults but LQER (on since #2135)
+    # every group off: the defaults but LQER, LoRA TTT and the n-gram tilt (on since #2135)
+    base = tg.Hyperparameters(lqer_top_n=0, lora_ttt_enabled=False, ngram_tilt=False)
     groups = [(knobs, set(names.split())) for knobs, names in pc.PRUNE]
     for knobs, names in groups:
         assert names <= tops, names - tops  # a misspelt name would silently ship
         assert all(getattr(base, k) == v for k, v in knobs.items())  # the pins are the knobs' off values
     always = groups[0][1]
-    on = dict(ttt_enabled=True, compressor="pergroup", lqer_top_n=2, awq_lite=True,
-              embed_bits_tiers="128:8,rest:6", embed_rotation_rank=4, ttt_hash_embed=True, embed_sparsity=0.5,
-              asym_softcap=True)
+    on = dict(ttt_enabled=True, lora_ttt_enabled=True, doc_eval_enabled=True, compressor="pergroup", lqer_top_n=2,
+              awq_lite=True, embed_bits_tiers="128:8,rest:6", embed_rotation_rank=4, ttt_hash_embed=True,
+              embed_sparsity=0.5, asym_softcap=True, ngram_tilt=True)
     assert {k for knobs, _ in groups for k in knobs} == set(on)
     gone = lambda h: tops - top_level_names(pc.prune_source(src, h))  # noqa: E731
     assert gone(tg.Hyperparameters(**on)) == always
     assert gone(base) == set().union(*(names for _, names in groups))
     for k, v in on.items():  # one knob on keeps exactly the groups that name it
         assert gone(dataclasses.replace(base, **{k: v})) == set().union(*(n for kn, n in groups if k not in kn))
-    assert gone(defaults) == gone(dataclasses.replace(base, lqer_top_n=3))  # the defaults ship LQER
+    assert gone(defaults) == gone(dataclasses.replace(base, lqer_top_n=3, lora_ttt_enabled=True, ngram_tilt=True))
     pins = lambda h: eval(next(l for l in pc.prune_source(src, h).decode().splitlines() if l.startswith("PINNED")).split("=", 1)[1])  # noqa: E731
-    assert pins(defaults) == {} and pins(tg.Hyperparameters(**on)) == on  # the config's values that are not the defaults
+    assert pins(defaults) == {} and pins(tg.Hyperparameters(**on)) == {k: v for k, v in on.items() if getattr(defaults, k) != v}
     free = dict(run_id="r", seed=7, data_dir="d", caseops=False, data_path="p", tokenizer_path="t", log_dir="l", artifact_path="a",
                 eval_artifact="e", eval_nll_dir="n", compile=False, sdpa_fallback=True)
     assert set(free) == set(tg.FREE_KNOBS) and pins(tg.Hyperparameters(**free, num_layers=5)) == {"num_layers": 5}
@@ -448,6 +449,9 @@ DATA_GUARDED = {
     ("gptq_quantize", "awq_scales"): "keep is passed only when AWQ_LITE=1",
     ("GPT", "LowRankResidual"): "r = EMBED_ROTATION_RANK",
     ("GPT", "bigram_hash"): "hash_embed exists only with TTT_HASH_EMBED=1",
+    ("GPT", "hinted_nll"): "token_nll gets hints only from tilted_nll, which runs only with NGRAM_TILT=1",
+    ("lora_nll", "hinted_nll"): "hints come only from tilted_nll and from lora_warmup when NGRAM_TILT=1",
+    ("score_nll", "tilted_nll"): "tilt is not None only with NGRAM_TILT=1 (tilt_plan returns None otherwise)",
     ("counted_code_bytes", "readable_code_bytes"): "PINNED is None: the readable source (a shipped file counts its own size)",
     ("Hyperparameters", "check_config"): "PINNED is None: the readable source (a shipped file's config was checked when packed)",
 }

@@ -132,6 +132,11 @@ def strip_source(src: bytes) -> bytes:
 PRUNE = (
     ({}, "readable_code_bytes check_config check_seq_schedule VALUE_RANGES"),
     ({"ttt_enabled": False}, "prepare_ttt ttt_chunk_bounds eval_ttt"),
+    ({"lora_ttt_enabled": False}, "phase_bounds short_chunks lora_chunk_ends lora_windows lora_queues lora_rows lane_bucket "
+     "pack_lanes LoraStep lora_substeps lora_step grouped_mm DocLoRA adamw_rows PackedLoRA lora_nll spans global_sgd "
+     "eval_lora_ttt lora_substep lora_forward lora_warmup"),
+    ({"lora_ttt_enabled": False, "doc_eval_enabled": False},
+     "doc_spans doc_chunks doc_windows window_batch score_doc_windows accumulate eval_doc_windows"),
     ({"compressor": "brotli"}, "CODECS codec_fns smallest_stream l1_chain tensor_role encode_pergroup _unstream decode_pergroup"),
     ({"lqer_top_n": 0}, "lqer_factors quantize_asym dequantize_asym"),
     ({"awq_lite": False}, "awq_groups awq_scales"),
@@ -140,6 +145,7 @@ PRUNE = (
     ({"ttt_hash_embed": False}, "bigram_hash"),
     ({"embed_sparsity": 0.0}, "sparsify_rows_"),
     ({"asym_softcap": False}, "asym_cap"),
+    ({"ngram_tilt": False}, "NGRAM_MULTS ngram_hints hinted_nll tilted_nll tilt_nll tilt_plan"),
 )
 # python-minifier's options for the shipped source (docs/benchmarks.md has the bytes of each): its
 # renaming and printing beat ours (the removed rename_globals, rename_locals and squeeze_source), and
