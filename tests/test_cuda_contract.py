@@ -1,6 +1,7 @@
 """The GPU code paths on CPU under the GPU's rules (tests/cuda_contract.py): bf16 autocast through
 autocast_ctx, FA3 stand-ins that refuse what FA3 refuses, torch >= 2.12's fp32 rms_norm policy,
 and the whole pipeline through main() in that mode."""
+import dataclasses
 import math
 import subprocess
 import sys
@@ -186,3 +187,14 @@ def test_compiled_pipeline_under_fp32_rms_norm_and_tuple_returns(contract_data, 
     assert "final_lora_ttt val_loss:" in out and "lora_ttt_work positions_per_target:" in out  # the compiled LoRA step
     warm = next(l for l in out.splitlines() if l.startswith("eval_warmup "))
     assert float(warm.split("time:")[1].split("s")[0]) > 0  # the compile warmup ran
+
+
+def test_lora_rank_grouped_mm_cannot_take_is_refused_before_training(monkeypatch):
+    """torch._grouped_mm on CUDA needs 16-byte rows: a LoRA rank not a multiple of 8 stops the run
+    before training (fa3_refusal, checked first in train_and_eval), not at the score after it."""
+    cc.install(tg, monkeypatch=monkeypatch)
+    cpu = torch.device("cpu")
+    bad = tg.Hyperparameters(**{**TINY, "lora_ttt_enabled": True, "lora_rank": 4})
+    assert "LORA_RANK=4" in tg.fa3_refusal(bad, cpu) and "multiple of 8" in tg.fa3_refusal(bad, cpu)
+    assert tg.fa3_refusal(dataclasses.replace(bad, lora_rank=8), cpu) == ""
+    assert tg.fa3_refusal(dataclasses.replace(bad, lora_ttt_enabled=False), cpu) == ""
